@@ -1,0 +1,21 @@
+"""The recipes, one file each, read by both torch_ref and flax_impl.
+
+`get_config(name, size="full")` returns the validated `framework_free.recipe.Recipe` of a recipe;
+each module `configs/<name>.py` has a `get_config(size)` that calls `configs.base.base` with the
+fields that differ from the defaults, each with its source.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from framework_free.errors import UserError
+from framework_free.recipe import Recipe
+
+RECIPES = ("cifar10", "cifar100", "imagenet", "fashion_mnist")
+
+
+def get_config(name: str, size: str = "full") -> Recipe:
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    return importlib.import_module(f"configs.{name}").get_config(size)

@@ -1,0 +1,161 @@
+"""The workdir record of a run: resolved config, environment, JSON-lines metrics, atomic writes.
+
+    WORKDIR/config.json        the resolved recipe, the framework, the command line
+    WORKDIR/environment.json   library versions, machine, git commit (rewritten at each start)
+    WORKDIR/metrics.jsonl      one JSON object per log line: step, epoch, losses, accuracies, lr
+    WORKDIR/checkpoints/       each stack's checkpoints (torch: last.pt, best.pt)
+
+Starting a run in a workdir that already holds one resumes it when the recipe agrees, and refuses
+with a one-line error when it does not (another recipe, another framework, changed numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from framework_free.errors import UserError
+from framework_free.recipe import Recipe, resume_differences
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Write a file so that a crash leaves either the old file or the new one, never a mix.
+
+    `write(fh)` fills a temporary file in the same folder; it is flushed, fsynced and renamed
+    over `path`, and the folder is fsynced so the rename itself survives a power cut.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(libraries: dict[str, str], device: str) -> dict:
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "machine": platform.machine(), "processor": platform.processor(),
+        "cpu_count": os.cpu_count(), "host": socket.gethostname(), "device": device,
+        "git_commit": git_commit(), "libraries": libraries,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
+    }
+
+
+class RunRecord:
+    """The workdir of one run. Only the main process writes; every process checks."""
+
+    def __init__(self, workdir: str | os.PathLike, framework: str, recipe: Recipe, writer: bool):
+        self.workdir = Path(workdir)
+        self.framework, self.recipe, self.writer = framework, recipe, writer
+        self.config_path = self.workdir / "config.json"
+        self.metrics_path = self.workdir / "metrics.jsonl"
+        self.checkpoint_dir = self.workdir / "checkpoints"
+
+    def check(self) -> bool:
+        """Raise UserError if the workdir holds a different run; True if it holds this one."""
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise UserError(f"workdir {self.workdir} is a file; pass --workdir with a folder")
+        if not self.config_path.exists():
+            return False
+        try:
+            saved = json.loads(self.config_path.read_text())
+            saved_recipe, saved_framework = saved["recipe"], saved["framework"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{self.config_path} is unreadable; move the workdir away or pass "
+                            "another --workdir") from None
+        fix = "pass another --workdir to start a new run"
+        if saved_framework != self.framework:
+            raise UserError(f"workdir {self.workdir} holds a {saved_framework} run, not a "
+                            f"{self.framework} one; {fix}")
+        if saved_recipe.get("recipe") != self.recipe.recipe:
+            raise UserError(f"workdir {self.workdir} holds a run of recipe "
+                            f"{saved_recipe.get('recipe')!r}, not {self.recipe.recipe!r}; {fix}")
+        diffs = resume_differences(saved_recipe, self.recipe)
+        if diffs:
+            shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+            raise UserError(f"workdir {self.workdir} holds a {self.recipe.recipe} run with other "
+                            f"settings ({shown}); rerun with the same overrides to resume, or {fix}")
+        return True
+
+    def start(self, libraries: dict[str, str], device: str) -> None:
+        if not self.writer:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {"framework": self.framework, "recipe": self.recipe.to_dict(), "argv": sys.argv}
+        atomic_write_text(self.config_path, json.dumps(config, indent=2) + "\n")
+        atomic_write_text(self.workdir / "environment.json",
+                          json.dumps(environment(libraries, device), indent=2) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Drop metric lines written after `step` (the checkpoint a resumed run continues from)."""
+        if not self.writer or not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+
+    def log(self, **metrics) -> None:
+        if not self.writer:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]

@@ -1,0 +1,71 @@
+"""Batched augmentation on uint8 tensors: crop with zero padding, flip, colour jitter, normalise.
+
+The whole batch is transformed at once with tensor ops on whatever device holds the data; the
+random choices come from `framework_free.sampling.augment_params`. The crop and flip reproduce
+torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip`` pixel for pixel given the same
+offsets; colour jitter follows torchvision's tensor implementation of ``ColorJitter`` (brightness,
+contrast and saturation blends in a per-image random order, clamped to [0, 1]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from framework_free.sampling import AugmentParams
+
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def crop_flip(images: torch.Tensor, pad: int, crop_y: torch.Tensor, crop_x: torch.Tensor,
+              flip: torch.Tensor) -> torch.Tensor:
+    """Random-crop (after zero padding by `pad`) and mirror a uint8 NHWC batch; same size out."""
+    b, h, w, _ = images.shape
+    if pad:
+        images = F.pad(images, (0, 0, pad, pad, pad, pad))  # pads W then H of an NHWC tensor
+    ar_h = torch.arange(h, device=images.device)
+    ar_w = torch.arange(w, device=images.device)
+    rows = crop_y[:, None] + ar_h  # (B, h)
+    cols = crop_x[:, None] + torch.where(flip[:, None], (w - 1) - ar_w, ar_w)  # (B, w)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    return images[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    w = torch.tensor(GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision ColorJitter(brightness, contrast, saturation) on a float NCHW batch in [0, 1].
+
+    factors: (B, 3) blend factors; order: (B, 3) permutation of (0=brightness, 1=contrast,
+    2=saturation) per image.
+    """
+    def blend(img, other, f):
+        return (f * img + (1 - f) * other).clamp_(0, 1)
+
+    for position in range(3):
+        op = order[:, position].view(-1, 1, 1, 1)
+        f = factors.gather(1, order[:, position:position + 1]).view(-1, 1, 1, 1).to(x.dtype)
+        bright = (f * x).clamp(0, 1)
+        contrast = blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
+        saturation = blend(x, _gray(x), f) if x.shape[1] == 3 else x
+        x = torch.where(op == 0, bright, torch.where(op == 1, contrast, saturation))
+    return x
+
+
+def to_float_normalized(images_nhwc: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                        channels_last: bool, params: AugmentParams | None = None,
+                        jitter: bool = False) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW in the model's memory format, jittered if asked, normalised."""
+    x = images_nhwc.permute(0, 3, 1, 2).float().div_(255.0)  # channels_last strides for free
+    if jitter and params is not None:
+        factors = torch.as_tensor(params.jitter, device=x.device)
+        order = torch.as_tensor(params.jitter_order, device=x.device)
+        x = color_jitter(x, factors, order)
+    x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last if channels_last
+                        else torch.contiguous_format)
