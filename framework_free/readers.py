@@ -133,15 +133,55 @@ def write_cifar(dataset: str, data_dir: str | os.PathLike, train: tuple, test: t
     for name, idx in zip(train_files, chunks):
         _write_cifar_pickle(root / name, train[0][idx], train[1][idx], label_key)
     _write_cifar_pickle(root / test_file, test[0], test[1], label_key)
+    with open(root / ("batches.meta" if dataset == "cifar10" else "meta"), "wb") as fh:
+        if dataset == "cifar10":
+            meta = {"label_names": [f"class_{i}" for i in range(10)], "num_vis": 3072}
+        else:
+            meta = {"fine_label_names": [f"fine_{i}" for i in range(100)],
+                    "coarse_label_names": [f"coarse_{i}" for i in range(20)]}
+        _Py2Pickler(fh, protocol=2).dump(meta)
     return root
+
+
+class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler, whose opcodes can be chosen
+    """Pickle as Python 2's cPickle wrote the CIFAR batches: byte strings for every str and bytes,
+    and NumPy's globals under their old ``numpy.core`` names. Readers must load these files with
+    ``encoding="latin1"`` exactly as they load the official archive."""
+
+    def save_str(self, obj):
+        self.save_bytes(obj.encode("latin1"))
+
+    def save_bytes(self, obj):
+        n = len(obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", "")
+        if module.startswith("numpy"):
+            module = module.replace("numpy._core", "numpy.core")
+            name = name or obj.__qualname__
+            self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode("ascii"))
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[str] = save_str
+    dispatch[bytes] = save_bytes
 
 
 def _write_cifar_pickle(path: Path, images: np.ndarray, labels: np.ndarray, label_key: str):
     rows = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), -1)
     entry = {"batch_label": path.name, "data": rows.astype(np.uint8),
              label_key: [int(v) for v in labels], "filenames": [f"{i}.png" for i in range(len(rows))]}
+    if label_key == "fine_labels":
+        entry["coarse_labels"] = [int(v) // 5 for v in labels]
     with open(path, "wb") as fh:
-        pickle.dump(entry, fh, protocol=2)
+        _Py2Pickler(fh, protocol=2).dump(entry)
 
 
 # --- IDX (MNIST, Fashion-MNIST) ------------------------------------------------------------------

@@ -12,7 +12,9 @@ accuracies accumulate on the device and are read at log intervals and at the end
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +33,16 @@ STACK = "torch_ref"
 PROG = "python -m torch_ref.train"
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a checkpoint; rerun to resume
+STOP_CHECK_EVERY = 10  # under DDP, processes agree on stopping every this many steps
+
+
 class NonFiniteLoss(UserError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """A stop was requested (SIGTERM, SIGINT); a checkpoint of the current step was written."""
 
 
 def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
@@ -143,8 +153,11 @@ class Trainer:
             self.forward = torch.compile(self.forward)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.stop_requested = False
+        self.stop_after_step: int | None = None  # tests: behave as if signalled after this step
         self.best_acc = -1.0
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.window = torch.zeros(2, dtype=torch.float64, device=self.device)  # since last log
         self.ckpt_dir = self.record.checkpoint_dir
         if self.resuming and (self.ckpt_dir / checkpoint.LAST).exists():
             self._restore(self.ckpt_dir / checkpoint.LAST)
@@ -162,6 +175,7 @@ class Trainer:
             "rng": checkpoint.rng_state(), "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "best_acc": self.best_acc, "epoch_sums": self.epoch_sums.cpu(),
+            "window": self.window.cpu(),
         }
 
     def _restore(self, path: Path) -> None:
@@ -175,6 +189,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_acc = state["global_step"], state["best_acc"]
         self.epoch_sums = state["epoch_sums"].to(self.device)
+        self.window = state["window"].to(self.device)
         if self.dist.is_main:
             console.say(f"resumed from {path} at epoch {self.epoch + 1}, step "
                         f"{self.step_in_epoch} of {self.steps_per_epoch} (global step "
@@ -206,6 +221,23 @@ class Trainer:
             self.scheduler.step()
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
+    def _should_stop(self) -> bool:
+        if self.stop_after_step is not None and self.global_step >= self.stop_after_step:
+            self.stop_requested = True
+        if not self.dist.enabled:
+            return self.stop_requested
+        if self.global_step % STOP_CHECK_EVERY:
+            return False
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        return bool(self.dist.all_sum(flag).item() > 0)  # all processes stop at the same step
+
+    def _should_stop_now(self) -> bool:
+        """At an epoch boundary (a checkpoint was just written): agree on stopping right away."""
+        if self.stop_after_step is not None and self.global_step >= self.stop_after_step:
+            self.stop_requested = True
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        return bool(self.dist.all_sum(flag).item() > 0)
+
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
@@ -223,7 +255,7 @@ class Trainer:
         bar = console.progress(self.steps_per_epoch, self.step_in_epoch,
                                f"epoch {self.epoch + 1}/{r.epochs}", dist.is_main)
         bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-        window = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, count
+        window = self.window  # loss sum and count since the last log line
         t0, seen = time.perf_counter(), 0
         for x, y, n_global in self.train_batches.epoch(self.epoch, self.step_in_epoch):
             lr = self.current_lr()
@@ -249,10 +281,14 @@ class Trainer:
                 self.record.log(step=self.global_step, epoch=self.epoch + 1,
                                 train_loss_window=wl / wn, lr=lr)
                 window.zero_()
-            if (r.checkpoint_every_steps and self.global_step % r.checkpoint_every_steps == 0
-                    and self.step_in_epoch < self.steps_per_epoch):
-                self._check_finite(bad_step)
-                self.save(best=False)
+            if self.step_in_epoch < self.steps_per_epoch:
+                if self._should_stop():
+                    self._check_finite(bad_step)
+                    self.save(best=False)
+                    raise Preempted(self.global_step)
+                if r.checkpoint_every_steps and self.global_step % r.checkpoint_every_steps == 0:
+                    self._check_finite(bad_step)
+                    self.save(best=False)
         bar.close()
         self._check_finite(bad_step)
         train_time = time.perf_counter() - t0
@@ -291,17 +327,52 @@ class Trainer:
             if dist.is_main:
                 console.say(console.epoch_line(metrics, r.epochs))
             last = metrics
+            if self.epoch < r.epochs and self._should_stop_now():
+                raise Preempted(self.global_step)
         if not last and dist.is_main:
             console.say(f"the run in {self.record.workdir} already finished {r.epochs} epochs "
                         f"(best test accuracy {100 * self.best_acc:.2f}%)")
         return {"best_test_acc": self.best_acc, "global_step": self.global_step, **last}
 
 
-def train_and_evaluate(recipe: Recipe, workdir: str | Path, device: str = "auto") -> dict:
-    """Train `recipe` in `workdir` (resuming what is there) and return the last metrics."""
+class _StopOnSignal:
+    """SIGTERM or SIGINT asks the trainer to stop after the current step and write a checkpoint;
+    a second SIGINT interrupts at once (the last checkpoint on disk stays intact)."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer, self.previous = trainer, {}
+
+    def _handle(self, signum, frame):
+        if self.trainer.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.trainer.stop_requested = True
+        if self.trainer.dist.is_main:
+            console.say(f"{signal.Signals(signum).name}: stopping after this step and writing a "
+                        "checkpoint (SIGINT again to quit at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train_and_evaluate(recipe: Recipe, workdir: str | Path, device: str = "auto",
+                       stop_after_step: int | None = None) -> dict:
+    """Train `recipe` in `workdir` (resuming what is there) and return the last metrics.
+
+    Raises `Preempted` after writing a checkpoint when SIGTERM/SIGINT arrives (or, for tests,
+    after global step `stop_after_step`); calling again with the same arguments resumes.
+    """
     trainer = Trainer(recipe, workdir, device)
+    trainer.stop_after_step = stop_after_step
     try:
-        return trainer.run()
+        with _StopOnSignal(trainer):
+            return trainer.run()
     finally:
         trainer.dist.close()
 
@@ -347,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as err:
         return report(err, PROG)
+    except Preempted as stop:
+        print(f"stopped after global step {stop}; checkpoint written, run the same command to "
+              f"resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

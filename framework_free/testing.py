@@ -1,0 +1,67 @@
+"""Small data sets written in the real on-disk formats, for tests and benchmarks.
+
+Images carry a class-dependent pattern plus noise, so a model can learn them a little, but they
+are for exercising pipelines, not for claims about accuracy (those use real Fashion-MNIST).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from framework_free import readers
+
+
+def patterned_images(n: int, size: int, channels: int, num_classes: int, seed: int = 0):
+    """(images uint8 NHWC, labels int64): a per-class intensity gradient plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    angle = 2 * np.pi * labels[:, None, None] / num_classes
+    base = 0.5 + 0.35 * np.sin(angle + 3 * (xx * np.cos(angle) + yy * np.sin(angle)))
+    noise = rng.normal(0, 0.12, (n, size, size, channels))
+    img = np.clip(base[..., None] + noise, 0, 1)
+    return (img * 255).round().astype(np.uint8), labels.astype(np.int64)
+
+
+def write_fashion_mnist(folder: str | Path, n_train: int = 256, n_test: int = 128,
+                        gz: bool = True, seed: int = 0) -> Path:
+    """A Fashion-MNIST-shaped set: four IDX files, 28x28 grey images, 10 classes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for train, n, s in ((True, n_train, seed), (False, n_test, seed + 1)):
+        images, labels = patterned_images(n, 28, 1, 10, s)
+        img_name, lab_name = readers.FASHION_FILES[train]
+        readers.write_idx(folder / (img_name + suffix), images[..., 0])
+        readers.write_idx(folder / (lab_name + suffix), labels.astype(np.uint8))
+    return folder
+
+
+def write_cifar(folder: str | Path, dataset: str = "cifar10", n_train: int = 250,
+                n_test: int = 100, seed: int = 0) -> Path:
+    """A CIFAR-shaped set in the python-pickle layout torchvision extracts."""
+    classes = 10 if dataset == "cifar10" else 100
+    train = patterned_images(n_train, 32, 3, classes, seed)
+    test = patterned_images(n_test, 32, 3, classes, seed + 1)
+    readers.write_cifar(dataset, folder, train, test)
+    return Path(folder)
+
+
+def write_image_folder(folder: str | Path, classes: int = 3, per_class: tuple[int, int] = (4, 2),
+                       size: tuple[int, int] = (40, 30), seed: int = 0) -> Path:
+    """train/<class>/*.JPEG and val/<class>/*.JPEG, ImageNet's layout, as real JPEG files."""
+    from PIL import Image
+
+    folder = Path(folder)
+    for split, count in zip(("train", "val"), per_class):
+        images, _ = patterned_images(classes * count, max(size), 3, classes, seed)
+        for c in range(classes):
+            d = folder / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                arr = images[c * count + i][: size[1], : size[0]]
+                Image.fromarray(arr).save(d / f"img_{c}_{i}.JPEG", quality=90)
+        seed += 1
+    return folder
