@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 EXIT_USAGE = 2  # bad command line, bad config, missing data: what argparse uses too
@@ -19,6 +20,7 @@ class UserError(Exception):
 
 
 def report(err: BaseException, prog: str) -> int:
-    """Print a user error on one line of stderr and return the exit code."""
-    print(f"{prog}: error: {err}", file=sys.stderr)
+    """Print a user error on one line of stderr (rank 0 only under torchrun) and return 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: error: {err}", file=sys.stderr)
     return EXIT_USAGE
