@@ -18,93 +18,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from framework_free import readers, sampling
-from framework_free.errors import UserError
+from framework_free import datasets, readers, sampling
+from framework_free.datasets import load_split, resolve_data_dir
 from framework_free.recipe import Recipe
 from torch_ref import augment
 from torch_ref.distributed import Dist
 
-# --- where the data lives -------------------------------------------------------------------------
-
-
-def resolve_data_dir(recipe: Recipe) -> Path:
-    """The recipe's data folder, or the dataset's default when data_dir is empty."""
-    if recipe.data_dir:
-        return Path(recipe.data_dir).expanduser()
-    if recipe.dataset == "fashion_mnist":
-        return Path(readers.FASHION_MNIST_SYSTEM_DIR)
-    if recipe.dataset == "imagenet":
-        raise UserError("ImageNet has no default location: pass --data-dir with the folder that "
-                        "holds train/<class>/*.JPEG and val/<class>/*.JPEG")
-    return Path("data")
-
-
-def _download_cifar(recipe: Recipe, root: Path) -> str | None:
-    """Fetch CIFAR with torchvision; return None on success or the reason it failed."""
-    import torchvision.datasets as tvd
-
-    cls = tvd.CIFAR10 if recipe.dataset == "cifar10" else tvd.CIFAR100
-    created = not root.exists()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        cls(str(root), train=True, download=True)
-        cls(str(root), train=False, download=True)
-        return None
-    except Exception as err:  # no network, a proxy page, a bad archive: all mean "not here"
-        if created and root.is_dir() and not any(root.iterdir()):
-            root.rmdir()  # leave no empty folder behind a failed download
-        return f"{type(err).__name__}: {err}"
-
-
 def ensure_present(recipe: Recipe, dist: Dist) -> Path:
-    """Check the data is on disk, downloading CIFAR on rank 0 when allowed; UserError if not."""
-    root = resolve_data_dir(recipe)
-    if recipe.dataset == "fashion_mnist":
-        if not readers.fashion_mnist_present(root):
-            raise UserError(
-                f"Fashion-MNIST not found in {root}: install Debian's dataset-fashion-mnist "
-                f"(apt-get install dataset-fashion-mnist, files in "
-                f"{readers.FASHION_MNIST_SYSTEM_DIR}) or pass --data-dir with the folder of its "
-                "four IDX files")
-        return root
-    if recipe.dataset == "imagenet":
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise UserError(f"no {split}/ folder in {root}: --data-dir must hold "
-                                "train/<class>/*.JPEG and val/<class>/*.JPEG")
-        return root
-    if readers.cifar_present(recipe.dataset, root):
-        return root
-    reason = "download=false"
-    if recipe.download:
-        reason = _download_cifar(recipe, root) if dist.is_main else None
-        reason = dist.broadcast_object(reason)
-    if reason is None and readers.cifar_present(recipe.dataset, root):
-        return root
-    url = readers.CIFAR_ARCHIVE[recipe.dataset]
-    raise UserError(
-        f"{recipe.dataset} is not in {readers.cifar_folder(recipe.dataset, root).absolute()} and "
-        f"could not be downloaded ({reason}); download {url}, extract it into {root.absolute()} "
-        "(or pass --data-dir "
-        "with the folder that holds the extracted archive)")
-
-
-def load_split(recipe: Recipe, root: Path, train: bool) -> readers.ArraySplit:
-    """An in-memory split, cut to train_subset / eval_subset."""
-    if recipe.dataset == "fashion_mnist":
-        split = readers.read_fashion_mnist(root, train)
-    elif recipe.dataset in readers.CIFAR_LAYOUT:
-        split = readers.read_cifar(recipe.dataset, root, train)
-    else:
-        raise ValueError(f"{recipe.dataset} is not an in-memory dataset")
-    h, w, c = split.images.shape[1:]
-    if c != recipe.in_channels:
-        raise UserError(f"{recipe.dataset} images have {c} channel(s) but in_channels="
-                        f"{recipe.in_channels}; set in_channels={c}")
-    if split.num_classes > recipe.num_classes:
-        raise UserError(f"{recipe.dataset} has {split.num_classes} classes but num_classes="
-                        f"{recipe.num_classes}; set num_classes={split.num_classes}")
-    return split.head(recipe.train_subset if train else recipe.eval_subset)
+    """The recipe's data folder; rank 0 downloads CIFAR when allowed (framework_free.datasets)."""
+    return datasets.ensure_present(recipe, dist.broadcast_object, dist.is_main)
 
 
 # --- batches ---------------------------------------------------------------------------------------
@@ -134,10 +56,6 @@ class InMemoryTrain(Batches):
     """The fast path: uint8 NHWC tensor on `device`, batched crop/flip/jitter per step."""
 
     def __init__(self, split: readers.ArraySplit, recipe: Recipe, device, dist: Dist):
-        if split.images.shape[1] != recipe.image_size:
-            raise UserError(f"{recipe.dataset} images are {split.images.shape[1]} pixels, "
-                            f"image_size={recipe.image_size}; set image_size="
-                            f"{split.images.shape[1]}")
         self.images = torch.from_numpy(split.images).to(device)
         self.labels = torch.from_numpy(split.labels).to(device)
         self.recipe, self.device, self.dist = recipe, device, dist
@@ -311,17 +229,8 @@ class LoaderEval:
                    y.to(self.device, non_blocking=True))
 
 
-def _imagenet_listing(recipe: Recipe, root: Path, train: bool):
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    if len(classes) > recipe.num_classes:
-        raise UserError(f"{root / 'train'} has {len(classes)} class folders but num_classes="
-                        f"{recipe.num_classes}; set num_classes={len(classes)}")
-    paths, labels, _ = readers.list_image_folder(root / ("train" if train else "val"), classes)
-    keep = recipe.train_subset if train else recipe.eval_subset
-    if keep and keep < len(paths):
-        # the listing is sorted by class: a head would hold the first classes only
-        pick = np.sort(np.random.default_rng(recipe.seed).permutation(len(paths))[:keep])
-        paths, labels = [paths[i] for i in pick], labels[pick]
+def _imagenet_listing(recipe: Recipe, root: Path, train: bool) -> "FolderImages":
+    paths, labels = datasets.imagenet_listing(recipe, root, train)
     return FolderImages(paths, labels, pil_transforms(recipe, train), recipe.in_channels)
 
 

@@ -1,0 +1,239 @@
+"""ResNets in Flax linen, NHWC, written to compute what torch_ref.models computes.
+
+The same families, names and arguments as `torch_ref.models`. Where Flax's defaults differ from
+PyTorch's, this file does what PyTorch does:
+
+- Padding is explicit: ``((1, 1), (1, 1))`` for 3x3 convolutions, ``((3, 3), (3, 3))`` for the 7x7
+  stem, ``((1, 1), (1, 1))`` for the max-pool. Flax's ``'SAME'`` pads stride-2 layers asymmetrically
+  (more at the end), which shifts every downsampled feature map by a pixel against PyTorch.
+- `BatchNorm` here follows torch.nn.BatchNorm2d: epsilon 1e-5; running statistics move by
+  ``momentum=0.1`` towards the batch's (Flax's own BatchNorm calls that momentum 0.9); the running
+  variance takes the *unbiased* batch variance (n/(n-1)), while normalisation uses the biased one;
+  and ``num_batches_tracked`` counts train-mode calls, so a torch state_dict round-trips whole.
+- Initialisation draws from PyTorch's distributions: Kaiming-normal fan_out for convolutions,
+  PyTorch's default uniform(+-1/sqrt(fan_in)) for the linear layer's weight and bias.
+
+Variables are ``{"params": ..., "batch_stats": ...}``; module names mirror torch's state_dict keys
+(``layer2_0/downsample_0`` for ``layer2.0.downsample.0``), see `flax_impl.convert`.
+``dtype`` is the compute dtype (bfloat16 for mixed precision); parameters and BatchNorm statistics
+stay float32 (or whatever ``param_dtype`` says, e.g. float64 for the parity proofs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+__all__ = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+           "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "build_model",
+           "BatchNorm", "CifarResNet", "ResNet"]
+
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaiming_normal_ fan_out
+
+
+def torch_linear_init(fan_in: int):
+    """PyTorch's nn.Linear default: weight and bias uniform in +-1/sqrt(fan_in)."""
+    bound = 1.0 / fan_in ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d's semantics over the last axis of an NHWC tensor.
+
+    Under `jax.jit` with the batch sharded over a mesh, the means below are over the global batch:
+    XLA inserts the cross-device reductions, so there is no axis_name to pass.
+    """
+
+    momentum: float = 0.1  # torch's convention: new = (1 - momentum) * old + momentum * batch
+    epsilon: float = 1e-5
+    dtype: Any = None  # output dtype; statistics are computed in param_dtype
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), self.param_dtype)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), self.param_dtype)
+        tracked = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
+        xf = x.astype(self.param_dtype)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            n = x.size // c
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)  # biased: what normalisation uses
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+                tracked.value = tracked.value + 1
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale
+        y = (xf - mean) * inv + bias
+        return y.astype(self.dtype or x.dtype)
+
+
+class _Net(nn.Module):
+    """Helpers shared by both families: torch-padded conv and BN with the module's dtypes."""
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def conv(self, features, kernel, stride=1, name=None):
+        pad = (kernel - 1) // 2
+        return nn.Conv(features, (kernel, kernel), (stride, stride), [(pad, pad), (pad, pad)],
+                       use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=conv_init, name=name)
+
+    def bn(self, name=None):
+        return BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def head(self, x, num_classes):
+        x = jnp.mean(x, axis=(1, 2))  # global average pooling
+        fan_in = x.shape[-1]
+        return nn.Dense(num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=torch_linear_init(fan_in), bias_init=torch_linear_init(fan_in),
+                        name="fc")(x)
+
+
+class BasicBlock(_Net):
+    features: int = 64
+    stride: int = 1
+    shortcut: str = "projection"  # projection | identity (option A) | none
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        out = nn.relu(self.bn(name="bn1")(self.conv(self.features, 3, self.stride, "conv1")(x),
+                                          train))
+        out = self.bn(name="bn2")(self.conv(self.features, 3, 1, "conv2")(out), train)
+        return nn.relu(out + _shortcut(self, x, self.features, train))
+
+
+class Bottleneck(_Net):
+    features: int = 64
+    stride: int = 1
+    shortcut: str = "projection"
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        out = nn.relu(self.bn(name="bn1")(self.conv(self.features, 1, 1, "conv1")(x), train))
+        out = nn.relu(self.bn(name="bn2")(self.conv(self.features, 3, self.stride, "conv2")(out),
+                                          train))
+        out = self.bn(name="bn3")(self.conv(self.features * 4, 1, 1, "conv3")(out), train)
+        return nn.relu(out + _shortcut(self, x, self.features * 4, train))
+
+
+def _shortcut(block: _Net, x, out_features: int, train: bool):
+    if block.shortcut == "none":
+        return x
+    if block.shortcut == "identity":  # He et al.'s option A: subsample, zero-pad channels
+        x = x[:, :: block.stride, :: block.stride, :]
+        extra = out_features - x.shape[-1]
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    y = block.conv(out_features, 1, block.stride, "downsample_0")(x)
+    return block.bn(name="downsample_1")(y, train)
+
+
+class CifarResNet(_Net):
+    """He et al.'s CIFAR ResNet of depth 6n+2 (see torch_ref.models.CifarResNet)."""
+
+    depth: int = 20
+    num_classes: int = 10
+    shortcut: str = "projection"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if (self.depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {self.depth}")
+        if self.shortcut not in ("projection", "identity"):
+            raise ValueError(f"shortcut must be 'projection' or 'identity', got {self.shortcut!r}")
+        n = (self.depth - 2) // 6
+        x = x.astype(self.dtype)
+        x = nn.relu(self.bn(name="bn1")(self.conv(16, 3, 1, "conv1")(x), train))
+        cin = 16
+        for i, width in enumerate((16, 32, 64)):
+            for b in range(n):
+                stride = 2 if (i > 0 and b == 0) else 1
+                kind = self.shortcut if (stride != 1 or cin != width) else "none"
+                x = BasicBlock(features=width, stride=stride, shortcut=kind, dtype=self.dtype,
+                               param_dtype=self.param_dtype, name=f"layer{i + 1}_{b}")(x, train)
+                cin = width
+        return self.head(x, self.num_classes)
+
+
+class ResNet(_Net):
+    """torchvision's ResNet layout with an ImageNet or CIFAR stem (see torch_ref.models.ResNet)."""
+
+    block: Any = BasicBlock
+    layers: Sequence[int] = (2, 2, 2, 2)
+    num_classes: int = 1000
+    stem: str = "imagenet"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.astype(self.dtype)
+        if self.stem == "imagenet":
+            x = nn.relu(self.bn(name="bn1")(self.conv(64, 7, 2, "conv1")(x), train))
+            x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))  # pads with -inf, as torch
+        elif self.stem == "cifar":
+            x = nn.relu(self.bn(name="bn1")(self.conv(64, 3, 1, "conv1")(x), train))
+        else:
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        cin = 64
+        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), self.layers)):
+            for b in range(count):
+                stride = 2 if (i > 0 and b == 0) else 1
+                out = planes * self.block.expansion
+                kind = "projection" if (stride != 1 or cin != out) else "none"
+                x = self.block(features=planes, stride=stride, shortcut=kind, dtype=self.dtype,
+                               param_dtype=self.param_dtype, name=f"layer{i + 1}_{b}")(x, train)
+                cin = out
+        return self.head(x, self.num_classes)
+
+
+def _cifar(depth):
+    def make(num_classes=10, in_channels=3, shortcut="projection", dtype=jnp.float32,
+             param_dtype=jnp.float32):
+        del in_channels  # Flax infers input channels from the data
+        return CifarResNet(depth=depth, num_classes=num_classes, shortcut=shortcut, dtype=dtype,
+                           param_dtype=param_dtype)
+
+    make.__name__ = f"resnet{depth}"
+    return make
+
+
+def _imagenet(block, layers, name):
+    def make(num_classes=1000, stem="imagenet", in_channels=3, dtype=jnp.float32,
+             param_dtype=jnp.float32):
+        del in_channels
+        return ResNet(block=block, layers=tuple(layers), num_classes=num_classes, stem=stem,
+                      dtype=dtype, param_dtype=param_dtype)
+
+    make.__name__ = name
+    return make
+
+
+resnet20, resnet32, resnet44, resnet56, resnet110 = (_cifar(d) for d in (20, 32, 44, 56, 110))
+resnet18 = _imagenet(BasicBlock, (2, 2, 2, 2), "resnet18")
+resnet34 = _imagenet(BasicBlock, (3, 4, 6, 3), "resnet34")
+resnet50 = _imagenet(Bottleneck, (3, 4, 6, 3), "resnet50")
+resnet101 = _imagenet(Bottleneck, (3, 4, 23, 3), "resnet101")
+resnet152 = _imagenet(Bottleneck, (3, 8, 36, 3), "resnet152")
+
+
+def build_model(recipe, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Module:
+    fn = globals()[recipe.model]
+    if recipe.is_cifar_family:
+        return fn(recipe.num_classes, recipe.in_channels, recipe.shortcut, dtype, param_dtype)
+    return fn(recipe.num_classes, recipe.stem, recipe.in_channels, dtype, param_dtype)
