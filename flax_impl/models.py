@@ -57,7 +57,7 @@ class BatchNorm(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
@@ -67,13 +67,21 @@ class BatchNorm(nn.Module):
         xf = x.astype(self.param_dtype)
         if train:
             axes = tuple(range(x.ndim - 1))
-            n = x.size // c
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)  # biased: what normalisation uses
+            if mask is None:
+                n = x.size // c
+                mean = jnp.mean(xf, axes)
+                var = jnp.mean(jnp.square(xf - mean), axes)  # biased: what normalisation uses
+                unbias = n / max(n - 1, 1)
+            else:  # statistics of the real examples of a padded batch only
+                w = mask.astype(xf.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+                n = jnp.sum(w) * (x.size // (c * x.shape[0]))
+                mean = jnp.sum(xf * w, axes) / n
+                var = jnp.sum(jnp.square(xf - mean) * w, axes) / n
+                unbias = n / jnp.maximum(n - 1, 1)
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean
-                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+                ra_var.value = (1 - m) * ra_var.value + m * var * unbias
                 tracked.value = tracked.value + 1
         else:
             mean, var = ra_mean.value, ra_var.value
@@ -112,11 +120,11 @@ class BasicBlock(_Net):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        out = nn.relu(self.bn(name="bn1")(self.conv(self.features, 3, self.stride, "conv1")(x),
-                                          train))
-        out = self.bn(name="bn2")(self.conv(self.features, 3, 1, "conv2")(out), train)
-        return nn.relu(out + _shortcut(self, x, self.features, train))
+    def __call__(self, x, train: bool, mask=None):
+        out = self.conv(self.features, 3, self.stride, "conv1")(x)
+        out = nn.relu(self.bn(name="bn1")(out, train, mask))
+        out = self.bn(name="bn2")(self.conv(self.features, 3, 1, "conv2")(out), train, mask)
+        return nn.relu(out + _shortcut(self, x, self.features, train, mask))
 
 
 class Bottleneck(_Net):
@@ -126,15 +134,15 @@ class Bottleneck(_Net):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        out = nn.relu(self.bn(name="bn1")(self.conv(self.features, 1, 1, "conv1")(x), train))
-        out = nn.relu(self.bn(name="bn2")(self.conv(self.features, 3, self.stride, "conv2")(out),
-                                          train))
-        out = self.bn(name="bn3")(self.conv(self.features * 4, 1, 1, "conv3")(out), train)
-        return nn.relu(out + _shortcut(self, x, self.features * 4, train))
+    def __call__(self, x, train: bool, mask=None):
+        out = nn.relu(self.bn(name="bn1")(self.conv(self.features, 1, 1, "conv1")(x), train, mask))
+        out = self.conv(self.features, 3, self.stride, "conv2")(out)
+        out = nn.relu(self.bn(name="bn2")(out, train, mask))
+        out = self.bn(name="bn3")(self.conv(self.features * 4, 1, 1, "conv3")(out), train, mask)
+        return nn.relu(out + _shortcut(self, x, self.features * 4, train, mask))
 
 
-def _shortcut(block: _Net, x, out_features: int, train: bool):
+def _shortcut(block: _Net, x, out_features: int, train: bool, mask=None):
     if block.shortcut == "none":
         return x
     if block.shortcut == "identity":  # He et al.'s option A: subsample, zero-pad channels
@@ -142,7 +150,7 @@ def _shortcut(block: _Net, x, out_features: int, train: bool):
         extra = out_features - x.shape[-1]
         return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
     y = block.conv(out_features, 1, block.stride, "downsample_0")(x)
-    return block.bn(name="downsample_1")(y, train)
+    return block.bn(name="downsample_1")(y, train, mask)
 
 
 class CifarResNet(_Net):
@@ -153,21 +161,22 @@ class CifarResNet(_Net):
     shortcut: str = "projection"
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, mask=None):
+        """x: NHWC images; mask: (N,) 1 for real examples, 0 for padding (train-mode BN)."""
         if (self.depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {self.depth}")
         if self.shortcut not in ("projection", "identity"):
             raise ValueError(f"shortcut must be 'projection' or 'identity', got {self.shortcut!r}")
         n = (self.depth - 2) // 6
         x = x.astype(self.dtype)
-        x = nn.relu(self.bn(name="bn1")(self.conv(16, 3, 1, "conv1")(x), train))
+        x = nn.relu(self.bn(name="bn1")(self.conv(16, 3, 1, "conv1")(x), train, mask))
         cin = 16
         for i, width in enumerate((16, 32, 64)):
             for b in range(n):
                 stride = 2 if (i > 0 and b == 0) else 1
                 kind = self.shortcut if (stride != 1 or cin != width) else "none"
                 x = BasicBlock(features=width, stride=stride, shortcut=kind, dtype=self.dtype,
-                               param_dtype=self.param_dtype, name=f"layer{i + 1}_{b}")(x, train)
+                               param_dtype=self.param_dtype, name=f"layer{i + 1}_{b}")(x, train, mask)
                 cin = width
         return self.head(x, self.num_classes)
 
@@ -181,13 +190,14 @@ class ResNet(_Net):
     stem: str = "imagenet"
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, mask=None):
+        """x: NHWC images; mask: (N,) 1 for real examples, 0 for padding (train-mode BN)."""
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
-            x = nn.relu(self.bn(name="bn1")(self.conv(64, 7, 2, "conv1")(x), train))
+            x = nn.relu(self.bn(name="bn1")(self.conv(64, 7, 2, "conv1")(x), train, mask))
             x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))  # pads with -inf, as torch
         elif self.stem == "cifar":
-            x = nn.relu(self.bn(name="bn1")(self.conv(64, 3, 1, "conv1")(x), train))
+            x = nn.relu(self.bn(name="bn1")(self.conv(64, 3, 1, "conv1")(x), train, mask))
         else:
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
         cin = 64
@@ -197,7 +207,7 @@ class ResNet(_Net):
                 out = planes * self.block.expansion
                 kind = "projection" if (stride != 1 or cin != out) else "none"
                 x = self.block(features=planes, stride=stride, shortcut=kind, dtype=self.dtype,
-                               param_dtype=self.param_dtype, name=f"layer{i + 1}_{b}")(x, train)
+                               param_dtype=self.param_dtype, name=f"layer{i + 1}_{b}")(x, train, mask)
                 cin = out
         return self.head(x, self.num_classes)
 

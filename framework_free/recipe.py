@@ -37,7 +37,8 @@ class Recipe:
     stem: Literal["cifar", "imagenet"] = "imagenet"  # ImageNet family only
     # --- data --------------------------------------------------------------------------------
     dataset: Literal[DATASETS] = "cifar10"
-    data_dir: str = ""  # "" = the dataset's default folder (see each stack's data module)
+    data_dir: str = ""  # "" = the dataset's default folder (framework_free.datasets)
+    data_source: Literal["files", "tfds"] = "files"  # tfds: a prepared TFDS set (flax_impl only)
     download: bool = True  # fetch CIFAR when it is not on disk and the network allows
     image_size: int = 32  # side of the training crop and of the eval image, pixels
     crop_padding: int = 4  # zero padding before the random crop, pixels; 0 = no random crop
@@ -94,7 +95,7 @@ class Recipe:
 # Fields a resumed run may change without becoming a different run: where the data is, how it
 # is read and logged. Everything else shapes the numbers and must match the run in the workdir.
 RESUME_MAY_CHANGE = frozenset(
-    {"data_dir", "download", "num_workers", "log_every_steps", "checkpoint_every_steps",
+    {"data_dir", "data_source", "download", "num_workers", "log_every_steps", "checkpoint_every_steps",
      "eval_batch_size"}
 )
 

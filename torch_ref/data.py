@@ -20,12 +20,16 @@ import torch
 
 from framework_free import datasets, readers, sampling
 from framework_free.datasets import load_split, resolve_data_dir
+from framework_free.errors import UserError
 from framework_free.recipe import Recipe
 from torch_ref import augment
 from torch_ref.distributed import Dist
 
 def ensure_present(recipe: Recipe, dist: Dist) -> Path:
     """The recipe's data folder; rank 0 downloads CIFAR when allowed (framework_free.datasets)."""
+    if recipe.data_source != "files":
+        raise UserError("torch_ref reads data files only (data_source=files); TFDS sources are "
+                        "for flax_impl")
     return datasets.ensure_present(recipe, dist.broadcast_object, dist.is_main)
 
 

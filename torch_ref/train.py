@@ -12,9 +12,7 @@ accuracies accumulate on the device and are read at log intervals and at the end
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 
 from framework_free import cli, console
 from framework_free.errors import UserError, report
+from framework_free.preemption import EXIT_PREEMPTED, Preempted, StopOnSignal
 from framework_free.recipe import Recipe, world_lr
 from framework_free.records import RunRecord
 from torch_ref import checkpoint, data, distributed
@@ -33,16 +32,11 @@ STACK = "torch_ref"
 PROG = "python -m torch_ref.train"
 
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a checkpoint; rerun to resume
 STOP_CHECK_EVERY = 10  # under DDP, processes agree on stopping every this many steps
 
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
-
-
-class Preempted(Exception):
-    """A stop was requested (SIGTERM, SIGINT); a checkpoint of the current step was written."""
 
 
 def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
@@ -335,32 +329,6 @@ class Trainer:
         return {"best_test_acc": self.best_acc, "global_step": self.global_step, **last}
 
 
-class _StopOnSignal:
-    """SIGTERM or SIGINT asks the trainer to stop after the current step and write a checkpoint;
-    a second SIGINT interrupts at once (the last checkpoint on disk stays intact)."""
-
-    def __init__(self, trainer: "Trainer"):
-        self.trainer, self.previous = trainer, {}
-
-    def _handle(self, signum, frame):
-        if self.trainer.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.trainer.stop_requested = True
-        if self.trainer.dist.is_main:
-            console.say(f"{signal.Signals(signum).name}: stopping after this step and writing a "
-                        "checkpoint (SIGINT again to quit at once)")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 def train_and_evaluate(recipe: Recipe, workdir: str | Path, device: str = "auto",
                        stop_after_step: int | None = None) -> dict:
     """Train `recipe` in `workdir` (resuming what is there) and return the last metrics.
@@ -371,7 +339,7 @@ def train_and_evaluate(recipe: Recipe, workdir: str | Path, device: str = "auto"
     trainer = Trainer(recipe, workdir, device)
     trainer.stop_after_step = stop_after_step
     try:
-        with _StopOnSignal(trainer):
+        with StopOnSignal(trainer, announce=trainer.dist.is_main):
             return trainer.run()
     finally:
         trainer.dist.close()
@@ -428,4 +396,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["train_and_evaluate", "evaluate_checkpoint", "evaluate", "Trainer", "main"]
+__all__ = ["train_and_evaluate", "evaluate_checkpoint", "evaluate", "Trainer", "main", "Preempted",
+           "EXIT_PREEMPTED"]

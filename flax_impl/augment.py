@@ -1,0 +1,54 @@
+"""Batched augmentation in JAX: the same operations as torch_ref.augment, in NHWC.
+
+Given the same `framework_free.sampling.AugmentParams`, crop and flip give the very same uint8
+pixels as torch_ref's path (and torchvision's RandomCrop + RandomHorizontalFlip); colour jitter and
+normalisation are the same float formulas.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def crop_flip(images, pad: int, crop_y, crop_x, flip):
+    """Random-crop (after zero padding by `pad`) and mirror a uint8 NHWC batch; same size out."""
+    b, h, w, _ = images.shape
+    if pad:
+        images = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ar_h, ar_w = jnp.arange(h), jnp.arange(w)
+    rows = crop_y[:, None] + ar_h
+    cols = crop_x[:, None] + jnp.where(flip[:, None], (w - 1) - ar_w, ar_w)
+    return images[jnp.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def _gray(x):
+    if x.shape[-1] == 1:
+        return x
+    return jnp.sum(x * jnp.asarray(GRAY, x.dtype), axis=-1, keepdims=True)
+
+
+def color_jitter(x, factors, order):
+    """torchvision's ColorJitter(brightness, contrast, saturation) on float NHWC in [0, 1]."""
+    def blend(img, other, f):
+        return jnp.clip(f * img + (1 - f) * other, 0, 1)
+
+    for position in range(3):
+        op = order[:, position].reshape(-1, 1, 1, 1)
+        f = jnp.take_along_axis(factors, order[:, position:position + 1], axis=1)
+        f = f.reshape(-1, 1, 1, 1).astype(x.dtype)
+        bright = jnp.clip(f * x, 0, 1)
+        contrast = blend(x, jnp.mean(_gray(x), axis=(1, 2, 3), keepdims=True), f)
+        saturation = blend(x, _gray(x), f) if x.shape[-1] == 3 else x
+        x = jnp.where(op == 0, bright, jnp.where(op == 1, contrast, saturation))
+    return x
+
+
+def to_float_normalized(images, mean, std, jitter=None, dtype=jnp.float32):
+    """uint8 NHWC -> normalised float NHWC (jitter = (factors, order) or None)."""
+    x = images.astype(jnp.float32) / 255.0
+    if jitter is not None:
+        x = color_jitter(x, *jitter)
+    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return x.astype(dtype)

@@ -1,0 +1,102 @@
+"""flax_impl checkpoints with Orbax's CheckpointManager.
+
+    WORKDIR/checkpoints/last/<global step>/   the latest KEEP_LAST checkpoints (epoch ends, periodic
+                                              saves and the one written when stopped)
+    WORKDIR/checkpoints/best/<global step>/   the one with the best test accuracy so far
+
+Each holds two items: ``state`` (the TrainState pytree: step, params, batch_stats, opt_state, rng)
+and ``meta`` (JSON: where to resume, the best accuracy, the epoch's running sums, and what run it
+belongs to). Orbax writes into a temporary folder and renames it when complete, so a checkpoint
+cut short by a crash is never offered for restoring.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+from framework_free.errors import UserError
+from framework_free.recipe import Recipe
+
+KEEP_LAST = 2
+FORMAT = "flax_impl/1"
+
+
+def _identity(recipe: Recipe) -> dict:
+    return {"format": FORMAT, "framework": "flax_impl", "recipe": recipe.recipe,
+            "model": recipe.model, "num_classes": recipe.num_classes,
+            "in_channels": recipe.in_channels}
+
+
+class Checkpoints:
+    def __init__(self, root: str | Path, recipe: Recipe):
+        self.root = Path(root).absolute()
+        self.recipe = recipe
+        self._managers: dict[str, ocp.CheckpointManager] = {}
+
+    def _manager(self, kind: str) -> ocp.CheckpointManager:
+        if kind not in self._managers:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=KEEP_LAST if kind == "last" else 1, create=True,
+                enable_async_checkpointing=False)
+            self._managers[kind] = ocp.CheckpointManager(self.root / kind, options=options,
+                                                         item_names=("state", "meta"))
+        return self._managers[kind]
+
+    def save(self, step: int, state, meta: dict, best: bool) -> None:
+        meta = {**_identity(self.recipe), **meta}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._manager("last").save(step, args=args, force=True)
+        if best:
+            self._manager("best").save(step, args=args, force=True)
+
+    def _restore(self, kind: str, step: int, template):
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(template),
+                                  meta=ocp.args.JsonRestore())
+        where = self.root / kind / str(step)
+        fix = f"delete {where} to fall back to an earlier checkpoint, or pass another --workdir"
+        try:
+            restored = self._manager(kind).restore(step, args=args)
+        except Exception as err:  # truncated files, foreign trees, wrong shapes
+            raise UserError(f"checkpoint {where} cannot be restored ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200] if str(err) else ''}); {fix}") from None
+        meta = dict(restored["meta"])
+        want = _identity(self.recipe)
+        have = {k: meta.get(k) for k in want}
+        if have != want:
+            raise UserError(f"checkpoint {where} belongs to {have['framework']}/{have['recipe']}/"
+                            f"{have['model']} ({have['num_classes']} classes, "
+                            f"{have['in_channels']} channels), this run is {want['framework']}/"
+                            f"{want['recipe']}/{want['model']} ({want['num_classes']} classes, "
+                            f"{want['in_channels']} channels); {fix}")
+        return restored["state"], meta, where
+
+    def restore_latest(self, template):
+        """(state, meta, path) of the latest complete checkpoint, or None if there is none."""
+        step = self._manager("last").latest_step()
+        if step is None:
+            return None
+        return self._restore("last", step, template)
+
+    def restore_for_eval(self, template, path: str | None):
+        if path is not None:
+            p = Path(path).absolute()
+            if not p.is_dir() or not p.name.isdigit():
+                raise UserError(f"--checkpoint {path} is not an Orbax step folder such as "
+                                "WORKDIR/checkpoints/best/1234")
+            self.root = p.parent.parent
+            self._managers.clear()
+            return self._restore(p.parent.name, int(p.name), template)
+        for kind in ("best", "last"):
+            if (self.root / kind).is_dir():
+                step = self._manager(kind).latest_step()
+                if step is not None:
+                    return self._restore(kind, step, template)
+        raise UserError(f"no checkpoint in {self.root}; train first or pass --checkpoint")
+
+    def close(self) -> None:
+        for m in self._managers.values():
+            m.wait_until_finished()
+            m.close()
+        self._managers.clear()

@@ -1,0 +1,246 @@
+"""Batches for flax_impl, from the same readers, order and augmentation draws as torch_ref.
+
+Each batch is a dict of NumPy arrays holding this process's rows of one global batch, padded to a
+fixed size with ``mask`` 0 (see `flax_impl.steps`):
+
+- in-memory sets (CIFAR, Fashion-MNIST, or a TFDS set loaded whole): the images sit on the devices
+  (`source`) and a batch carries row indices plus crop/flip/jitter draws; the gather and the
+  augmentation run inside the jitted step.
+- ImageNet folders: threads decode JPEGs with PIL and crop them exactly as torchvision would
+  (`framework_free.pil_transforms`); batches carry uint8 images, and the colour jitter and
+  normalisation run inside the jitted step.
+
+Training order and augmentation draws come from `framework_free.sampling`, keyed by (seed, epoch,
+step): a resumed run sees the same batches, and torch_ref on the same seed sees the same ones too.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from framework_free import datasets, pil_transforms, readers, sampling
+from framework_free.errors import UserError
+from framework_free.recipe import Recipe
+
+TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "fashion_mnist": "fashion_mnist",
+              "imagenet": "imagenet2012"}
+
+
+def _pad(array: np.ndarray, rows: int) -> np.ndarray:
+    if len(array) == rows:
+        return array
+    pad = np.zeros((rows - len(array),) + array.shape[1:], array.dtype)
+    return np.concatenate([array, pad])
+
+
+class _Rows:
+    """Which rows of each global batch this process feeds (all of them on one process)."""
+
+    def __init__(self, global_batch: int, process_index: int, process_count: int):
+        if global_batch % process_count:
+            raise UserError(f"the global batch of {global_batch} does not split over "
+                            f"{process_count} processes; change batch_size")
+        self.per_process = global_batch // process_count
+        self.start = process_index * self.per_process
+
+    def take(self, values: np.ndarray) -> np.ndarray:
+        """This process's rows of a (possibly short) global-batch array, padded to full size."""
+        return _pad(values[self.start:self.start + self.per_process], self.per_process)
+
+    def mask(self, n_real: int) -> np.ndarray:
+        idx = np.arange(self.start, self.start + self.per_process)
+        return (idx < n_real).astype(np.float32)
+
+
+class InMemoryTrain:
+    """Training batches over an in-memory split whose arrays the trainer puts on the devices."""
+
+    def __init__(self, split: readers.ArraySplit, recipe: Recipe, global_batch: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.recipe, self.global_batch = recipe, global_batch
+        self.arrays = (split.images, split.labels.astype(np.int32))
+        self.num_examples = len(split)
+        self.rows = _Rows(global_batch, process_index, process_count)
+        self.steps = sampling.steps_in_epoch(self.num_examples, global_batch, recipe.drop_last)
+        self.jitter = any(recipe.color_jitter)
+
+    def batch(self, epoch: int, step: int, perm: np.ndarray) -> dict:
+        r = self.recipe
+        sl = sampling.step_slice(perm, step, self.global_batch, 1, 0)
+        p = sampling.augment_params(r.seed, epoch, step, sl.global_size, r.crop_padding, r.hflip,
+                                    r.color_jitter)
+        batch = {"index": self.rows.take(sl.global_indices.astype(np.int32)),
+                 "mask": self.rows.mask(sl.global_size),
+                 "crop_y": self.rows.take(p.crop_y.astype(np.int32)),
+                 "crop_x": self.rows.take(p.crop_x.astype(np.int32)),
+                 "flip": self.rows.take(p.flip)}
+        if self.jitter:
+            batch["jitter"] = self.rows.take(p.jitter)
+            batch["jitter_order"] = self.rows.take(p.jitter_order.astype(np.int32))
+        return batch
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        perm = sampling.epoch_permutation(self.num_examples, self.recipe.seed, epoch)
+        for step in range(start_step, self.steps):
+            yield self.batch(epoch, step, perm)
+
+
+class InMemoryEval:
+    """Exact eval: the test split in order, the last batch padded and masked."""
+
+    def __init__(self, split: readers.ArraySplit, recipe: Recipe, global_batch: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.arrays = (split.images, split.labels.astype(np.int32))
+        self.num_examples, self.global_batch = len(split), global_batch
+        self.rows = _Rows(global_batch, process_index, process_count)
+
+    def __iter__(self):
+        for start in range(0, self.num_examples, self.global_batch):
+            idx = np.arange(start, min(start + self.global_batch, self.num_examples), dtype=np.int32)
+            yield {"index": self.rows.take(idx), "mask": self.rows.mask(len(idx))}
+
+
+class _Prefetch:
+    """Run a generator in a thread, `depth` items ahead (host work overlaps device work)."""
+
+    def __init__(self, gen, depth: int = 2):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._fill, args=(gen,), daemon=True)
+        self.thread.start()
+
+    def _fill(self, gen):
+        try:
+            for item in gen:
+                self.q.put(("item", item))
+        except BaseException as err:  # re-raised in the consumer
+            self.q.put(("error", err))
+            return
+        self.q.put(("end", None))
+
+    def __iter__(self):
+        while True:
+            kind, item = self.q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+
+
+class FolderTrain:
+    """ImageNet-style folders: JPEGs decoded and cropped by threads, uint8 batches."""
+
+    def __init__(self, paths, labels, recipe: Recipe, global_batch: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.paths, self.labels = paths, labels.astype(np.int32)
+        self.recipe, self.global_batch = recipe, global_batch
+        self.num_examples = len(paths)
+        self.rows = _Rows(global_batch, process_index, process_count)
+        self.steps = sampling.steps_in_epoch(self.num_examples, global_batch, recipe.drop_last)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, recipe.num_workers))
+        self.arrays = None
+
+    def _load(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        r = self.recipe
+        return pil_transforms.train_image(self.paths[i], rng, r.image_size, r.hflip,
+                                          r.in_channels)
+
+    def batch(self, epoch: int, step: int, perm: np.ndarray) -> dict:
+        r = self.recipe
+        sl = sampling.step_slice(perm, step, self.global_batch, 1, 0)
+        mine = sl.global_indices[self.rows.start:self.rows.start + self.rows.per_process]
+        seeds = [np.random.default_rng([r.seed, 0xC0, epoch, step, k + self.rows.start])
+                 for k in range(len(mine))]
+        images = np.stack(list(self.pool.map(self._load, mine, seeds)))
+        p = sampling.augment_params(r.seed, epoch, step, sl.global_size, 0, False, r.color_jitter)
+        batch = {"images": _pad(images, self.rows.per_process),
+                 "labels": self.rows.take(self.labels[sl.global_indices]),
+                 "mask": self.rows.mask(sl.global_size)}
+        if any(r.color_jitter):
+            batch["jitter"] = self.rows.take(p.jitter)
+            batch["jitter_order"] = self.rows.take(p.jitter_order.astype(np.int32))
+        return batch
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        perm = sampling.epoch_permutation(self.num_examples, self.recipe.seed, epoch)
+        return _Prefetch(self.batch(epoch, s, perm) for s in range(start_step, self.steps))
+
+
+class FolderEval:
+    def __init__(self, paths, labels, recipe: Recipe, global_batch: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.paths, self.labels = paths, labels.astype(np.int32)
+        self.recipe, self.global_batch = recipe, global_batch
+        self.num_examples = len(paths)
+        self.rows = _Rows(global_batch, process_index, process_count)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, recipe.num_workers))
+        self.arrays = None
+
+    def _load(self, i: int) -> np.ndarray:
+        r = self.recipe
+        return pil_transforms.eval_image(self.paths[i], r.eval_resize, r.image_size, r.in_channels)
+
+    def _batches(self):
+        for start in range(0, self.num_examples, self.global_batch):
+            idx = np.arange(start, min(start + self.global_batch, self.num_examples))
+            mine = idx[self.rows.start:self.rows.start + self.rows.per_process]
+            images = np.stack(list(self.pool.map(self._load, mine))) if len(mine) else np.zeros(
+                (0, self.recipe.image_size, self.recipe.image_size, self.recipe.in_channels),
+                np.uint8)
+            yield {"images": _pad(images, self.rows.per_process),
+                   "labels": self.rows.take(self.labels[idx]), "mask": self.rows.mask(len(idx))}
+
+    def __iter__(self):
+        return iter(_Prefetch(self._batches()))
+
+
+def _tfds_split(recipe: Recipe, train: bool) -> readers.ArraySplit:
+    """A whole TFDS split as arrays, read with `tfds.data_source` (array_record; no TensorFlow)."""
+    from flax_impl import tfds_source
+
+    return tfds_source.load_split(TFDS_NAMES[recipe.dataset], recipe.data_dir, train, recipe)
+
+
+def load_in_memory(recipe: Recipe, train: bool) -> readers.ArraySplit:
+    if recipe.data_source == "tfds":
+        split = _tfds_split(recipe, train)
+        datasets.check_split(recipe, split)
+        return split.head(recipe.train_subset if train else recipe.eval_subset)
+    root = datasets.ensure_present(recipe)
+    return datasets.load_split(recipe, root, train)
+
+
+def build_train(recipe: Recipe, global_batch: int, process_index: int = 0,
+                process_count: int = 1):
+    """Training batches for a recipe; UserError when the data is not there."""
+    where = dict(process_index=process_index, process_count=process_count)
+    if recipe.dataset == "imagenet":
+        root = _imagenet_root(recipe)
+        return FolderTrain(*datasets.imagenet_listing(recipe, root, True), recipe, global_batch,
+                           **where)
+    return InMemoryTrain(load_in_memory(recipe, True), recipe, global_batch, **where)
+
+
+def build_eval(recipe: Recipe, global_batch: int, process_index: int = 0, process_count: int = 1):
+    """Test batches for a recipe, every image exactly once."""
+    where = dict(process_index=process_index, process_count=process_count)
+    if recipe.dataset == "imagenet":
+        root = _imagenet_root(recipe)
+        return FolderEval(*datasets.imagenet_listing(recipe, root, False), recipe, global_batch,
+                          **where)
+    return InMemoryEval(load_in_memory(recipe, False), recipe, global_batch, **where)
+
+
+def _imagenet_root(recipe: Recipe) -> Path:
+    if recipe.data_source == "tfds":
+        raise UserError("imagenet2012 through TFDS is not supported by flax_impl yet; pass "
+                        "--data-dir with the ImageNet train/ and val/ folders (data_source=files)")
+    return datasets.ensure_present(recipe)
+
+
+__all__ = ["build_train", "build_eval", "InMemoryTrain", "InMemoryEval", "FolderTrain", "FolderEval"]

@@ -1,0 +1,152 @@
+"""The pure functions of training: state, one train step, one eval step, and their sharding.
+
+`TrainState` is one pytree: step, params, batch_stats, opt_state, rng. `train_step(state, batch)`
+and `eval_step(state, batch)` are pure; `Steps` jits them once for a mesh, with the state replicated
+and the batch split along its first axis over the mesh's ``data`` axis, and the state buffers
+donated. Batches have a fixed shape: a short last batch is padded and carries a 0/1 ``mask``, which
+the loss, the accuracy and BatchNorm's statistics respect, so nothing recompiles at the end of an
+epoch and nothing padded is counted.
+
+A batch is a dict of arrays:
+    images   uint8 (B, H, W, C), already cropped to the model's input size, or
+    index    int32 (B,) rows of an in-memory dataset held on the devices (`Steps.source`), then
+             cropped/flipped here with crop_y, crop_x (B,) and flip (B,)
+    labels   int32 (B,)
+    mask     float32 (B,)
+    jitter, jitter_order   (B, 3) colour-jitter factors and order, when the recipe jitters
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flax_impl import augment
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_state(model, tx, rng, image_shape, param_dtype=jnp.float32) -> TrainState:
+    """Initialise the model (as `model.init(key, x, train=False)`) and the optimizer state."""
+    init_key, rng = jax.random.split(rng)
+    variables = model.init(init_key, jnp.zeros((1, *image_shape), param_dtype), train=False)
+    return state_from_variables(variables, tx, rng)
+
+
+def state_from_variables(variables, tx, rng) -> TrainState:
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(params), rng=rng)
+
+
+def prepare_inputs(batch: dict, source, aug: dict, dtype):
+    """The model's input from a batch: gather from the in-memory source, crop/flip, jitter, norm."""
+    if "index" in batch:
+        images = source[0][batch["index"]]
+        labels = source[1][batch["index"]]
+    else:
+        images, labels = batch["images"], batch["labels"]
+    if "crop_y" in batch:
+        images = augment.crop_flip(images, aug["pad"], batch["crop_y"], batch["crop_x"],
+                                   batch["flip"])
+    jitter = (batch["jitter"], batch["jitter_order"]) if "jitter" in batch else None
+    return augment.to_float_normalized(images, aug["mean"], aug["std"], jitter, dtype), labels
+
+
+def masked_cross_entropy(logits, labels, mask):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    count = jnp.sum(mask)
+    return jnp.sum(ce * mask) / jnp.maximum(count, 1), ce, count
+
+
+def train_step(state: TrainState, batch: dict, source=None, *, model, tx, aug: dict, dtype):
+    """One SGD step on the (global) batch; returns (new state, metrics of this batch)."""
+    x, labels = prepare_inputs(batch, source, aug, dtype)
+    mask = batch["mask"]
+
+    def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                                      train=True, mask=mask, mutable=["batch_stats"])
+        loss, _, _ = masked_cross_entropy(logits, labels, mask)
+        return loss, (updates["batch_stats"], logits)
+
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+    metrics = {"loss": loss, "correct": correct, "count": jnp.sum(mask),
+               "finite": jnp.isfinite(loss)}
+    new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                        opt_state=opt_state)
+    return new, metrics
+
+
+def eval_step(state: TrainState, batch: dict, source=None, *, model, aug: dict, dtype):
+    """Sums over the real (unmasked) examples: loss, correct, count."""
+    x, labels = prepare_inputs(batch, source, aug, dtype)
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
+                         train=False)
+    _, ce, count = masked_cross_entropy(logits, labels, batch["mask"])
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * batch["mask"])
+    return {"loss_sum": jnp.sum(ce * batch["mask"]), "correct": correct, "count": count}
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A one-axis mesh over all devices (or the given ones): pure data parallelism."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices, (DATA_AXIS,))
+
+
+class Steps:
+    """`train_step` and `eval_step` jitted for a mesh: state replicated, batch split over ``data``.
+
+    `source` (train/evaluate's last argument) is an in-memory dataset already on the devices (see
+    `replicate`), or None when batches carry their images.
+    """
+
+    def __init__(self, model, tx, aug: dict, mesh: Mesh, dtype=jnp.float32):
+        self.mesh = mesh
+        self.replicated = NamedSharding(mesh, P())
+        self.split = NamedSharding(mesh, P(DATA_AXIS))
+        self._train = jax.jit(
+            functools.partial(train_step, model=model, tx=tx, aug=aug, dtype=dtype),
+            donate_argnums=(0,), out_shardings=(self.replicated, self.replicated))
+        self._eval = jax.jit(functools.partial(eval_step, model=model, aug=aug, dtype=dtype),
+                             out_shardings=self.replicated)
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    def replicate(self, tree):
+        """A copy of `tree` on every device of the mesh (state, in-memory datasets)."""
+        return jax.device_put(tree, self.replicated)
+
+    def put_batch(self, batch: dict) -> dict:
+        """This process's rows of the global batch -> one global array split over the mesh."""
+        if jax.process_count() == 1:
+            return jax.device_put(batch, self.split)
+        return jax.tree_util.tree_map(
+            lambda a: jax.make_array_from_process_local_data(self.split, a), batch)
+
+    def train(self, state: TrainState, batch: dict, source=None):
+        return self._train(state, self.put_batch(batch), source)
+
+    def evaluate(self, state: TrainState, batch: dict, source=None):
+        return self._eval(state, self.put_batch(batch), source)
