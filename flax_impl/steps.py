@@ -70,7 +70,8 @@ def prepare_inputs(batch: dict, source, aug: dict, dtype):
 
 
 def masked_cross_entropy(logits, labels, mask):
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32; f64 stays
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     count = jnp.sum(mask)
     return jnp.sum(ce * mask) / jnp.maximum(count, 1), ce, count
 

@@ -1,0 +1,136 @@
+"""flax_impl's steps, sharding, checkpoints and trainer on small real-format files (CPU)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import get_config
+from flax_impl import data, optim, steps
+from flax_impl.models import resnet20
+from flax_impl.train import NonFiniteLoss, Preempted, train_and_evaluate
+from framework_free.recipe import apply_overrides
+
+QUICK = ["batch_size=16", "eval_batch_size=16", "epochs=2", "train_subset=0", "eval_subset=0",
+         "log_every_steps=2", "num_workers=2"]
+ONE = jax.devices()[:1]
+
+
+def recipe_for(name, data_dir, *overrides):
+    r = apply_overrides(get_config(name, "smoke"), QUICK + list(overrides))
+    return r.replace(data_dir=str(data_dir))
+
+
+def test_eight_fake_devices_are_there():
+    assert len(jax.devices()) == 8, "conftest.py sets XLA_FLAGS before jax is imported"
+
+
+def _setup(fashion_dir, devices, dtype=jnp.float32):
+    r = recipe_for("fashion_mnist", fashion_dir)
+    batches = data.build_train(r, 16)
+    model = resnet20(num_classes=10, dtype=dtype, param_dtype=dtype)
+    tx, _, _ = optim.for_recipe(r, batches.steps, 1, dtype=dtype)
+    fns = steps.Steps(model, tx, {"pad": 4, "mean": r.mean, "std": r.std},
+                      steps.make_mesh(devices), dtype=dtype)
+    state = fns.replicate(steps.create_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1),
+                                             dtype))
+    return r, batches, fns, state
+
+
+def test_a_real_step_on_a_small_resnet_learns(fashion_dir):
+    """Ten steps on one fixed batch: the loss falls (the step really trains)."""
+    r, batches, fns, state = _setup(fashion_dir, ONE)
+    source = fns.replicate(batches.arrays)
+    batch = next(iter(batches.epoch(0)))
+    losses = []
+    for _ in range(10):
+        state, m = fns.train(state, batch, source)
+        losses.append(float(m["loss"]))
+    assert int(state.step) == 10
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_eight_devices_equal_one_device(fashion_dir):
+    """The same global batches on a mesh of 8 CPU devices and on 1. BatchNorm's statistics are
+    over the global batch either way, so only the order of sums differs. In float64 the
+    parameters after 3 steps agree to 1e-10 relative (measured ~1e-12; the gap grows ~20x per
+    step, which is rounding amplified by training, not a difference of method: a per-device
+    BatchNorm or a mis-split batch moves them by >1e-2 at once). In float32 that amplification
+    starts from 1e-7 and reaches 1e-3 after one step, so float32 is compared on the first
+    step's loss, before any update (1e-6: a few ulp of a sum over 16 examples)."""
+    with jax.enable_x64(True):
+        _, batches, fns1, s1 = _setup(fashion_dir, ONE, jnp.float64)
+        _, _, fns8, s8 = _setup(fashion_dir, jax.devices(), jnp.float64)
+        src1, src8 = fns1.replicate(batches.arrays), fns8.replicate(batches.arrays)
+        for step, batch in zip(range(3), batches.epoch(0)):
+            s1, m1 = fns1.train(s1, batch, src1)
+            s8, m8 = fns8.train(s8, batch, src8)
+        assert len(s8.params["fc"]["kernel"].sharding.device_set) == 8
+        assert s8.params["fc"]["kernel"].dtype == jnp.float64
+        for a, b in zip(jax.tree_util.tree_leaves((s1.params, s1.batch_stats)),
+                        jax.tree_util.tree_leaves((s8.params, s8.batch_stats))):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            assert np.linalg.norm(a - b) <= 1e-10 * max(np.linalg.norm(a), 1e-12)
+    _, batches, fns1, s1 = _setup(fashion_dir, ONE)
+    _, _, fns8, s8 = _setup(fashion_dir, jax.devices())
+    batch = next(iter(batches.epoch(0)))
+    _, m1 = fns1.train(s1, batch, fns1.replicate(batches.arrays))
+    _, m8 = fns8.train(s8, batch, fns8.replicate(batches.arrays))
+    assert abs(float(m1["loss"]) - float(m8["loss"])) <= 1e-6 * float(m1["loss"])
+
+
+def test_eval_counts_each_image_once_on_eight_devices(fashion_dir, tmp_path):
+    r = recipe_for("fashion_mnist", fashion_dir, "eval_batch_size=24")  # 40 = 24 + 16 (padded)
+    out = train_and_evaluate(r.replace(epochs=1), tmp_path / "eight")
+    assert out["test_count"] == 40
+
+
+def test_run_records_and_resumes_exactly(fashion_dir, tmp_path):
+    r = recipe_for("fashion_mnist", fashion_dir, "checkpoint_every_steps=4")
+    straight = train_and_evaluate(r, tmp_path / "straight", devices=ONE)
+    with pytest.raises(Preempted):
+        train_and_evaluate(r, tmp_path / "stopped", devices=ONE, stop_after_step=5)
+    resumed = train_and_evaluate(r, tmp_path / "stopped", devices=ONE)
+    assert resumed["global_step"] == straight["global_step"] == 12
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert resumed[key] == straight[key], key  # bit-identical run, so equal floats
+    a = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    drop = ("epoch_time", "train_images_per_s")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in a] == [
+        {k: v for k, v in m.items() if k not in drop} for m in b]
+    kept = sorted(int(p.name) for p in (tmp_path / "stopped" / "checkpoints" / "last").iterdir())
+    assert kept == [8, 12]  # the latest two
+    assert [p.name for p in (tmp_path / "stopped" / "checkpoints" / "best").iterdir()]
+
+
+def test_imagenet_folder_path(imagefolder_dir, tmp_path):
+    r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
+                   "image_size=32", "eval_resize=36", "epochs=1", "batch_size=4",
+                   "eval_batch_size=4")
+    out = train_and_evaluate(r, tmp_path / "inet", devices=ONE)
+    assert out["test_count"] == 9 and out["global_step"] == 18 // 4
+
+
+def test_cifar_path(cifar_dir, tmp_path):
+    out = train_and_evaluate(recipe_for("cifar10", cifar_dir, "epochs=1"), tmp_path / "c10",
+                             devices=ONE)
+    assert out["test_count"] == 30 and out["global_step"] == 5
+
+
+def test_diverging_run_stops(fashion_dir, tmp_path):
+    r = recipe_for("fashion_mnist", fashion_dir, "lr=1e30")
+    with pytest.raises(NonFiniteLoss, match="NaN or inf at global step"):
+        train_and_evaluate(r, tmp_path / "nan", devices=ONE)
+    assert not (tmp_path / "nan" / "checkpoints" / "best").exists()
+
+
+def test_bf16_compute(fashion_dir, tmp_path):
+    r = recipe_for("fashion_mnist", fashion_dir, "amp=bf16", "epochs=1")
+    out = train_and_evaluate(r, tmp_path / "bf16", devices=ONE)
+    assert np.isfinite(out["train_loss"]) and out["test_count"] == 40
+    with jax.default_device(ONE[0]):
+        params = resnet20().init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    assert params["fc"]["kernel"].dtype == jnp.float32  # parameters stay float32
