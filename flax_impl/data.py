@@ -19,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
-from pathlib import Path
 
 import numpy as np
 
@@ -132,14 +131,28 @@ class _Prefetch:
             yield item
 
 
-class FolderTrain:
-    """ImageNet-style folders: JPEGs decoded and cropped by threads, uint8 batches."""
+class ImageFiles:
+    """Images by index from an ImageFolder listing (decoded with PIL)."""
 
-    def __init__(self, paths, labels, recipe: Recipe, global_batch: int,
+    def __init__(self, paths, labels, channels: int):
+        self.paths, self.labels, self.channels = paths, labels.astype(np.int32), channels
+
+    def __len__(self):
+        return len(self.paths)
+
+    def image(self, i: int):
+        return pil_transforms.load_image(self.paths[i], self.channels)
+
+
+class ImagesTrain:
+    """ImageNet-style training batches: threads decode and crop images exactly as torchvision
+    would (RandomResizedCrop + flip, `framework_free.pil_transforms`) into uint8 batches."""
+
+    def __init__(self, images, recipe: Recipe, global_batch: int,
                  process_index: int = 0, process_count: int = 1):
-        self.paths, self.labels = paths, labels.astype(np.int32)
+        self.images, self.labels = images, images.labels
         self.recipe, self.global_batch = recipe, global_batch
-        self.num_examples = len(paths)
+        self.num_examples = len(images)
         self.rows = _Rows(global_batch, process_index, process_count)
         self.steps = sampling.steps_in_epoch(self.num_examples, global_batch, recipe.drop_last)
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, recipe.num_workers))
@@ -147,16 +160,16 @@ class FolderTrain:
 
     def _load(self, i: int, rng: np.random.Generator) -> np.ndarray:
         r = self.recipe
-        return pil_transforms.train_image(self.paths[i], rng, r.image_size, r.hflip,
+        return pil_transforms.train_image(self.images.image(int(i)), rng, r.image_size, r.hflip,
                                           r.in_channels)
 
     def batch(self, epoch: int, step: int, perm: np.ndarray) -> dict:
         r = self.recipe
         sl = sampling.step_slice(perm, step, self.global_batch, 1, 0)
         mine = sl.global_indices[self.rows.start:self.rows.start + self.rows.per_process]
-        seeds = [np.random.default_rng([r.seed, 0xC0, epoch, step, k + self.rows.start])
-                 for k in range(len(mine))]
-        images = np.stack(list(self.pool.map(self._load, mine, seeds)))
+        rngs = [np.random.default_rng([r.seed, 0xC0, epoch, step, k + self.rows.start])
+                for k in range(len(mine))]
+        images = np.stack(list(self.pool.map(self._load, mine, rngs)))
         p = sampling.augment_params(r.seed, epoch, step, sl.global_size, 0, False, r.color_jitter)
         batch = {"images": _pad(images, self.rows.per_process),
                  "labels": self.rows.take(self.labels[sl.global_indices]),
@@ -171,27 +184,31 @@ class FolderTrain:
         return _Prefetch(self.batch(epoch, s, perm) for s in range(start_step, self.steps))
 
 
-class FolderEval:
-    def __init__(self, paths, labels, recipe: Recipe, global_batch: int,
+class ImagesEval:
+    """Resize + centre crop (torchvision's eval transform), every image once, padded batches."""
+
+    def __init__(self, images, recipe: Recipe, global_batch: int,
                  process_index: int = 0, process_count: int = 1):
-        self.paths, self.labels = paths, labels.astype(np.int32)
+        self.images, self.labels = images, images.labels
         self.recipe, self.global_batch = recipe, global_batch
-        self.num_examples = len(paths)
+        self.num_examples = len(images)
         self.rows = _Rows(global_batch, process_index, process_count)
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, recipe.num_workers))
         self.arrays = None
 
     def _load(self, i: int) -> np.ndarray:
         r = self.recipe
-        return pil_transforms.eval_image(self.paths[i], r.eval_resize, r.image_size, r.in_channels)
+        return pil_transforms.eval_image(self.images.image(int(i)), r.eval_resize, r.image_size,
+                                         r.in_channels)
 
     def _batches(self):
+        r = self.recipe
         for start in range(0, self.num_examples, self.global_batch):
             idx = np.arange(start, min(start + self.global_batch, self.num_examples))
             mine = idx[self.rows.start:self.rows.start + self.rows.per_process]
-            images = np.stack(list(self.pool.map(self._load, mine))) if len(mine) else np.zeros(
-                (0, self.recipe.image_size, self.recipe.image_size, self.recipe.in_channels),
-                np.uint8)
+            shape = (0, r.image_size, r.image_size, r.in_channels)
+            images = (np.stack(list(self.pool.map(self._load, mine))) if len(mine)
+                      else np.zeros(shape, np.uint8))
             yield {"images": _pad(images, self.rows.per_process),
                    "labels": self.rows.take(self.labels[idx]), "mask": self.rows.mask(len(idx))}
 
@@ -215,14 +232,28 @@ def load_in_memory(recipe: Recipe, train: bool) -> readers.ArraySplit:
     return datasets.load_split(recipe, root, train)
 
 
+def _imagenet_images(recipe: Recipe, train: bool):
+    if recipe.data_source == "tfds":
+        from flax_impl import tfds_source
+
+        images = tfds_source.ImageSource(recipe.data_dir, train)
+        images.labels = images.labels()
+        subset = recipe.train_subset if train else recipe.eval_subset
+        if subset and subset < len(images):
+            raise UserError("train_subset/eval_subset are not supported for imagenet2012 from "
+                            "TFDS; use ImageNet folders for subsets")
+        return images
+    root = datasets.ensure_present(recipe)
+    paths, labels = datasets.imagenet_listing(recipe, root, train)
+    return ImageFiles(paths, labels, recipe.in_channels)
+
+
 def build_train(recipe: Recipe, global_batch: int, process_index: int = 0,
                 process_count: int = 1):
     """Training batches for a recipe; UserError when the data is not there."""
     where = dict(process_index=process_index, process_count=process_count)
     if recipe.dataset == "imagenet":
-        root = _imagenet_root(recipe)
-        return FolderTrain(*datasets.imagenet_listing(recipe, root, True), recipe, global_batch,
-                           **where)
+        return ImagesTrain(_imagenet_images(recipe, True), recipe, global_batch, **where)
     return InMemoryTrain(load_in_memory(recipe, True), recipe, global_batch, **where)
 
 
@@ -230,17 +261,9 @@ def build_eval(recipe: Recipe, global_batch: int, process_index: int = 0, proces
     """Test batches for a recipe, every image exactly once."""
     where = dict(process_index=process_index, process_count=process_count)
     if recipe.dataset == "imagenet":
-        root = _imagenet_root(recipe)
-        return FolderEval(*datasets.imagenet_listing(recipe, root, False), recipe, global_batch,
-                          **where)
+        return ImagesEval(_imagenet_images(recipe, False), recipe, global_batch, **where)
     return InMemoryEval(load_in_memory(recipe, False), recipe, global_batch, **where)
 
 
-def _imagenet_root(recipe: Recipe) -> Path:
-    if recipe.data_source == "tfds":
-        raise UserError("imagenet2012 through TFDS is not supported by flax_impl yet; pass "
-                        "--data-dir with the ImageNet train/ and val/ folders (data_source=files)")
-    return datasets.ensure_present(recipe)
-
-
-__all__ = ["build_train", "build_eval", "InMemoryTrain", "InMemoryEval", "FolderTrain", "FolderEval"]
+__all__ = ["build_train", "build_eval", "InMemoryTrain", "InMemoryEval", "ImagesTrain", "ImagesEval",
+           "ImageFiles"]

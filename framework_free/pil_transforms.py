@@ -68,16 +68,16 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def load_rgb(path: str, channels: int = 3) -> Image.Image:
+def load_image(path: str, channels: int = 3) -> Image.Image:
     with open(path, "rb") as fh:
         img = Image.open(fh)
         return img.convert("RGB" if channels == 3 else "L")
 
 
-def train_image(path: str, rng: np.random.Generator, size: int, hflip: bool,
+def train_image(img: Image.Image, rng: np.random.Generator, size: int, hflip: bool,
                 channels: int = 3) -> np.ndarray:
     """RandomResizedCrop(size) + RandomHorizontalFlip as uint8 HWC."""
-    img = load_rgb(path, channels)
+    img = img.convert("RGB" if channels == 3 else "L")
     top, left, h, w = random_resized_crop_params(rng, *img.size)
     out = np.asarray(resized_crop(img, top, left, h, w, size))
     if hflip and rng.random() < 0.5:
@@ -85,9 +85,9 @@ def train_image(path: str, rng: np.random.Generator, size: int, hflip: bool,
     return out.reshape(size, size, channels)
 
 
-def eval_image(path: str, resize: int, size: int, channels: int = 3) -> np.ndarray:
+def eval_image(img: Image.Image, resize: int, size: int, channels: int = 3) -> np.ndarray:
     """Resize(resize) + CenterCrop(size) as uint8 HWC (resize 0: centre crop only)."""
-    img = load_rgb(path, channels)
+    img = img.convert("RGB" if channels == 3 else "L")
     if resize:
         img = resize_short_side(img, resize)
     return np.asarray(center_crop(img, size)).reshape(size, size, channels)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up this repository on a fresh Debian machine with Python 3.11; safe to run again.
 #   1. Debian's dataset-fashion-mnist (the real data every learning claim here uses)
-#   2. .venv/ with torch 2.14.1 + torchvision 0.29.1 and this project (editable, with test tools)
+#   2. .venv/ with torch 2.14.1 + torchvision 0.29.1, JAX/Flax/optax/Orbax/TFDS (CPU builds) and
+#      this project (editable, with test tools)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +18,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[flax,test]"
