@@ -39,7 +39,7 @@ class Checkpoints:
         if kind not in self._managers:
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=KEEP_LAST if kind == "last" else 1, create=True,
-                enable_async_checkpointing=False)
+                enable_async_checkpointing=False, cleanup_tmp_directories=True)
             self._managers[kind] = ocp.CheckpointManager(self.root / kind, options=options,
                                                          item_names=("state", "meta"))
         return self._managers[kind]
@@ -47,21 +47,29 @@ class Checkpoints:
     def save(self, step: int, state, meta: dict, best: bool) -> None:
         meta = {**_identity(self.recipe), **meta}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._manager("last").save(step, args=args, force=True)
-        if best:
-            self._manager("best").save(step, args=args, force=True)
+        kinds = ("best", "last") if best else ("last",)  # best first: see flax_impl.train.run
+        for kind in kinds:
+            manager = self._manager(kind)
+            if step in manager.all_steps():  # written before a crash; the redo is identical
+                manager.delete(step)
+            manager.save(step, args=args, force=True)
 
     def _restore(self, kind: str, step: int, template):
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(template),
-                                  meta=ocp.args.JsonRestore())
         where = self.root / kind / str(step)
         fix = f"delete {where} to fall back to an earlier checkpoint, or pass another --workdir"
-        try:
-            restored = self._manager(kind).restore(step, args=args)
-        except Exception as err:  # truncated files, foreign trees, wrong shapes
-            raise UserError(f"checkpoint {where} cannot be restored ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:200] if str(err) else ''}); {fix}") from None
-        meta = dict(restored["meta"])
+        manager = self._manager(kind)
+
+        def read(args):
+            try:
+                return manager.restore(step, args=args)
+            except Exception as err:  # truncated files, foreign trees, wrong shapes
+                first = str(err).splitlines()[0][:200] if str(err) else ""
+                raise UserError(f"checkpoint {where} cannot be restored ({type(err).__name__}: "
+                                f"{first}); {fix}") from None
+
+        # the small JSON item first: a checkpoint of another run is named as such, not as a
+        # tree that fails to match
+        meta = dict(read(ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
         want = _identity(self.recipe)
         have = {k: meta.get(k) for k in want}
         if have != want:
@@ -70,7 +78,8 @@ class Checkpoints:
                             f"{have['in_channels']} channels), this run is {want['framework']}/"
                             f"{want['recipe']}/{want['model']} ({want['num_classes']} classes, "
                             f"{want['in_channels']} channels); {fix}")
-        return restored["state"], meta, where
+        state = read(ocp.args.Composite(state=ocp.args.StandardRestore(template)))["state"]
+        return state, meta, where
 
     def restore_latest(self, template):
         """(state, meta, path) of the latest complete checkpoint, or None if there is none."""

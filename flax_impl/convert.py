@@ -89,7 +89,7 @@ def flax_to_torch(variables) -> "collections.OrderedDict":
 
     out = collections.OrderedDict()
     for coll in ("params", "batch_stats"):
-        for path, value in _flatten(variables[coll]):
+        for path, value in _flatten(variables.get(coll, {})):  # params alone: e.g. gradients
             *mod, leaf = path
             arr = np.asarray(value)
             if coll == "batch_stats":

@@ -23,7 +23,7 @@ import threading
 import numpy as np
 
 from framework_free import datasets, pil_transforms, readers, sampling
-from framework_free.errors import UserError
+from framework_free.errors import CorruptData, UserError
 from framework_free.recipe import Recipe
 
 TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "fashion_mnist": "fashion_mnist",
@@ -141,7 +141,13 @@ class ImageFiles:
         return len(self.paths)
 
     def image(self, i: int):
-        return pil_transforms.load_image(self.paths[i], self.channels)
+        try:
+            return pil_transforms.load_image(self.paths[i], self.channels)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError too
+            raise CorruptData(f"image file {self.paths[i]} is corrupt or not an image "
+                              f"({type(err).__name__}); remove or replace it, then rerun the "
+                              "same command (a checkpoint of the last completed step was "
+                              "written; the run resumes there)") from None
 
 
 class ImagesTrain:

@@ -18,6 +18,7 @@ Checkpoints are Orbax's: ``WORKDIR/checkpoints/last/<step>`` (the latest `KEEP_L
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 from flax_impl import checkpoints, data, optim, steps
 from flax_impl.models import build_model
 from framework_free import cli, console, schedules
-from framework_free.errors import UserError, report
+from framework_free.errors import CorruptData, UserError, report
 from framework_free.preemption import EXIT_PREEMPTED, Preempted, StopOnSignal
 from framework_free.recipe import Recipe
 from framework_free.records import RunRecord
@@ -117,6 +118,7 @@ class Trainer:
         self.epoch_sums = np.zeros(3)  # loss sum, correct, count of this epoch so far
         self.window = np.zeros(2)  # loss sum and count since the last log line
         self.stop_requested = False
+        self._pending: list = []  # metrics of steps not yet fetched from the devices
         self.stop_after_step: int | None = None
         self.ckpt = checkpoints.Checkpoints(self.record.checkpoint_dir, recipe)
         if self.resuming:
@@ -163,6 +165,15 @@ class Trainer:
         flags = multihost_utils.process_allgather(np.asarray([self.stop_requested]))
         return bool(np.any(flags))
 
+    def state_digest(self) -> str:
+        """SHA-256 of params, batch_stats and optimizer state: equal digests, identical state."""
+        h = hashlib.sha256()
+        leaves = jax.device_get(jax.tree_util.tree_leaves(
+            (self.state.params, self.state.batch_stats, self.state.opt_state)))
+        for leaf in leaves:
+            h.update(np.ascontiguousarray(leaf).tobytes())
+        return h.hexdigest()[:16]
+
     def _drain(self, pending: list) -> None:
         """Fetch the metrics of the steps since the last drain (one device sync) and add them up."""
         if not pending:
@@ -181,10 +192,19 @@ class Trainer:
         pending.clear()
 
     def run_epoch(self) -> dict:
+        try:
+            return self._run_epoch()
+        except CorruptData:
+            # the data failed between two steps: the state is that of the last completed step
+            self._drain(self._pending)
+            self.save(best=False)
+            raise
+
+    def _run_epoch(self) -> dict:
         r = self.recipe
         bar = console.progress(self.steps_per_epoch, self.step_in_epoch,
                                f"epoch {self.epoch + 1}/{r.epochs}", self.is_main)
-        pending: list = []
+        pending = self._pending = []
         t0, seen = time.perf_counter(), 0
         for batch in self.train_batches.epoch(self.epoch, self.step_in_epoch):
             lr = float(self.lr_table[min(self.global_step, len(self.lr_table) - 1)])
@@ -242,8 +262,11 @@ class Trainer:
             if best:
                 self.best_acc = metrics["test_acc"]
             metrics["best_test_acc"] = self.best_acc
-            self.save(best)
+            metrics["state_digest"] = self.state_digest()
+            # record, then best, then last: a crash in between resumes from the previous `last`,
+            # which rewinds the record and redoes the epoch identically
             self.record.log(**metrics)
+            self.save(best)
             if self.is_main:
                 console.say(console.epoch_line(metrics, r.epochs))
             last = metrics

@@ -25,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str) -> argparse.ArgumentParser:
     from configs import RECIPES
 
-    p = _Parser(prog=prog, description="Train a ResNet recipe from configs/ (see README.md).",
+    p = _Parser(prog=prog, allow_abbrev=False,
+                description="Train a ResNet recipe from configs/ (see README.md).",
                 epilog="overrides: key=value words, e.g. epochs=5 lr=0.05; --list-keys lists them")
     p.add_argument("--recipe", help=f"one of: {', '.join(RECIPES)}")
     p.add_argument("--size", default="full", choices=SIZES,

@@ -24,3 +24,8 @@ def report(err: BaseException, prog: str) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"{prog}: error: {err}", file=sys.stderr)
     return EXIT_USAGE
+
+
+class CorruptData(UserError):
+    """A data file that cannot be decoded. Trainers write a checkpoint of the last completed step
+    before they stop with it, so fixing the file and rerunning the command loses nothing."""

@@ -9,14 +9,12 @@ run it belongs to (framework, recipe, model, the resolved config). Writes are at
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from framework_free.errors import UserError
-from framework_free.records import atomic_write, fsync_dir
+from framework_free.records import atomic_write
 
 FORMAT = "torch_ref/1"
 LAST, BEST = "last.pt", "best.pt"
@@ -26,14 +24,14 @@ def save(path: Path, state: dict) -> None:
     atomic_write(path, lambda fh: torch.save(state, fh))
 
 
-def copy(src: Path, dst: Path) -> None:
-    """Atomically make `dst` a copy of `src` (best <- last without serialising twice)."""
-    tmp = dst.with_name(f".{dst.name}.copy.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
+def remove_partial_writes(folder: Path) -> int:
+    """Delete temporary files a killed process left behind (never a complete checkpoint)."""
+    removed = 0
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def load(path: Path, map_location="cpu") -> dict:

@@ -20,7 +20,7 @@ import torch
 
 from framework_free import datasets, readers, sampling
 from framework_free.datasets import load_split, resolve_data_dir
-from framework_free.errors import UserError
+from framework_free.errors import CorruptData, UserError
 from framework_free.recipe import Recipe
 from torch_ref import augment
 from torch_ref.distributed import Dist
@@ -130,11 +130,18 @@ class ArrayImages(torch.utils.data.Dataset):
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """An ImageFolder listing (framework_free.readers.list_image_folder) decoded with PIL."""
+    """An ImageFolder listing (framework_free.readers.list_image_folder) decoded with PIL.
 
-    def __init__(self, paths: list[str], labels: np.ndarray, transform, channels: int = 3):
+    A file that does not decode comes back as a blank image with label -(index + 1), so that no
+    exception has to cross from a worker process; `check_labels` turns it into a CorruptData
+    error naming the file, in the main process, between two steps.
+    """
+
+    def __init__(self, paths: list[str], labels: np.ndarray, transform, channels: int = 3,
+                 size: int = 224):
         self.paths, self.labels, self.transform = paths, labels, transform
         self.mode = "RGB" if channels == 3 else "L"
+        self.blank = torch.zeros(channels, size, size)
 
     def __len__(self):
         return len(self.paths)
@@ -142,9 +149,20 @@ class FolderImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        with open(self.paths[i], "rb") as fh:
-            img = Image.open(fh).convert(self.mode)
+        try:
+            with open(self.paths[i], "rb") as fh:
+                img = Image.open(fh).convert(self.mode)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return self.blank, -(i + 1)
         return self.transform(img), int(self.labels[i])
+
+    def check_labels(self, labels: torch.Tensor, indices=None) -> None:
+        bad = labels[labels < 0]
+        if len(bad):
+            path = self.paths[-int(bad[0]) - 1]
+            raise CorruptData(f"image file {path} is corrupt or not an image; remove or replace "
+                              "it, then rerun the same command (a checkpoint of the last "
+                              "completed step was written; the run resumes there)")
 
 
 def pil_transforms(recipe: Recipe, train: bool):
@@ -212,7 +230,10 @@ class LoaderTrain(Batches):
     def epoch(self, epoch: int, start_step: int = 0):
         self.sampler.set_epoch(epoch, start_step)
         fmt = torch.channels_last if self.recipe.channels_last else torch.contiguous_format
+        check = getattr(self.loader.dataset, "check_labels", None)
         for step, (x, y) in enumerate(self.loader, start=start_step):
+            if check is not None:
+                check(y)  # on the CPU labels: no device sync
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
             yield x, y.to(self.device, non_blocking=True), self.sampler.global_size(step)
 
@@ -228,14 +249,19 @@ class LoaderEval:
 
     def __iter__(self):
         fmt = torch.channels_last if self.recipe.channels_last else torch.contiguous_format
+        dataset = self.loader.dataset.dataset  # the Subset's underlying data set
+        check = getattr(dataset, "check_labels", None)
         for x, y in self.loader:
+            if check is not None:
+                check(y)
             yield (x.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
                    y.to(self.device, non_blocking=True))
 
 
 def _imagenet_listing(recipe: Recipe, root: Path, train: bool) -> "FolderImages":
     paths, labels = datasets.imagenet_listing(recipe, root, train)
-    return FolderImages(paths, labels, pil_transforms(recipe, train), recipe.in_channels)
+    return FolderImages(paths, labels, pil_transforms(recipe, train), recipe.in_channels,
+                        recipe.image_size)
 
 
 def build_train(recipe: Recipe, device, dist: Dist) -> Batches:

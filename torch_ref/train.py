@@ -12,6 +12,7 @@ accuracies accumulate on the device and are read at log intervals and at the end
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from framework_free import cli, console
-from framework_free.errors import UserError, report
+from framework_free.errors import CorruptData, UserError, report
 from framework_free.preemption import EXIT_PREEMPTED, Preempted, StopOnSignal
 from framework_free.recipe import Recipe, world_lr
 from framework_free.records import RunRecord
@@ -33,6 +34,7 @@ PROG = "python -m torch_ref.train"
 
 
 STOP_CHECK_EVERY = 10  # under DDP, processes agree on stopping every this many steps
+FP16_MAX_SKIPS = 25  # fp16: GradScaler skips overflowing steps; this many in a row is divergence
 
 
 class NonFiniteLoss(UserError):
@@ -148,11 +150,14 @@ class Trainer:
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.stop_requested = False
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.stop_after_step: int | None = None  # tests: behave as if signalled after this step
         self.best_acc = -1.0
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.window = torch.zeros(2, dtype=torch.float64, device=self.device)  # since last log
         self.ckpt_dir = self.record.checkpoint_dir
+        if self.dist.is_main:
+            checkpoint.remove_partial_writes(self.ckpt_dir)
         if self.resuming and (self.ckpt_dir / checkpoint.LAST).exists():
             self._restore(self.ckpt_dir / checkpoint.LAST)
         self.record.start(_libraries(), _device_name(self.device))
@@ -191,10 +196,10 @@ class Trainer:
 
     def save(self, best: bool) -> None:
         if self.dist.is_main:
-            last = self.ckpt_dir / checkpoint.LAST
-            checkpoint.save(last, self.state_dict())
-            if best:
-                checkpoint.copy(last, self.ckpt_dir / checkpoint.BEST)
+            state = self.state_dict()
+            if best:  # best before last: see run()
+                checkpoint.save(self.ckpt_dir / checkpoint.BEST, state)
+            checkpoint.save(self.ckpt_dir / checkpoint.LAST, state)
         self.dist.barrier()
 
     # --- the loop ------------------------------------------------------------------------------
@@ -232,6 +237,19 @@ class Trainer:
         flag = torch.tensor([float(self.stop_requested)], device=self.device)
         return bool(self.dist.all_sum(flag).item() > 0)
 
+    def state_digest(self) -> str:
+        """SHA-256 of the model's parameters and buffers and the optimizer's momentum: two runs
+        with equal digests hold bit-identical training state."""
+        h = hashlib.sha256()
+        for key, value in self.model.state_dict().items():
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        for state in self.optimizer.state_dict()["state"].values():
+            buf = state.get("momentum_buffer")
+            if buf is not None:
+                h.update(buf.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
@@ -244,24 +262,39 @@ class Trainer:
                 "lr, or use amp=off/bf16 if fp16 overflowed, then rerun")
 
     def run_epoch(self) -> dict:
+        try:
+            return self._run_epoch()
+        except CorruptData:
+            # the data failed between two steps: the state is that of the last completed step
+            self._check_finite(self.bad_step)
+            self.save(best=False)
+            raise
+
+    def _run_epoch(self) -> dict:
         r, dist = self.recipe, self.dist
         self.model.train()
         bar = console.progress(self.steps_per_epoch, self.step_in_epoch,
                                f"epoch {self.epoch + 1}/{r.epochs}", dist.is_main)
-        bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        bad_step = self.bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        streak = torch.zeros((), dtype=torch.int64, device=self.device)  # non-finite in a row
         window = self.window  # loss sum and count since the last log line
         t0, seen = time.perf_counter(), 0
         for x, y, n_global in self.train_batches.epoch(self.epoch, self.step_in_epoch):
             lr = self.current_lr()
             loss, correct = self.train_step(x, y, n_global)
             n = y.numel()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss),
-                                   torch.full_like(bad_step, self.global_step), bad_step)
-            self.epoch_sums += torch.stack([loss.double() * n, correct.double(),
-                                            torch.tensor(float(n), device=self.device,
-                                                         dtype=torch.float64)])
-            window += torch.stack([loss.double() * n, torch.tensor(float(n), dtype=torch.float64,
-                                                                   device=self.device)])
+            finite = torch.isfinite(loss)
+            if self.scaler.is_enabled():  # an fp16 overflow is the scaler's to handle...
+                streak = torch.where(finite, torch.zeros_like(streak), streak + 1)
+                tripped = streak > FP16_MAX_SKIPS  # ...unless it never recovers
+            else:
+                tripped = ~finite
+            bad_step = self.bad_step = torch.where(
+                (bad_step < 0) & tripped, torch.full_like(bad_step, self.global_step), bad_step)
+            counted = finite.double() * n  # skipped fp16 steps do not enter the averages
+            self.epoch_sums += torch.stack([torch.where(finite, loss.double(), 0.0) * n,
+                                            correct.double() * finite, counted])
+            window += torch.stack([torch.where(finite, loss.double(), 0.0) * n, counted])
             if self.global_step == 0 and dist.is_main:
                 console.say(console.first_batch_line(loss.item(), r.num_classes))
             self.global_step += 1
@@ -271,9 +304,10 @@ class Trainer:
             if self.global_step % r.log_every_steps == 0:
                 self._check_finite(bad_step)
                 wl, wn = window.tolist()
-                bar.set_postfix_str(f"loss {wl / wn:.4f} lr {lr:.4g}")
+                mean = wl / wn if wn else float("nan")
+                bar.set_postfix_str(f"loss {mean:.4f} lr {lr:.4g}")
                 self.record.log(step=self.global_step, epoch=self.epoch + 1,
-                                train_loss_window=wl / wn, lr=lr)
+                                train_loss_window=mean, lr=lr)
                 window.zero_()
             if self.step_in_epoch < self.steps_per_epoch:
                 if self._should_stop():
@@ -287,12 +321,13 @@ class Trainer:
         self._check_finite(bad_step)
         train_time = time.perf_counter() - t0
         loss_sum, correct, count = dist.all_sum(self.epoch_sums.clone()).tolist()
-        lr = self.current_lr()
-        if r.schedule == "cosine_per_epoch":
-            self.scheduler.step()
         metrics = {"step": self.global_step, "epoch": self.epoch + 1,
-                   "train_loss": loss_sum / count, "train_acc": correct / count, "lr": lr}
+                   "train_loss": loss_sum / count if count else float("nan"),
+                   "train_acc": correct / count if count else float("nan"),
+                   "lr": self.current_lr()}
         metrics.update(evaluate(self.model, self.eval_batches, dist, self.amp_dtype, self.device))
+        if r.schedule == "cosine_per_epoch":  # after eval: a failed eval must not step it twice
+            self.scheduler.step()
         metrics["epoch_time"] = time.perf_counter() - t0
         metrics["train_images_per_s"] = seen * dist.world_size / max(train_time, 1e-9)
         return metrics
@@ -316,8 +351,11 @@ class Trainer:
             if best:
                 self.best_acc = metrics["test_acc"]
             metrics["best_test_acc"] = self.best_acc
-            self.save(best)
+            metrics["state_digest"] = self.state_digest()
+            # record, then best, then last: a crash between any two of them resumes from the
+            # previous `last`, which rewinds the record and redoes the epoch identically
             self.record.log(**metrics)
+            self.save(best)
             if dist.is_main:
                 console.say(console.epoch_line(metrics, r.epochs))
             last = metrics

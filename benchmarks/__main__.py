@@ -1,0 +1,178 @@
+"""``python -m benchmarks [--quick]``: speed and memory of both stacks, side by side, on this machine.
+
+Writes BENCHMARKS.md (the CPU section; the GPU section is `python -m benchmarks.gpu`'s output,
+kept as recorded). Every number is a median over repeats with its spread (min-max), each
+configuration in its own process (`benchmarks.measure`) so that peak memory is its own:
+
+a. a training epoch of the cifar10 recipe's shape (ResNet-20, batch 128, crop+flip+jitter) on
+   generated CIFAR-format data: seed 000's pipeline (DataLoader with PIL transforms, 4 workers,
+   NCHW) against torch_ref's default (in-memory uint8, batched augmentation, channels_last);
+b. train-step images/s, torch_ref against flax_impl: ResNet-20 at batch 128 (32 px) and ResNet-50
+   at 224 px with a small batch, float32 and bf16;
+c. epoch images/s against model images/s (the same step on one batch already in place): the
+   input pipeline's share of an epoch, both stacks;
+d. peak resident memory of each process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "BENCHMARKS.md"
+CPU_BEGIN, CPU_END = "<!-- cpu-benchmark:begin -->", "<!-- cpu-benchmark:end -->"
+
+
+def measure(spec: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.measure", json.dumps(spec)],
+                          env=env, cwd=REPO, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"measurement {spec} failed:\n{proc.stderr[-3000:]}")
+
+
+def med(values) -> str:
+    return (f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+            if values else "-")
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    names = ["torch", "torchvision", "jax", "jaxlib", "flax", "optax", "numpy", "pillow"]
+    return ", ".join(f"{n} {md.version(n)}" for n in names)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller data, fewer repeats")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    n_train = 2560 if quick else 10240
+    repeats = 2 if quick else 3
+    started = time.strftime("%Y-%m-%d %H:%M")
+    t_start = time.perf_counter()
+    rows: list[str] = []
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        from framework_free import testing
+
+        data = testing.write_cifar(Path(tmp) / "cifar", n_train=n_train, n_test=256)
+        common = [f"train_subset={n_train}", "eval_subset=256", "log_every_steps=1000"]
+
+        def epoch_spec(stack, extra, name, model_time=False):
+            return {"kind": "epoch", "stack": stack, "overrides": common + extra,
+                    "data_dir": str(data), "workdir": str(Path(tmp) / name),
+                    "epochs": repeats, "model_time": model_time, "model_iters": 10}
+
+        # a + c + d: epochs
+        log("a/c: epochs ...")
+        seed = measure(epoch_spec("torch_ref", ["pipeline=dataloader", "channels_last=false",
+                                                "num_workers=4"], "seed"))
+        ours = measure(epoch_spec("torch_ref", [], "ours", model_time=True))
+        flax = measure(epoch_spec("flax_impl", [], "flax", model_time=True))
+        # b + d: steps
+        log("b: steps ...")
+        big_batch = 4 if quick else 8
+        step_cases = [("resnet20", 32, 128), ("resnet50", 224, big_batch)]
+        steps = {}
+        for model, size, batch in step_cases:
+            for dtype in ("float32", "bf16"):
+                for stack in ("torch_ref", "flax_impl"):
+                    iters = 3 if model == "resnet50" else 10
+                    steps[(model, dtype, stack)] = measure({
+                        "kind": "step", "stack": stack, "model": model, "size": size,
+                        "batch": batch, "dtype": dtype, "repeats": repeats + 2,
+                        "iters": iters})
+                    log(f"  {model} {dtype} {stack}: "
+                        f"{med(steps[(model, dtype, stack)]['images_per_s'])}")
+
+    def ratio(a, b):
+        return statistics.median(a) / statistics.median(b)
+
+    seed_ips, ours_ips, flax_ips = (seed["images_per_s"], ours["images_per_s"],
+                                    flax["images_per_s"])
+    rows += [
+        f"Measured {started} with `python -m benchmarks{' --quick' if quick else ''}` on "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU; Python "
+        f"{platform.python_version()}; {versions()}. Medians over {repeats} epochs or "
+        f"{repeats + 2} step repeats, (min-max) in brackets; each line its own process.",
+        "",
+        f"### a. A cifar10-shaped training epoch ({n_train:,} generated CIFAR images, ResNet-20, "
+        "batch 128, crop + flip + colour jitter)",
+        "",
+        "| pipeline | images/s | peak memory |",
+        "| --- | --- | --- |",
+        f"| seed 000: DataLoader + PIL transforms, 4 workers, NCHW | {med(seed_ips)} | "
+        f"{seed['peak_rss_mib']:,.0f} MiB (main process) |",
+        f"| torch_ref default: in-memory uint8, batched tensor augmentation, channels_last | "
+        f"{med(ours_ips)} | {ours['peak_rss_mib']:,.0f} MiB |",
+        f"| flax_impl default: in-memory uint8, augmentation inside the jitted step | "
+        f"{med(flax_ips)} | {flax['peak_rss_mib']:,.0f} MiB |",
+        "",
+        f"torch_ref / seed pipeline: **{ratio(ours_ips, seed_ips):.2f}x** (target >= 2x).",
+        "",
+        "### c. Epoch against model time (input pipeline overhead)",
+        "",
+        "| stack | epoch images/s | model images/s (same step, one batch in place) | overhead |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, res in (("torch_ref", ours), ("flax_impl", flax)):
+        over = 1 - ratio(res["images_per_s"], res["model_images_per_s"])
+        rows.append(f"| {name} | {med(res['images_per_s'])} | {med(res['model_images_per_s'])} "
+                    f"| {100 * over:.1f}% |")
+    rows += ["", "Target: overhead <= 10% of an epoch in both stacks.", "",
+             "### b. Train step images/s, torch_ref against flax_impl", "",
+             "| model, input, batch | dtype | torch_ref | flax_impl | torch / flax | "
+             "peak memory torch / flax |", "| --- | --- | --- | --- | --- | --- |"]
+    for model, size, batch in step_cases:
+        for dtype in ("float32", "bf16"):
+            t, f = steps[(model, dtype, "torch_ref")], steps[(model, dtype, "flax_impl")]
+            rows.append(f"| {model}, {size} px, {batch} | {dtype} | {med(t['images_per_s'])} | "
+                        f"{med(f['images_per_s'])} | "
+                        f"{ratio(t['images_per_s'], f['images_per_s']):.2f}x | "
+                        f"{t['peak_rss_mib']:,.0f} / {f['peak_rss_mib']:,.0f} MiB |")
+    rows += ["", "Target: flax_impl within 1.25x of torch_ref per step (or a profile showing "
+             "where XLA on CPU is the limit; see the notes below).", "",
+             f"Whole benchmark: {time.perf_counter() - t_start:.0f} s."]
+    text = "\n".join(rows)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+    return 0
+
+
+def write_section(text: str) -> None:
+    """Replace the CPU section of BENCHMARKS.md, keeping everything else (GPU runs, notes)."""
+    block = f"{CPU_BEGIN}\n{text}\n{CPU_END}"
+    if OUT.exists():
+        old = OUT.read_text()
+        if CPU_BEGIN in old and CPU_END in old:
+            head, rest = old.split(CPU_BEGIN, 1)
+            tail = rest.split(CPU_END, 1)[1]
+            OUT.write_text(head + block + tail)
+            return
+        OUT.write_text(old.rstrip() + "\n\n## CPU (this machine)\n\n" + block + "\n")
+        return
+    OUT.write_text("# Benchmarks\n\n## CPU (this machine)\n\n" + block + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

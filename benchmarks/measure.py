@@ -1,0 +1,171 @@
+"""One measurement per process: ``python -m benchmarks.measure '<json spec>'`` prints one JSON line.
+
+Running each measurement in its own process keeps the two frameworks apart (threads, allocators,
+compilation caches) and makes the peak resident memory (ru_maxrss) that process's alone.
+
+Specs:
+  {"kind": "epoch", "stack": "torch_ref"|"flax_impl", "overrides": [...], "data_dir": ..., "epochs": k}
+      k epochs of a recipe through the stack's own Trainer; images/s of each epoch's training part
+  {"kind": "step", "stack": ..., "model": "resnet20", "size": 32, "batch": 128, "dtype": "float32"|"bf16",
+   "repeats": r, "iters": i}
+      train steps on one batch already in place (model time): images/s of r repeats of i steps
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def epoch(spec: dict) -> dict:
+    from configs import get_config
+    from framework_free.recipe import apply_overrides
+
+    recipe = apply_overrides(get_config(spec.get("recipe", "cifar10")), spec["overrides"])
+    recipe = recipe.replace(data_dir=spec["data_dir"])
+    workdir = spec["workdir"]
+    if spec["stack"] == "torch_ref":
+        from torch_ref.train import Trainer
+
+        trainer = Trainer(recipe, workdir, spec.get("device", "auto"))
+    else:
+        from flax_impl.train import Trainer
+
+        trainer = Trainer(recipe, workdir)
+    ips, model_ips = [], []
+    for _ in range(spec["epochs"]):
+        m = trainer.run_epoch()
+        trainer.epoch += 1
+        trainer.step_in_epoch = 0
+        ips.append(m["train_images_per_s"])
+    if spec.get("model_time"):
+        model_ips = model_time(trainer, spec["stack"], spec.get("model_iters", 20))
+    return {"images_per_s": ips, "model_images_per_s": model_ips}
+
+
+def model_time(trainer, stack: str, iters: int) -> list[float]:
+    """The same trainer's step, repeated on one batch already on the device: no input work."""
+    out = []
+    if stack == "torch_ref":
+        import torch
+
+        x, y, n = next(iter(trainer.train_batches.epoch(0)))
+        for _ in range(3):
+            trainer.train_step(x, y, n)
+        for _ in range(3):
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                loss, _ = trainer.train_step(x, y, n)
+            loss.item()
+            out.append(iters * y.numel() / (time.perf_counter() - t0))
+    else:
+        import jax
+
+        batch = next(iter(trainer.train_batches.epoch(0)))
+        placed = trainer.steps.put_batch(batch)
+        state = trainer.state
+        for _ in range(3):
+            state, m = trainer.steps._train(state, placed, trainer.train_source)
+        jax.block_until_ready(m)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                state, m = trainer.steps._train(state, placed, trainer.train_source)
+            jax.block_until_ready(m)
+            out.append(iters * float(batch["mask"].sum()) / (time.perf_counter() - t0))
+        trainer.state = state
+    return out
+
+
+def step(spec: dict) -> dict:
+    model_name, size, batch = spec["model"], spec["size"], spec["batch"]
+    repeats, iters = spec.get("repeats", 5), spec.get("iters", 5)
+    dtype_name = spec["dtype"]  # float32 | bf16 | fp16 (torch on CUDA, with GradScaler)
+    bf16 = dtype_name == "bf16"
+    out = []
+    if spec["stack"] == "torch_ref":
+        import torch
+        import torch.nn.functional as F
+
+        from torch_ref import models
+
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(0)
+        fmt = torch.channels_last if spec.get("channels_last", True) else torch.contiguous_format
+        model = getattr(models, model_name)(num_classes=10).to(dev, memory_format=fmt)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (batch,), device=dev)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype_name)
+        scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+        forward = torch.compile(model) if spec.get("compile") else model
+
+        def one():
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                loss = F.cross_entropy(forward(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            return loss
+
+        for _ in range(spec.get("warmup", 2)):
+            one()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                loss = one()
+            loss.item()
+            out.append(iters * batch / (time.perf_counter() - t0))
+    else:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        import optax
+
+        from flax_impl import models, steps
+
+        dtype = jnp.bfloat16 if bf16 else jnp.float32
+        model = getattr(models, model_name)(num_classes=10, dtype=dtype)
+        tx = optax.chain(optax.add_decayed_weights(5e-4), optax.trace(0.9),
+                         optax.scale_by_learning_rate(0.01))
+        fns = steps.Steps(model, tx, {"pad": 0, "mean": (0.5,) * 3, "std": (0.25,) * 3},
+                          steps.make_mesh(jax.devices()[:1]), dtype)
+        state = fns.replicate(steps.create_state(model, tx, jax.random.PRNGKey(0),
+                                                 (size, size, 3)))
+        rng = np.random.default_rng(0)
+        b = fns.put_batch({"images": rng.integers(0, 256, (batch, size, size, 3), np.uint8),
+                           "labels": rng.integers(0, 10, batch).astype(np.int32),
+                           "mask": np.ones(batch, np.float32)})
+        for _ in range(spec.get("warmup", 2)):
+            state, m = fns._train(state, b, None)
+        jax.block_until_ready(m)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                state, m = fns._train(state, b, None)
+            jax.block_until_ready(m)
+            out.append(iters * batch / (time.perf_counter() - t0))
+    return {"images_per_s": out}
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    result = {"epoch": epoch, "step": step}[spec["kind"]](spec)
+    result["peak_rss_mib"] = _peak_mib()
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

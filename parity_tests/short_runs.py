@@ -1,0 +1,180 @@
+"""Contract item 7: a few hundred training steps of a recipe in both stacks, from the same
+initial weights (torch's, converted) on the same augmented uint8 batches.
+
+The batches are drawn once (framework_free.sampling order and crop/flip offsets, cropped by
+torch_ref.augment, which the tests show equals flax_impl.augment and torchvision) and fed to both
+stacks, which then normalise, jitter (with the same draws) and train as their trainers do.
+Reported per step: the loss of torch with the machine's threads, of torch with one thread, and of
+flax_impl. Torch against torch with another thread count is float32 rounding alone; the
+cross-framework gap is held to that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flax_impl import convert, optim, steps
+from flax_impl.models import build_model as build_flax
+from framework_free import readers, sampling
+from framework_free.datasets import load_split, resolve_data_dir
+from framework_free.recipe import Recipe
+from torch_ref import augment
+from torch_ref.models import build_model as build_torch
+from torch_ref.train import make_optimizer, make_scheduler
+
+
+@dataclasses.dataclass
+class Batch:
+    images: np.ndarray  # uint8 NHWC, cropped and flipped
+    labels: np.ndarray
+    jitter: np.ndarray | None
+    jitter_order: np.ndarray | None
+
+
+def make_batches(recipe: Recipe, split: readers.ArraySplit, count: int) -> list[Batch]:
+    """The first `count` training batches of the recipe (epoch 0, 1, ...), augmented, as uint8."""
+    out = []
+    steps_per_epoch = sampling.steps_in_epoch(len(split), recipe.batch_size, recipe.drop_last)
+    epoch = 0
+    while len(out) < count:
+        perm = sampling.epoch_permutation(len(split), recipe.seed, epoch)
+        for step in range(min(steps_per_epoch, count - len(out))):
+            sl = sampling.step_slice(perm, step, recipe.batch_size, 1, 0)
+            p = sampling.augment_params(recipe.seed, epoch, step, sl.global_size,
+                                        recipe.crop_padding, recipe.hflip, recipe.color_jitter)
+            idx = sl.local_indices
+            img = augment.crop_flip(torch.from_numpy(split.images[idx]), recipe.crop_padding,
+                                    torch.from_numpy(p.crop_y), torch.from_numpy(p.crop_x),
+                                    torch.from_numpy(p.flip)).numpy()
+            jit = any(recipe.color_jitter)
+            out.append(Batch(img, split.labels[idx], p.jitter if jit else None,
+                             p.jitter_order if jit else None))
+        epoch += 1
+    return out
+
+
+def run_torch(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch: int,
+              threads: int | None = None, dtype=torch.float32) -> np.ndarray:
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model = build_torch(recipe)
+        model.load_state_dict(state_dict)
+        model = model.to(dtype=dtype, memory_format=torch.channels_last)
+        opt = make_optimizer(model, recipe, 1)
+        sched = make_scheduler(opt, recipe, steps_per_epoch, 1)
+        mean, std = torch.tensor(recipe.mean), torch.tensor(recipe.std)
+        model.train()
+        losses = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for k, b in enumerate(batches):
+                params = (sampling.AugmentParams(None, None, None, b.jitter, b.jitter_order)
+                          if b.jitter is not None else None)
+                x = augment.to_float_normalized(torch.from_numpy(b.images), mean, std, True,
+                                                params, b.jitter is not None).to(dtype)
+                loss = F.cross_entropy(model(x), torch.from_numpy(b.labels))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if recipe.schedule == "onecycle":
+                    sched.step()
+                elif (k + 1) % steps_per_epoch == 0:
+                    sched.step()
+                losses.append(loss.item())
+    finally:
+        torch.set_num_threads(old)
+    return np.asarray(losses)
+
+
+def run_flax(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch: int,
+             dtype=jnp.float32) -> np.ndarray:
+    model = build_flax(recipe, dtype, dtype)
+    tx, _, _ = optim.for_recipe(recipe, steps_per_epoch, 1, dtype=dtype)
+    variables = convert.torch_to_flax(state_dict)
+    variables = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, dtype) if a.dtype.kind == "f" else jnp.asarray(a), variables)
+    fns = steps.Steps(model, tx, {"pad": 0, "mean": recipe.mean, "std": recipe.std},
+                      steps.make_mesh(jax.devices()[:1]), dtype)
+    state = fns.replicate(steps.state_from_variables(variables, tx, jax.random.PRNGKey(0)))
+    pending = []
+    for b in batches:
+        batch = {"images": b.images, "labels": b.labels.astype(np.int32),
+                 "mask": np.ones(len(b.labels), np.float32)}
+        if b.jitter is not None:
+            batch["jitter"], batch["jitter_order"] = b.jitter, b.jitter_order.astype(np.int32)
+        state, metrics = fns.train(state, batch)
+        pending.append(metrics["loss"])
+    return np.asarray(jax.device_get(pending), np.float64)
+
+
+@dataclasses.dataclass
+class ShortRun:
+    recipe: str
+    steps: int
+    torch: np.ndarray
+    torch_1thread: np.ndarray
+    flax: np.ndarray
+    f64_torch: np.ndarray
+    f64_flax: np.ndarray
+
+    def gaps(self, window: int = 20) -> dict:
+        def windowed(a):
+            n = len(a) // window
+            return a[: n * window].reshape(n, window).mean(1)
+
+        cross = np.abs(windowed(self.flax) - windowed(self.torch))
+        self_noise = np.abs(windowed(self.torch_1thread) - windowed(self.torch))
+        f64 = np.abs(self.f64_flax - self.f64_torch) / np.abs(self.f64_torch)
+        return {"first_step_rel": float(abs(self.flax[0] - self.torch[0]) / self.torch[0]),
+                "first5_max_rel": float(np.max(np.abs(self.flax[:5] - self.torch[:5])
+                                               / self.torch[:5])),
+                "window_cross_max": float(cross.max()),
+                "window_self_max": float(self_noise.max()),
+                "f64_steps": len(self.f64_torch),
+                "f64_max_rel": float(f64.max()),
+                "final_window_torch": float(windowed(self.torch)[-1]),
+                "final_window_flax": float(windowed(self.flax)[-1])}
+
+
+def short_run(recipe: Recipe, split: readers.ArraySplit, steps_count: int = 200,
+              f64_steps: int = 5) -> ShortRun:
+    torch.manual_seed(recipe.seed)
+    state_dict = build_torch(recipe).state_dict()
+    steps_per_epoch = sampling.steps_in_epoch(len(split), recipe.batch_size, recipe.drop_last)
+    batches = make_batches(recipe, split, steps_count)
+    t = run_torch(recipe, batches, state_dict, steps_per_epoch)
+    t1 = run_torch(recipe, batches, state_dict, steps_per_epoch, threads=1)
+    f = run_flax(recipe, batches, state_dict, steps_per_epoch)
+    t64 = run_torch(recipe, batches[:f64_steps], state_dict, steps_per_epoch,
+                    dtype=torch.float64)
+    with jax.enable_x64(True):
+        f64 = run_flax(recipe, batches[:f64_steps], state_dict, steps_per_epoch, jnp.float64)
+    return ShortRun(recipe.recipe, steps_count, t, t1, f, t64, f64)
+
+
+def fashion_mnist_run(steps_count: int = 200) -> ShortRun:
+    """Real Fashion-MNIST (Debian's files), the recipe as it is (batch 128)."""
+    from configs import get_config
+
+    recipe = get_config("fashion_mnist")
+    split = load_split(recipe, resolve_data_dir(recipe), train=True)
+    return short_run(recipe, split, steps_count)
+
+
+def cifar10_run(steps_count: int = 200) -> ShortRun:
+    """cifar10's recipe (with colour jitter) on generated CIFAR-shaped data (no CIFAR here)."""
+    from configs import get_config
+    from framework_free import testing
+
+    recipe = get_config("cifar10")
+    images, labels = testing.patterned_images(5000, 32, 3, 10, seed=0)
+    return short_run(recipe, readers.ArraySplit(images, labels, 10), steps_count)

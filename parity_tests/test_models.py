@@ -1,0 +1,50 @@
+"""Contract items 1-4 for every model: counts, weights both ways, logits, BN statistics, gradients.
+
+Bounds, and why they are those sizes:
+- float64 (level 1): 1e-10 relative. Both stacks do the same operations; what remains is the order
+  of float64 sums (~1e-16 per operation, ~1e-13 measured on ResNet-152's gradients). A different
+  padding, a biased running variance or a wrong momentum convention is >= 1e-3.
+- float32 eval logits (level 2): 1e-5 relative, the issue's target (measured ~1e-6).
+- float32 train-mode BN statistics and gradients (level 2): within 4x the larger of the two
+  frameworks' own float32 noise (their distance from float64) plus 1e-6. Two independent roundings
+  of size e differ by up to 2e; 4x leaves room for the worst tensor. The issue's 1e-4 target for
+  gradients is below what float32 itself delivers at these batch sizes (torch alone: ~1e-2 on some
+  tensors), so it is held at level 1 instead, and PARITY.md shows the noise.
+"""
+
+import pytest
+
+from parity_tests import checks
+
+CASES = checks.all_cases()
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c.label for c in CASES])
+def parity(request):
+    return checks.model_parity(request.param)
+
+
+def test_parameter_counts_equal(parity):
+    assert parity.torch_params == parity.flax_params
+
+
+def test_weights_round_trip_bit_exact(parity):
+    assert parity.round_trip_exact
+
+
+def test_float64_agreement(parity):
+    assert parity.f64_eval_logits < 1e-10
+    assert parity.f64_train_logits < 1e-10
+    assert parity.f64_stats < 1e-10
+    assert parity.f64_grads < 1e-10
+
+
+def test_float32_eval_logits(parity):
+    assert parity.f32_eval_logits < 1e-5
+
+
+def test_float32_train_mode_within_float32_noise(parity):
+    grad_noise = max(parity.torch_noise_grads, parity.flax_noise_grads)
+    stats_noise = max(parity.torch_noise_stats, parity.flax_noise_stats)
+    assert parity.f32_grads <= 4 * grad_noise + 1e-6, (parity.f32_grads_where, grad_noise)
+    assert parity.f32_stats <= 4 * stats_noise + 1e-6

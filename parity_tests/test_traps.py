@@ -1,0 +1,115 @@
+"""Contract item 6: the suite can fail. Each known trap of a PyTorch -> Flax port is planted on
+purpose, and the same measurements the parity tests use must catch it (far above their bounds)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import get_config
+from flax_impl import models as fm
+from framework_free import schedules
+from parity_tests import checks
+
+CASE = checks.Case("resnet20", "projection", 32, 4)
+LEVEL1 = 1e-10  # the float64 bound of test_models
+
+
+def float64_gaps(case=CASE) -> dict:
+    with jax.enable_x64(True):
+        t, f = checks.run_torch(case, np.float64), checks.run_flax(case, np.float64)
+    return {"eval": checks.rel(f.eval_logits, t.eval_logits),
+            "train": checks.rel(f.train_logits, t.train_logits),
+            "stats": checks.worst(f.stats, t.stats)[0],
+            "grads": checks.worst(f.grads, t.grads)[0]}
+
+
+def test_the_untouched_port_passes():
+    gaps = float64_gaps()
+    assert max(gaps.values()) < LEVEL1, gaps
+
+
+def test_same_padding_is_caught(monkeypatch):
+    """Flax's 'SAME' pads stride-2 convolutions (0, 1) where torch pads (1, 1)."""
+    def same_conv(self, features, kernel, stride=1, name=None):
+        return nn.Conv(features, (kernel, kernel), (stride, stride), "SAME", use_bias=False,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    monkeypatch.setattr(fm._Net, "conv", same_conv)
+    gaps = float64_gaps()
+    assert gaps["eval"] > 1e-3 and gaps["grads"] > 1e-3, gaps
+
+
+def _patched_batchnorm(momentum=0.1, unbiased=True):
+    """flax_impl's BatchNorm with one convention changed."""
+    class Patched(fm.BatchNorm):
+        @nn.compact
+        def __call__(self, x, train, mask=None):
+            c = x.shape[-1]
+            scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+            bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+            ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), self.param_dtype)
+            ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), self.param_dtype)
+            tracked = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
+            if train:
+                mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+                n = x.size // c
+                if not self.is_initializing():
+                    ra_mean.value = (1 - momentum) * ra_mean.value + momentum * mean
+                    ra_var.value = (1 - momentum) * ra_var.value + momentum * var * (
+                        n / (n - 1) if unbiased else 1.0)
+                    tracked.value += 1
+            else:
+                mean, var = ra_mean.value, ra_var.value
+            return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+
+    return Patched
+
+
+def test_patched_batchnorm_itself_is_faithful(monkeypatch):
+    """The trap's scaffold with torch's conventions passes: only the planted change matters."""
+    monkeypatch.setattr(fm, "BatchNorm", _patched_batchnorm())
+    monkeypatch.setattr(fm._Net, "bn", lambda self, name=None: fm.BatchNorm(
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name))
+    assert float64_gaps()["stats"] < LEVEL1
+
+
+@pytest.mark.parametrize("momentum, unbiased, what", [
+    (0.1, False, "biased running variance"),
+    (0.9, True, "momentum 0.1 read in Flax's convention"),
+])
+def test_batchnorm_traps_are_caught(monkeypatch, momentum, unbiased, what):
+    monkeypatch.setattr(fm, "BatchNorm", _patched_batchnorm(momentum, unbiased))
+    monkeypatch.setattr(fm._Net, "bn", lambda self, name=None: fm.BatchNorm(
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name))
+    gaps = float64_gaps()
+    assert gaps["stats"] > 1e-3, (what, gaps)
+
+
+def test_weight_decay_after_momentum_is_caught():
+    recipe = get_config("cifar10")
+    lr, _ = schedules.for_recipe(recipe.replace(epochs=4), 5, 1)
+    with jax.enable_x64(True):
+        from flax_impl.optim import table_schedule
+
+        decoupled = optax.chain(optax.trace(0.9, nesterov=True),
+                                optax.add_decayed_weights(recipe.weight_decay),
+                                optax.scale_by_learning_rate(table_schedule(lr, jnp.float64)))
+        assert checks.optimizer_parity(recipe, dtype=np.float64, tx=decoupled) > 1e-6
+
+
+def test_optax_onecycle_boundaries_are_caught():
+    """optax's cosine_onecycle_schedule ends its phases one step later than torch's OneCycleLR
+    (and has no momentum cycling): the per-step comparison sees it."""
+    recipe = get_config("cifar100")
+    spe = 391
+    want, _ = checks.torch_schedule(recipe, spe)
+    total = recipe.epochs * spe
+    theirs = optax.cosine_onecycle_schedule(total, 0.1, pct_start=0.3, div_factor=25.0,
+                                            final_div_factor=1e4)
+    with jax.enable_x64(True):
+        got = np.asarray(jax.vmap(theirs)(jnp.arange(total)), np.float64)
+    worst = np.max(np.abs(got - want) / want)
+    assert worst > 1e-3, worst  # measured: several percent, far above the 1e-7 bound
