@@ -46,9 +46,11 @@ def color_jitter(x, factors, order):
 
 
 def to_float_normalized(images, mean, std, jitter=None, dtype=jnp.float32):
-    """uint8 NHWC -> normalised float NHWC (jitter = (factors, order) or None)."""
-    x = images.astype(jnp.float32) / 255.0
+    """uint8 NHWC -> normalised float NHWC (jitter = (factors, order) or None), computed in
+    float32, or in float64 when that is the compute dtype (the parity proofs)."""
+    work = jnp.promote_types(dtype, jnp.float32)
+    x = images.astype(work) / 255.0
     if jitter is not None:
         x = color_jitter(x, *jitter)
-    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    x = (x - jnp.asarray(mean, work)) / jnp.asarray(std, work)
     return x.astype(dtype)

@@ -63,7 +63,8 @@ class Checkpoints:
             try:
                 return manager.restore(step, args=args)
             except Exception as err:  # truncated files, foreign trees, wrong shapes
-                first = str(err).splitlines()[0][:200] if str(err) else ""
+                first = str(err).split("See full TensorStore details")[0].strip()
+                first = first.splitlines()[0][:200] if first else ""
                 raise UserError(f"checkpoint {where} cannot be restored ({type(err).__name__}: "
                                 f"{first}); {fix}") from None
 

@@ -19,6 +19,7 @@ Checkpoints are Orbax's: ``WORKDIR/checkpoints/last/<step>`` (the latest `KEEP_L
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -320,10 +321,8 @@ def evaluate_checkpoint(recipe: Recipe, workdir: str | Path, path: str | None = 
     shape = (recipe.image_size, recipe.image_size, recipe.in_channels)
     template = step_fns.replicate(steps.create_state(model, tx, jax.random.PRNGKey(0), shape))
     ckpt = checkpoints.Checkpoints(Path(workdir) / "checkpoints", recipe)
-    try:
-        state, meta, where = ckpt.restore_for_eval(template, path)
-    finally:
-        ckpt.close()
+    state, meta, where = ckpt.restore_for_eval(template, path)
+    ckpt.close()  # (not after a failed restore: closing then makes TensorStore's threads noisy)
     source = None if eval_batches.arrays is None else step_fns.replicate(eval_batches.arrays)
     metrics = evaluate(step_fns, state, eval_batches, source)
     if jax.process_index() == 0:
@@ -356,7 +355,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:
+        # After an error, skip the interpreter's teardown: Orbax/TensorStore threads otherwise
+        # print tracebacks about a closed event loop. Nothing is pending: saves are synchronous.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 __all__ = ["train_and_evaluate", "evaluate_checkpoint", "evaluate", "Trainer", "main",

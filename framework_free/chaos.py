@@ -5,7 +5,8 @@
 For each stack: an uninterrupted reference run of a short recipe (generated Fashion-MNIST-shaped
 IDX files, 3 epochs, a checkpoint every 2 steps so that kills often land inside a checkpoint write),
 then the same command run again and again in a second workdir, each time SIGKILLed after a random
-delay, until it finishes on its own after at least `--kills` kills. Every run leaves a state digest
+delay, until it finishes on its own (a cycle); cycles repeat in a fresh workdir until `--kills`
+kills have landed. Every run leaves a state digest
 (SHA-256 of parameters, statistics and optimizer state) in its metrics; the killed-and-resumed run
 must end with the same digests, epoch by epoch, and the same metrics as the reference, bit for bit
 (CPU, deterministic). Exit code 0 when every stack passes, 1 otherwise.
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,21 +81,25 @@ def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=prin
     run_once(command(stack, data_dir, ref_dir), None)
     duration = time.perf_counter() - t0
     reference = epoch_records(ref_dir)
-    done, killed, attempts = False, 0, 0
-    while not done:
-        attempts += 1
-        # until enough kills: a random moment within one run's length (start-up included);
-        # after that, let it finish
-        delay = rng.uniform(0.2, duration) if killed < kills else None
-        _, was_killed = run_once(command(stack, data_dir, run_dir), delay)
-        killed += was_killed
-        done = not was_killed
-        if attempts > 20 * kills + 10:
-            raise RuntimeError("the run never finished")
+    killed, attempts, cycles, identical = 0, 0, 0, True
+    while killed < kills:
+        # one cycle: a fresh workdir, killed at random moments within one run's length
+        # (start-up included) and rerun until a run finishes on its own
+        cycles += 1
+        shutil.rmtree(run_dir, ignore_errors=True)
+        done = False
+        while not done:
+            attempts += 1
+            delay = rng.uniform(0.2, duration) if killed < kills else None
+            _, was_killed = run_once(command(stack, data_dir, run_dir), delay)
+            killed += was_killed
+            done = not was_killed
+            if attempts > 20 * kills + 10:
+                raise RuntimeError("the run never finished")
+        identical &= epoch_records(run_dir) == reference
     got = epoch_records(run_dir)
-    same = got == reference
-    result = {"stack": stack, "kills": killed, "runs": attempts, "identical": same,
-              "final_digest": got[-1]["state_digest"] if got else None,
+    result = {"stack": stack, "kills": killed, "runs": attempts, "cycles": cycles,
+              "identical": identical, "final_digest": got[-1]["state_digest"] if got else None,
               "reference_digest": reference[-1]["state_digest"]}
     log(json.dumps(result))
     return result

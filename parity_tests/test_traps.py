@@ -85,7 +85,9 @@ def test_batchnorm_traps_are_caught(monkeypatch, momentum, unbiased, what):
     monkeypatch.setattr(fm._Net, "bn", lambda self, name=None: fm.BatchNorm(
         dtype=self.dtype, param_dtype=self.param_dtype, name=name))
     gaps = float64_gaps()
-    assert gaps["stats"] > 1e-3, (what, gaps)
+    # the statistics bound of test_models is 1e-10; a biased variance moves the running variance
+    # by momentum x 1/(n-1) (n = batch x pixels, 2.4e-5 to 4e-4 here), a swapped momentum by far more
+    assert gaps["stats"] > 1e4 * LEVEL1, (what, gaps)
 
 
 def test_weight_decay_after_momentum_is_caught():

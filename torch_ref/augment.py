@@ -59,9 +59,11 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
 
 def to_float_normalized(images_nhwc: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                         channels_last: bool, params: AugmentParams | None = None,
-                        jitter: bool = False) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW in the model's memory format, jittered if asked, normalised."""
-    x = images_nhwc.permute(0, 3, 1, 2).float().div_(255.0)  # channels_last strides for free
+                        jitter: bool = False, dtype=torch.float32) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW (float32, or `dtype` for float64 proofs) in the model's memory
+    format, jittered if asked, normalised."""
+    x = images_nhwc.permute(0, 3, 1, 2).to(dtype).div_(255.0)  # channels_last strides for free
+    mean, std = mean.to(dtype), std.to(dtype)
     if jitter and params is not None:
         factors = torch.as_tensor(params.jitter, device=x.device)
         order = torch.as_tensor(params.jitter_order, device=x.device)
