@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -332,7 +333,28 @@ def evaluate_checkpoint(recipe: Recipe, workdir: str | Path, path: str | None = 
     return metrics
 
 
+def _quiet_closed_loop_errors() -> None:
+    """After a failed Orbax restore, TensorStore callbacks may still fire into Orbax's closed
+    asyncio loop from other threads and print "Event loop is closed" tracebacks; they carry no
+    information (the failure was already reported in one line). Drop exactly those."""
+    def closed_loop(exc) -> bool:
+        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+
+    def on_thread(args):
+        if not closed_loop(args.exc_value):
+            thread_hook(args)
+
+    def on_unraisable(args):
+        if not closed_loop(args.exc_value):
+            unraisable_hook(args)
+
+    threading.excepthook, sys.unraisablehook = on_thread, on_unraisable
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_closed_loop_errors()
     try:
         args, recipe = cli.parse(argv, PROG, STACK)
         if recipe is None:
