@@ -150,9 +150,8 @@ class ImageFiles:
                               "written; the run resumes there)") from None
 
 
-class ImagesTrain:
-    """ImageNet-style training batches: threads decode and crop images exactly as torchvision
-    would (RandomResizedCrop + flip, `framework_free.pil_transforms`) into uint8 batches."""
+class _Images:
+    """Images decoded by a pool of threads (PIL releases the GIL while it decodes and resizes)."""
 
     def __init__(self, images, recipe: Recipe, global_batch: int,
                  process_index: int = 0, process_count: int = 1):
@@ -160,9 +159,18 @@ class ImagesTrain:
         self.recipe, self.global_batch = recipe, global_batch
         self.num_examples = len(images)
         self.rows = _Rows(global_batch, process_index, process_count)
-        self.steps = sampling.steps_in_epoch(self.num_examples, global_batch, recipe.drop_last)
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, recipe.num_workers))
-        self.arrays = None
+        self.arrays = None  # nothing held on the devices: batches carry their images
+
+
+class ImagesTrain(_Images):
+    """ImageNet-style training batches: threads decode and crop images exactly as torchvision
+    would (RandomResizedCrop + flip, `framework_free.pil_transforms`) into uint8 batches."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = sampling.steps_in_epoch(self.num_examples, self.global_batch,
+                                             self.recipe.drop_last)
 
     def _load(self, i: int, rng: np.random.Generator) -> np.ndarray:
         r = self.recipe
@@ -190,17 +198,8 @@ class ImagesTrain:
         return _Prefetch(self.batch(epoch, s, perm) for s in range(start_step, self.steps))
 
 
-class ImagesEval:
+class ImagesEval(_Images):
     """Resize + centre crop (torchvision's eval transform), every image once, padded batches."""
-
-    def __init__(self, images, recipe: Recipe, global_batch: int,
-                 process_index: int = 0, process_count: int = 1):
-        self.images, self.labels = images, images.labels
-        self.recipe, self.global_batch = recipe, global_batch
-        self.num_examples = len(images)
-        self.rows = _Rows(global_batch, process_index, process_count)
-        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, recipe.num_workers))
-        self.arrays = None
 
     def _load(self, i: int) -> np.ndarray:
         r = self.recipe

@@ -53,6 +53,7 @@ class BatchNorm(nn.Module):
 
     momentum: float = 0.1  # torch's convention: new = (1 - momentum) * old + momentum * batch
     epsilon: float = 1e-5
+    unbiased_running_var: bool = True  # torch's; False is Flax's (the parity traps use it)
     dtype: Any = None  # output dtype; statistics are computed in param_dtype
     param_dtype: Any = jnp.float32
 
@@ -71,13 +72,13 @@ class BatchNorm(nn.Module):
                 n = x.size // c
                 mean = jnp.mean(xf, axes)
                 var = jnp.mean(jnp.square(xf - mean), axes)  # biased: what normalisation uses
-                unbias = n / max(n - 1, 1)
+                unbias = n / max(n - 1, 1) if self.unbiased_running_var else 1.0
             else:  # statistics of the real examples of a padded batch only
                 w = mask.astype(xf.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
                 n = jnp.sum(w) * (x.size // (c * x.shape[0]))
                 mean = jnp.sum(xf * w, axes) / n
                 var = jnp.sum(jnp.square(xf - mean) * w, axes) / n
-                unbias = n / jnp.maximum(n - 1, 1)
+                unbias = n / jnp.maximum(n - 1, 1) if self.unbiased_running_var else 1.0
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean

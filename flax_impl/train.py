@@ -33,6 +33,7 @@ from flax_impl import checkpoints, data, optim, steps
 from flax_impl.models import build_model
 from framework_free import cli, console, schedules
 from framework_free.errors import CorruptData, UserError, report
+from framework_free.loop import EpochLoop
 from framework_free.preemption import EXIT_PREEMPTED, Preempted, StopOnSignal
 from framework_free.recipe import Recipe
 from framework_free.records import RunRecord
@@ -78,7 +79,7 @@ def _device_name(devices) -> str:
     return f"{len(devices)} x {getattr(d, 'device_kind', d.platform)} ({d.platform})"
 
 
-class Trainer:
+class Trainer(EpochLoop):
     """The state of one run and the loop over it. `run()` trains to the end or raises."""
 
     def __init__(self, recipe: Recipe, workdir: str | Path, devices=None):
@@ -245,40 +246,21 @@ class Trainer:
         metrics["train_images_per_s"] = seen * jax.process_count() / max(train_time, 1e-9)
         return metrics
 
-    def run(self) -> dict:
+    # --- the parts EpochLoop.run needs -----------------------------------------------------
+    def clear_epoch_sums(self) -> None:
+        self.epoch_sums[:] = 0
+
+    def stop_at_epoch_end(self) -> bool:
+        return self._should_stop()
+
+    def describe(self) -> str:
         r = self.recipe
-        if self.is_main:
-            n_params = sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
-            console.say(f"{r.recipe}: {r.model} ({n_params:,} parameters) on "
-                        f"{_device_name(self.devices)}, {np.dtype(self.dtype).name} compute; "
-                        f"{self.train_batches.num_examples} train / "
-                        f"{self.eval_batches.num_examples} test images; {r.epochs} epochs of "
-                        f"{self.steps_per_epoch} steps; workdir {self.record.workdir}")
-        last = {}
-        while self.epoch < r.epochs:
-            metrics = self.run_epoch()
-            self.epoch += 1
-            self.step_in_epoch = 0
-            self.epoch_sums[:] = 0
-            best = metrics["test_acc"] > self.best_acc
-            if best:
-                self.best_acc = metrics["test_acc"]
-            metrics["best_test_acc"] = self.best_acc
-            metrics["state_digest"] = self.state_digest()
-            # record, then best, then last: a crash in between resumes from the previous `last`,
-            # which rewinds the record and redoes the epoch identically
-            self.record.log(**metrics)
-            self.save(best)
-            if self.is_main:
-                console.say(console.epoch_line(metrics, r.epochs))
-            last = metrics
-            if self.epoch < r.epochs and self._should_stop():
-                raise Preempted(self.global_step)
-        if not last and self.is_main:
-            console.say(f"the run in {self.record.workdir} already finished {r.epochs} epochs "
-                        f"(best test accuracy {100 * self.best_acc:.2f}%)")
-        self.ckpt.close()
-        return {"best_test_acc": self.best_acc, "global_step": self.global_step, **last}
+        n_params = sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
+        return (f"{r.recipe}: {r.model} ({n_params:,} parameters) on "
+                f"{_device_name(self.devices)}, {np.dtype(self.dtype).name} compute; "
+                f"{self.train_batches.num_examples} train / {self.eval_batches.num_examples} "
+                f"test images; {r.epochs} epochs of {self.steps_per_epoch} steps; "
+                f"workdir {self.record.workdir}")
 
 
 def evaluate(step_fns: steps.Steps, state, batches, source) -> dict:

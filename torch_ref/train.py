@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from framework_free import cli, console
 from framework_free.errors import CorruptData, UserError, report
+from framework_free.loop import EpochLoop
 from framework_free.preemption import EXIT_PREEMPTED, Preempted, StopOnSignal
 from framework_free.recipe import Recipe, world_lr
 from framework_free.records import RunRecord
@@ -109,7 +110,7 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-class Trainer:
+class Trainer(EpochLoop):
     """The state of one run and the loop over it. `run()` trains to the end or raises."""
 
     def __init__(self, recipe: Recipe, workdir: str | Path, device: str = "auto"):
@@ -332,39 +333,25 @@ class Trainer:
         metrics["train_images_per_s"] = seen * dist.world_size / max(train_time, 1e-9)
         return metrics
 
-    def run(self) -> dict:
-        r, dist = self.recipe, self.dist
-        if dist.is_main:
-            n_params = sum(p.numel() for p in self.model.parameters())
-            console.say(f"{r.recipe}: {r.model} ({n_params:,} parameters) on "
-                        f"{_device_name(self.device)} x {dist.world_size} process(es); "
-                        f"{self.train_batches.num_examples} train / {self.eval_batches.num_examples}"
-                        f" test images; {r.epochs} epochs of {self.steps_per_epoch} steps; "
-                        f"workdir {self.record.workdir}")
-        last = {}
-        while self.epoch < r.epochs:
-            metrics = self.run_epoch()
-            self.epoch += 1
-            self.step_in_epoch = 0
-            self.epoch_sums.zero_()
-            best = metrics["test_acc"] > self.best_acc
-            if best:
-                self.best_acc = metrics["test_acc"]
-            metrics["best_test_acc"] = self.best_acc
-            metrics["state_digest"] = self.state_digest()
-            # record, then best, then last: a crash between any two of them resumes from the
-            # previous `last`, which rewinds the record and redoes the epoch identically
-            self.record.log(**metrics)
-            self.save(best)
-            if dist.is_main:
-                console.say(console.epoch_line(metrics, r.epochs))
-            last = metrics
-            if self.epoch < r.epochs and self._should_stop_now():
-                raise Preempted(self.global_step)
-        if not last and dist.is_main:
-            console.say(f"the run in {self.record.workdir} already finished {r.epochs} epochs "
-                        f"(best test accuracy {100 * self.best_acc:.2f}%)")
-        return {"best_test_acc": self.best_acc, "global_step": self.global_step, **last}
+    # --- the parts EpochLoop.run needs -----------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def clear_epoch_sums(self) -> None:
+        self.epoch_sums.zero_()
+
+    def stop_at_epoch_end(self) -> bool:
+        return self._should_stop_now()
+
+    def describe(self) -> str:
+        r = self.recipe
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return (f"{r.recipe}: {r.model} ({n_params:,} parameters) on "
+                f"{_device_name(self.device)} x {self.dist.world_size} process(es); "
+                f"{self.train_batches.num_examples} train / {self.eval_batches.num_examples} "
+                f"test images; {r.epochs} epochs of {self.steps_per_epoch} steps; "
+                f"workdir {self.record.workdir}")
 
 
 def train_and_evaluate(recipe: Recipe, workdir: str | Path, device: str = "auto",
