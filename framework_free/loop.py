@@ -34,6 +34,7 @@ class EpochLoop:
             # previous `last`, which rewinds the record and redoes the epoch identically
             self.record.log(**metrics)
             self.save(best)
+            self.record.plot()
             if self.is_main:
                 console.say(console.epoch_line(metrics, r.epochs))
             last = metrics

@@ -3,6 +3,7 @@
     WORKDIR/config.json        the resolved recipe, the framework, the command line
     WORKDIR/environment.json   library versions, machine, git commit (rewritten at each start)
     WORKDIR/metrics.jsonl      one JSON object per log line: step, epoch, losses, accuracies, lr
+    WORKDIR/curves.svg         loss and accuracy per epoch (framework_free.plot), after each epoch
     WORKDIR/checkpoints/       each stack's checkpoints (torch: last.pt, best.pt)
 
 Starting a run in a workdir that already holds one resumes it when the recipe agrees, and refuses
@@ -154,6 +155,15 @@ class RunRecord:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
+
+    def plot(self) -> None:
+        """Redraw WORKDIR/curves.svg from the metrics written so far."""
+        if not self.writer:
+            return
+        from framework_free.plot import curves_svg
+
+        title = f"{self.recipe.recipe}: {self.recipe.model}, {self.framework}"
+        atomic_write_text(self.workdir / "curves.svg", curves_svg(self.read_metrics(), title))
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():

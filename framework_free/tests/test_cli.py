@@ -71,6 +71,7 @@ def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack):
     first = run_cli(common, tmp_path, stack=stack)
     assert first.returncode == 0, first.stderr
     assert "first batch loss" in first.stdout and "epoch   1/1" in first.stdout
+    assert 'data-series="test_acc"' in (tmp_path / "w" / "curves.svg").read_text()
     again = run_cli(common, tmp_path, stack=stack)
     assert again.returncode == 0 and "already finished" in again.stdout
     other = run_cli(common[:-1] + ["epochs=2", "lr=0.2"], tmp_path, stack=stack)
