@@ -103,7 +103,17 @@ class Forward:
     train_logits: np.ndarray
     stats: dict  # torch state_dict names -> running statistics after one train-mode forward
     grads: dict  # torch parameter names -> gradient of the train-mode loss
-    seconds: float  # forward + backward wall time (after a warm-up)
+    seconds: float  # forward + backward wall time: median of 5 warm calls
+
+
+def median_seconds(fn, repeats: int = 5) -> float:
+    """Median wall time of `fn()` over `repeats` warm calls (the caller has run it once)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def run_torch(case: Case, dtype, threads: int | None = None) -> Forward:
@@ -127,10 +137,11 @@ def run_torch(case: Case, dtype, threads: int | None = None) -> Forward:
         stats = {k: v.numpy().copy() for k, v in model.state_dict().items()
                  if "running" in k or "num_batches" in k}
         train_logits = logits.detach().numpy().copy()
-        start = time.perf_counter()  # timing of a second forward+backward (warm)
-        model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        seconds = time.perf_counter() - start
+        def step():
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+
+        seconds = median_seconds(step)
     finally:
         torch.set_num_threads(old_threads)
     return Forward(eval_logits, train_logits, stats, grads, seconds)
@@ -156,9 +167,8 @@ def run_flax(case: Case, dtype) -> Forward:
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     (_, (logits, new_stats)), grads = grad_fn(variables["params"], variables["batch_stats"], x, y)
     jax.block_until_ready(grads)
-    start = time.perf_counter()
-    jax.block_until_ready(grad_fn(variables["params"], variables["batch_stats"], x, y))
-    seconds = time.perf_counter() - start
+    on_device = jax.device_put((variables["params"], variables["batch_stats"]))
+    seconds = median_seconds(lambda: jax.block_until_ready(grad_fn(*on_device, x, y)))
     grads_t = {k: v.numpy() for k, v in convert.flax_to_torch({"params": grads}).items()}
     stats_t = {k: v.numpy() for k, v in convert.flax_to_torch(
         {"params": {}, "batch_stats": new_stats}).items()}
