@@ -46,7 +46,34 @@ def epoch(spec: dict) -> dict:
         ips.append(m["train_images_per_s"])
     if spec.get("model_time"):
         model_ips = model_time(trainer, spec["stack"], spec.get("model_iters", 20))
-    return {"images_per_s": ips, "model_images_per_s": model_ips}
+    input_ips = input_time(trainer, spec["stack"], spec["epochs"])
+    return {"images_per_s": ips, "model_images_per_s": model_ips, "input_images_per_s": input_ips}
+
+
+def input_time(trainer, stack: str, epoch_index: int) -> list[float]:
+    """One epoch of the input pipeline alone: every batch produced and placed, no model.
+
+    torch_ref's batches come out augmented and on the device; flax_impl's host side (batch
+    indices, augmentation draws) is timed with its transfer, its augmentation being part of the
+    jitted step and so of the model time."""
+    t0 = time.perf_counter()
+    count = 0
+    if stack == "torch_ref":
+        import torch
+
+        for x, y, _ in trainer.train_batches.epoch(epoch_index):
+            count += y.numel()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+    else:
+        import jax
+
+        placed = None
+        for batch in trainer.train_batches.epoch(epoch_index):
+            placed = trainer.steps.put_batch(batch)
+            count += int(batch["mask"].sum())
+        jax.block_until_ready(placed)
+    return [count / (time.perf_counter() - t0)]
 
 
 def model_time(trainer, stack: str, iters: int) -> list[float]:
