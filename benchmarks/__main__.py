@@ -44,8 +44,12 @@ def measure(spec: dict) -> dict:
 
 
 def med(values) -> str:
-    return (f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
-            if values else "-")
+    """Median (min-max); a single measurement as it is."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:,.0f}"
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
 def versions() -> str:

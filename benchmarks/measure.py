@@ -20,7 +20,20 @@ import time
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's peak resident memory, MiB.
+
+    Linux's VmHWM belongs to the process's own address space, which exec starts afresh;
+    ru_maxrss does not: a child keeps its parent's high-water mark across fork+exec, so under a
+    parent that once held 1 GiB every child would report at least 1 GiB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; bytes on macOS
+    return peak / (1024.0 ** 2 if sys.platform == "darwin" else 1024.0)
 
 
 def epoch(spec: dict) -> dict:
