@@ -3,13 +3,17 @@
     python -m framework_free.chaos [--stack torch_ref|flax_impl|both] [--kills 20] [--seed 0]
 
 For each stack: an uninterrupted reference run of a short recipe (generated Fashion-MNIST-shaped
-IDX files, 3 epochs, a checkpoint every 2 steps so that kills often land inside a checkpoint write),
-then the same command run again and again in a second workdir, each time SIGKILLed after a random
-delay, until it finishes on its own (a cycle); cycles repeat in a fresh workdir until `--kills`
-kills have landed. Every run leaves a state digest
+IDX files, 3 epochs, a checkpoint every 2 steps, so there are many writes to land in), then the
+same command run again and again in a second workdir, each time SIGKILLed after a random delay,
+until it finishes on its own (a cycle); cycles repeat in a fresh workdir until `--kills` kills have
+landed. Every other kill is aimed: after its random moment it waits for the next atomic write
+(checkpoint or record) to be in progress and kills the run inside it; unaimed kills at uniform
+moments almost never land in a write, which takes milliseconds. Every run leaves a state digest
 (SHA-256 of parameters, statistics and optimizer state) in its metrics; the killed-and-resumed run
 must end with the same digests, epoch by epoch, and the same metrics as the reference, bit for bit
-(CPU, deterministic). Exit code 0 when every stack passes, 1 otherwise.
+(CPU, deterministic). Each stack's line says where its kills landed (`where_killed`): before the
+first checkpoint, outside a write, or inside a write. Exit code 0 when every stack passes, 1
+otherwise.
 """
 
 from __future__ import annotations
@@ -56,22 +60,54 @@ def epoch_records(workdir: Path) -> list[dict]:
     return out
 
 
-def run_once(cmd: list[str], kill_after: float | None) -> tuple[int, bool]:
-    """Run the command; SIGKILL it after `kill_after` seconds if it is still running.
-    Returns (exit code, whether it was killed)."""
+def _temporary(name: str) -> bool:
+    """A name of an atomic write in progress (ours: ``.NAME.XXXX.tmp``; Orbax's tmp folders)."""
+    return name.endswith(".tmp") or "orbax-checkpoint-tmp" in name
+
+
+def temporaries(workdir: Path) -> set[str]:
+    """The atomic writes in progress (or cut short) in `workdir`: their temporary paths."""
+    found = set()
+    for top, dirs, files in os.walk(workdir):
+        found.update(os.path.join(top, n) for n in dirs + files if _temporary(n))
+    return found
+
+
+def run_once(cmd: list[str], kill_after: float | None,
+             aim_at_write: Path | None = None) -> tuple[int, bool]:
+    """Run the command; SIGKILL it after `kill_after` seconds if it is still running, or, with
+    `aim_at_write` (the run's workdir), at the first moment after that when this run has a write
+    in progress there (leftovers of an earlier kill do not count). Returns (exit code, whether it
+    was killed)."""
+    stale = temporaries(aim_at_write) if aim_at_write is not None else set()
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             cwd=REPO)
-    try:
-        proc.wait(timeout=kill_after)
-        killed = False
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        killed = True
+    start, killed = time.monotonic(), False
+    while kill_after is not None and proc.poll() is None:
+        due = time.monotonic() - start >= kill_after
+        if due and (aim_at_write is None or temporaries(aim_at_write) - stale):
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.0002 if due else 0.01)  # poll fast once due, to catch a write in flight
+    proc.wait()
     stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if not killed and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with {proc.returncode}: {stderr[-2000:]}")
     return proc.returncode, killed
+
+
+def where_killed(workdir: Path, stale: set[str]) -> str:
+    """Where a SIGKILL landed, read off what it left: "inside a write" when the killed run left
+    a temporary file or folder of an atomic write (a checkpoint, the record) that was not there
+    before it started (`stale`), "before the first checkpoint" when none had been written yet,
+    else "outside a write" (start-up included)."""
+    if temporaries(workdir) - stale:
+        return "inside a write"
+    ckpts = workdir / "checkpoints"
+    if not ckpts.exists() or not any(p for p in ckpts.rglob("*") if p.is_file()):
+        return "before the first checkpoint"
+    return "outside a write"
 
 
 def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=print) -> dict:
@@ -82,6 +118,7 @@ def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=prin
     duration = time.perf_counter() - t0
     reference = epoch_records(ref_dir)
     killed, attempts, cycles, identical = 0, 0, 0, True
+    landed = {"before the first checkpoint": 0, "outside a write": 0, "inside a write": 0}
     while killed < kills:
         # one cycle: a fresh workdir, killed at random moments within one run's length
         # (start-up included) and rerun until a run finishes on its own
@@ -91,14 +128,21 @@ def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=prin
         while not done:
             attempts += 1
             delay = rng.uniform(0.2, duration) if killed < kills else None
-            _, was_killed = run_once(command(stack, data_dir, run_dir), delay)
+            # every other kill waits for the next write after its moment: a write takes a few
+            # milliseconds, so kills at uniformly random moments would almost never land in one
+            aim = run_dir if killed % 2 else None
+            stale = temporaries(run_dir)
+            _, was_killed = run_once(command(stack, data_dir, run_dir), delay, aim)
             killed += was_killed
+            if was_killed:
+                landed[where_killed(run_dir, stale)] += 1
             done = not was_killed
             if attempts > 20 * kills + 10:
                 raise RuntimeError("the run never finished")
         identical &= epoch_records(run_dir) == reference
     got = epoch_records(run_dir)
-    result = {"stack": stack, "kills": killed, "runs": attempts, "cycles": cycles,
+    result = {"stack": stack, "kills": killed, "kills_landed": landed, "runs": attempts,
+              "cycles": cycles,
               "identical": identical, "final_digest": got[-1]["state_digest"] if got else None,
               "reference_digest": reference[-1]["state_digest"]}
     log(json.dumps(result))
