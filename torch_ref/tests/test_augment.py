@@ -43,11 +43,13 @@ def test_crop_flip_with_sampled_params_stays_in_range():
     assert centre.any() and torch.equal(out[centre], images[centre])
 
 
-def test_color_jitter_equals_torchvision_tensor_ops():
+@pytest.mark.parametrize("channels", [3, 1])
+def test_color_jitter_equals_torchvision_tensor_ops(channels):
     """Per image: brightness/contrast/saturation blends in the drawn order, as torchvision's
-    tensor ColorJitter applies them. Float32 tolerance: the same formula, evaluated with
-    broadcasting instead of per image, differs by at most a few ulp of values in [0, 1]."""
-    images = torch.from_numpy(testing.patterned_images(16, 32, 3, 10, seed=2)[0])
+    tensor ColorJitter applies them (on one channel, saturation leaves the image alone).
+    Float32 tolerance: the same formula, evaluated with broadcasting instead of per image,
+    differs by at most a few ulp of values in [0, 1]."""
+    images = torch.from_numpy(testing.patterned_images(16, 32, channels, 10, seed=2)[0])
     x = images.permute(0, 3, 1, 2).float() / 255
     p = sampling.augment_params(3, 0, 0, 16, 0, False, (0.4, 0.4, 0.4))
     got = augment.color_jitter(x.clone(), torch.from_numpy(p.jitter),
