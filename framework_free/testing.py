@@ -18,11 +18,18 @@ def patterned_images(n: int, size: int, channels: int, num_classes: int, seed: i
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, n)
     yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-    angle = 2 * np.pi * labels[:, None, None] / num_classes
-    base = 0.5 + 0.35 * np.sin(angle + 3 * (xx * np.cos(angle) + yy * np.sin(angle)))
-    noise = rng.normal(0, 0.12, (n, size, size, channels))
-    img = np.clip(base[..., None] + noise, 0, 1)
-    return (img * 255).round().astype(np.uint8), labels.astype(np.int64)
+    out = np.empty((n, size, size, channels), np.uint8)
+    # In chunks: float64 temporaries of a whole 50,000-image set would take ~5 GiB. The noise is
+    # drawn in the same order as one big draw, so the images do not depend on the chunk size.
+    chunk = 4096
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        angle = 2 * np.pi * labels[start:stop, None, None] / num_classes
+        base = 0.5 + 0.35 * np.sin(angle + 3 * (xx * np.cos(angle) + yy * np.sin(angle)))
+        noise = rng.normal(0, 0.12, (stop - start, size, size, channels))
+        img = np.clip(base[..., None] + noise, 0, 1)
+        out[start:stop] = (img * 255).round()
+    return out, labels.astype(np.int64)
 
 
 def write_fashion_mnist(folder: str | Path, n_train: int = 256, n_test: int = 128,
