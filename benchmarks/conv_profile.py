@@ -12,9 +12,9 @@ flax_impl's code.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
+
+from framework_free.timing import median_seconds
 
 # (in channels, out channels, input size, stride, how many times ResNet-20 at 32 px has it)
 CONVS = [(3, 16, 32, 1, 1), (16, 16, 32, 1, 6), (16, 32, 32, 2, 1), (32, 32, 16, 1, 5),
@@ -23,16 +23,8 @@ BATCH = 128
 PARTS = ("forward", "grad input", "grad weight")
 
 
-def _time(fn, reps=10) -> float:
-    """Median seconds of `fn()` (which must finish its work before returning) after warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def _time(fn) -> float:
+    return median_seconds(fn, repeats=10, warmup=3)
 
 
 def _arrays(cin, cout, size, stride):

@@ -15,7 +15,6 @@ its distance from the float64 result.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from flax_impl import convert
+from framework_free.timing import median_seconds
 from flax_impl import models as fm
 from torch_ref import models as tm
 
@@ -104,16 +104,6 @@ class Forward:
     stats: dict  # torch state_dict names -> running statistics after one train-mode forward
     grads: dict  # torch parameter names -> gradient of the train-mode loss
     seconds: float  # forward + backward wall time: median of 5 warm calls
-
-
-def median_seconds(fn, repeats: int = 5) -> float:
-    """Median wall time of `fn()` over `repeats` warm calls (the caller has run it once)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def run_torch(case: Case, dtype, threads: int | None = None) -> Forward:
