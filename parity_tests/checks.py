@@ -103,10 +103,10 @@ class Forward:
     train_logits: np.ndarray
     stats: dict  # torch state_dict names -> running statistics after one train-mode forward
     grads: dict  # torch parameter names -> gradient of the train-mode loss
-    seconds: float  # forward + backward wall time: median of 5 warm calls
+    seconds: float | None  # forward + backward wall time, median of 5 warm calls; None: untimed
 
 
-def run_torch(case: Case, dtype, threads: int | None = None) -> Forward:
+def run_torch(case: Case, dtype, threads: int | None = None, timed: bool = False) -> Forward:
     model = torch_model(case)
     model = model.to(torch.float64 if dtype == np.float64 else torch.float32)
     tdt = next(model.parameters()).dtype
@@ -131,13 +131,13 @@ def run_torch(case: Case, dtype, threads: int | None = None) -> Forward:
             model.zero_grad()
             F.cross_entropy(model(x), y).backward()
 
-        seconds = median_seconds(step)
+        seconds = median_seconds(step) if timed else None
     finally:
         torch.set_num_threads(old_threads)
     return Forward(eval_logits, train_logits, stats, grads, seconds)
 
 
-def run_flax(case: Case, dtype) -> Forward:
+def run_flax(case: Case, dtype, timed: bool = False) -> Forward:
     jdt = jnp.float64 if dtype == np.float64 else jnp.float32
     variables = convert.torch_to_flax(torch_model(case).state_dict())
     variables = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype) if a.dtype.kind == "f"
@@ -157,8 +157,10 @@ def run_flax(case: Case, dtype) -> Forward:
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     (_, (logits, new_stats)), grads = grad_fn(variables["params"], variables["batch_stats"], x, y)
     jax.block_until_ready(grads)
-    on_device = jax.device_put((variables["params"], variables["batch_stats"]))
-    seconds = median_seconds(lambda: jax.block_until_ready(grad_fn(*on_device, x, y)))
+    seconds = None
+    if timed:
+        on_device = jax.device_put((variables["params"], variables["batch_stats"]))
+        seconds = median_seconds(lambda: jax.block_until_ready(grad_fn(*on_device, x, y)))
     grads_t = {k: v.numpy() for k, v in convert.flax_to_torch({"params": grads}).items()}
     stats_t = {k: v.numpy() for k, v in convert.flax_to_torch(
         {"params": {}, "batch_stats": new_stats}).items()}
@@ -196,11 +198,13 @@ class ModelParity:
     flax_noise_grads: float
     torch_noise_stats: float
     flax_noise_stats: float
-    torch_seconds: float
-    flax_seconds: float
+    torch_seconds: float | None
+    flax_seconds: float | None
 
 
-def model_parity(case: Case) -> ModelParity:
+def model_parity(case: Case, timed: bool = False) -> ModelParity:
+    """Both frameworks on one case, float64 and float32. `timed` adds the float32
+    forward+backward times (5 more calls each: the report wants them, the tests do not)."""
     t_model = torch_model(case)
     variables = convert.torch_to_flax(t_model.state_dict())
     back = convert.flax_to_torch(variables)
@@ -209,7 +213,7 @@ def model_parity(case: Case) -> ModelParity:
     flax_count = sum(np.asarray(a).size for a in jax.tree_util.tree_leaves(variables["params"]))
     with jax.enable_x64(True):
         t64, f64 = run_torch(case, np.float64), run_flax(case, np.float64)
-    t32, f32 = run_torch(case, np.float32), run_flax(case, np.float32)
+    t32, f32 = run_torch(case, np.float32, timed=timed), run_flax(case, np.float32, timed=timed)
     stats_noise = (worst(t32.stats, t64.stats)[0], worst(f32.stats, f64.stats)[0])
     grads_noise = (worst(t32.grads, t64.grads)[0], worst(f32.grads, f64.grads)[0])
     g32, where = worst(f32.grads, t32.grads)

@@ -38,7 +38,7 @@ def model_rows(cases) -> list[str]:
     rows = [head, "|" + " --- |" * (head.count("|") - 1)]
     for case in cases:
         t0 = time.perf_counter()
-        p = checks.model_parity(case)
+        p = checks.model_parity(case, timed=True)
         rows.append(
             f"| {case.label} | {case.batch}x{case.size}px | {p.torch_params:,} | "
             f"{p.flax_params:,} | {_e(max(p.f64_eval_logits, p.f64_train_logits))} | "
