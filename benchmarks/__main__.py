@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         def epoch_spec(stack, extra, name, model_time=False):
             return {"kind": "epoch", "stack": stack, "overrides": common + extra,
                     "data_dir": str(data), "workdir": str(Path(tmp) / name),
-                    "epochs": repeats, "model_time": model_time, "model_iters": 10}
+                    "epochs": repeats, "model_time": model_time}
 
         # a + c + d: epochs
         log("a/c: epochs ...")
@@ -154,14 +154,22 @@ def main(argv=None) -> int:
         "",
         "### c. Epoch against model time (input pipeline overhead)",
         "",
-        "| stack | epoch images/s | model images/s (same step, one batch in place) | overhead |",
-        "| --- | --- | --- | --- |",
+        "| stack | epoch images/s | model images/s (same step, one batch in place) | "
+        "overhead (1 - epoch / model, median over pairs) | input alone as a share of the epoch's time |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for name, res in (("torch_ref", ours), ("flax_impl", flax)):
-        over = 1 - ratio(res["images_per_s"], res["model_images_per_s"])
+        # median over the (epoch, model time right after it) pairs
+        over = statistics.median(1 - e / m for e, m in zip(res["images_per_s"],
+                                                            res["model_images_per_s"]))
+        share = ratio(res["images_per_s"], res["input_images_per_s"])
         rows.append(f"| {name} | {med(res['images_per_s'])} | {med(res['model_images_per_s'])} "
-                    f"| {100 * over:.1f}% |")
-    rows += ["", "Target: overhead <= 10% of an epoch in both stacks.", "",
+                    f"| {100 * over:.1f}% | {100 * share:.1f}% |")
+    rows += ["", "Target: overhead <= 10% of an epoch in both stacks. Model time is measured "
+             "right after each epoch, in the same process and over as many steps, so both see "
+             "the same machine; the overhead is the median over these pairs. The last "
+             "column times the input pipeline on its own (section a) against the epoch: what "
+             "the input costs when nothing else is running.", "",
              "### b. Train step images/s, torch_ref against flax_impl", "",
              "| model, input, batch | dtype | torch_ref | flax_impl | torch / flax | "
              "peak memory torch / flax |", "| --- | --- | --- | --- | --- | --- |"]

@@ -1,11 +1,14 @@
 """One measurement per process: ``python -m benchmarks.measure '<json spec>'`` prints one JSON line.
 
 Running each measurement in its own process keeps the two frameworks apart (threads, allocators,
-compilation caches) and makes the peak resident memory (ru_maxrss) that process's alone.
+compilation caches) and makes the peak resident memory (VmHWM) that process's alone.
 
 Specs:
-  {"kind": "epoch", "stack": "torch_ref"|"flax_impl", "overrides": [...], "data_dir": ..., "epochs": k}
-      k epochs of a recipe through the stack's own Trainer; images/s of each epoch's training part
+  {"kind": "epoch", "stack": "torch_ref"|"flax_impl", "overrides": [...], "data_dir": ..., "epochs": k,
+   "model_time": bool, "model_iters": i}
+      k epochs of a recipe through the stack's own Trainer; images/s of each epoch's training part,
+      of the input pipeline alone, and (model_time) of the same step on one batch in place, timed
+      after each epoch over i steps (default: an epoch's worth)
   {"kind": "step", "stack": ..., "model": "resnet20", "size": 32, "batch": 128, "dtype": "float32"|"bf16",
    "repeats": r, "iters": i}
       train steps on one batch already in place (model time): images/s of r repeats of i steps
@@ -57,8 +60,14 @@ def epoch(spec: dict) -> dict:
         trainer.epoch += 1
         trainer.step_in_epoch = 0
         ips.append(m["train_images_per_s"])
-    if spec.get("model_time"):
-        model_ips = model_time(trainer, spec["stack"], spec.get("model_iters", 20))
+        if spec.get("model_time"):
+            # one model-time repeat after each epoch, so that a drift in the machine's speed
+            # (another job, clocks) moves both numbers, not only the one measured last
+            # as many steps as the epoch has: the two windows are equally long, so they are
+            # equally exposed to noise, and each epoch pairs with the model time measured next
+            model_ips += model_time(trainer, spec["stack"],
+                                    spec.get("model_iters") or trainer.steps_per_epoch,
+                                    repeats=1, warmup=1 if model_ips else 3)
     input_ips = input_time(trainer, spec["stack"], spec["epochs"])
     return {"images_per_s": ips, "model_images_per_s": model_ips, "input_images_per_s": input_ips}
 
@@ -89,16 +98,26 @@ def input_time(trainer, stack: str, epoch_index: int) -> list[float]:
     return [count / (time.perf_counter() - t0)]
 
 
-def model_time(trainer, stack: str, iters: int) -> list[float]:
-    """The same trainer's step, repeated on one batch already on the device: no input work."""
+def model_time(trainer, stack: str, iters: int, repeats: int = 3,
+               warmup: int = 3) -> list[float]:
+    """The same trainer's step, repeated on one batch already on the device: no input work.
+
+    The trainer's state is put back afterwards: dozens of steps on one batch would otherwise
+    carry on into the next epoch (and at lr 0.1 can make it diverge)."""
     out = []
     if stack == "torch_ref":
+        import copy
+
         import torch
 
+        saved = copy.deepcopy({"model": trainer.model.state_dict(),
+                               "optimizer": trainer.optimizer.state_dict(),
+                               "scheduler": trainer.scheduler.state_dict(),
+                               "scaler": trainer.scaler.state_dict()})
         x, y, n = next(iter(trainer.train_batches.epoch(0)))
-        for _ in range(3):
+        for _ in range(warmup):
             trainer.train_step(x, y, n)
-        for _ in range(3):
+        for _ in range(repeats):
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -106,22 +125,26 @@ def model_time(trainer, stack: str, iters: int) -> list[float]:
                 loss, _ = trainer.train_step(x, y, n)
             loss.item()
             out.append(iters * y.numel() / (time.perf_counter() - t0))
+        trainer.model.load_state_dict(saved["model"])
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        trainer.scheduler.load_state_dict(saved["scheduler"])
+        trainer.scaler.load_state_dict(saved["scaler"])
     else:
         import jax
+        import jax.numpy as jnp
 
         batch = next(iter(trainer.train_batches.epoch(0)))
         placed = trainer.steps.put_batch(batch)
-        state = trainer.state
-        for _ in range(3):
+        state = jax.tree_util.tree_map(jnp.copy, trainer.state)  # the step donates its input
+        for _ in range(warmup):
             state, m = trainer.steps._train(state, placed, trainer.train_source)
         jax.block_until_ready(m)
-        for _ in range(3):
+        for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(iters):
                 state, m = trainer.steps._train(state, placed, trainer.train_source)
             jax.block_until_ready(m)
             out.append(iters * float(batch["mask"].sum()) / (time.perf_counter() - t0))
-        trainer.state = state
     return out
 
 
