@@ -110,7 +110,11 @@ def where_killed(workdir: Path, stale: set[str]) -> str:
     return "outside a write"
 
 
-def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=print) -> dict:
+def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=print,
+                min_inside: int = 0) -> dict:
+    """`kills` SIGKILLs, every other one aimed into a write; then, while fewer than `min_inside`
+    kills have landed inside a write, more aimed kills (at most `kills` more). An aimed kill can
+    still miss: the write may finish between the moment it is seen and the signal's delivery."""
     data_dir = testing.write_fashion_mnist(root / "data", n_train=192, n_test=64)
     ref_dir, run_dir = root / f"{stack}-reference", root / f"{stack}-killed"
     t0 = time.perf_counter()
@@ -119,7 +123,10 @@ def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=prin
     reference = epoch_records(ref_dir)
     killed, attempts, cycles, identical = 0, 0, 0, True
     landed = {"before the first checkpoint": 0, "outside a write": 0, "inside a write": 0}
-    while killed < kills:
+    def wanted() -> bool:
+        return killed < kills or (landed["inside a write"] < min_inside and killed < 2 * kills)
+
+    while wanted():
         # one cycle: a fresh workdir, killed at random moments within one run's length
         # (start-up included) and rerun until a run finishes on its own
         cycles += 1
@@ -127,10 +134,10 @@ def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=prin
         done = False
         while not done:
             attempts += 1
-            delay = rng.uniform(0.2, duration) if killed < kills else None
+            delay = rng.uniform(0.2, duration) if wanted() else None
             # every other kill waits for the next write after its moment: a write takes a few
             # milliseconds, so kills at uniformly random moments would almost never land in one
-            aim = run_dir if killed % 2 else None
+            aim = run_dir if killed % 2 or killed >= kills else None
             stale = temporaries(run_dir)
             _, was_killed = run_once(command(stack, data_dir, run_dir), delay, aim)
             killed += was_killed

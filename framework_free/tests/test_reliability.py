@@ -22,11 +22,14 @@ STACKS = ["torch_ref", "flax_impl"]
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_killed_anywhere_ends_bit_identical(stack, tmp_path):
-    """Three SIGKILLs at random moments, the second aimed into a write (the full script does 20+:
-    python -m framework_free.chaos). Aimed kills landed inside a write 20 times out of 20 there."""
-    result = chaos.check_stack(stack, 3, tmp_path, random.Random(1), log=lambda _: None)
-    assert result["kills"] == 3 and result["identical"], result
-    assert sum(result["kills_landed"].values()) == 3
+    """Three SIGKILLs at random moments, the second aimed into a write, and more aimed ones (up
+    to 3) until one has landed inside a write (the full script does 20+: python -m
+    framework_free.chaos). An aimed kill can miss when the write ends before the signal lands,
+    which a loaded machine makes likelier: one CI run saw it."""
+    result = chaos.check_stack(stack, 3, tmp_path, random.Random(1), log=lambda _: None,
+                               min_inside=1)
+    assert result["kills"] >= 3 and result["identical"], result
+    assert sum(result["kills_landed"].values()) == result["kills"]
     assert result["kills_landed"]["inside a write"] >= 1, result
 
 
