@@ -61,10 +61,8 @@ def epoch(spec: dict) -> dict:
         trainer.step_in_epoch = 0
         ips.append(m["train_images_per_s"])
         if spec.get("model_time"):
-            # one model-time repeat after each epoch, so that a drift in the machine's speed
-            # (another job, clocks) moves both numbers, not only the one measured last
-            # as many steps as the epoch has: the two windows are equally long, so they are
-            # equally exposed to noise, and each epoch pairs with the model time measured next
+            # one model-time repeat right after each epoch and over as many steps, so that a
+            # drift in the machine's speed (another job, clocks) moves both numbers of a pair
             model_ips += model_time(trainer, spec["stack"],
                                     spec.get("model_iters") or trainer.steps_per_epoch,
                                     repeats=1, warmup=1 if model_ips else 3)
