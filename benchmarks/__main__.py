@@ -32,11 +32,16 @@ OUT = REPO / "BENCHMARKS.md"
 CPU_BEGIN, CPU_END = "<!-- cpu-benchmark:begin -->", "<!-- cpu-benchmark:end -->"
 
 
-def measure(spec: dict) -> dict:
+def measure(spec: dict, timeout: float | None = None) -> dict:
+    """Run one measurement in its own process; RuntimeError if it fails or outlives timeout."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.measure", json.dumps(spec)],
-                          env=env, cwd=REPO, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.measure", json.dumps(spec)],
+                              env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"measurement {spec} did not finish in {timeout:.0f} s") from None
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
