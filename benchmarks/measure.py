@@ -6,9 +6,9 @@ compilation caches) and makes the peak resident memory (VmHWM) that process's al
 Specs:
   {"kind": "epoch", "stack": "torch_ref"|"flax_impl", "overrides": [...], "data_dir": ..., "epochs": k,
    "model_time": bool, "model_iters": i}
-      k epochs of a recipe through the stack's own Trainer; images/s of each epoch's training part,
-      of the input pipeline alone, and (model_time) of the same step on one batch in place, timed
-      after each epoch over i steps (default: an epoch's worth)
+      k epochs of a recipe through the run driver with the stack's backend; images/s of each
+      epoch's training part, of the input pipeline alone, and (model_time) of the same step on
+      one batch in place, timed after each epoch over i steps (default: an epoch's worth)
   {"kind": "step", "stack": ..., "model": "resnet20", "size": 32, "batch": 128, "dtype": "float32"|"bf16",
    "repeats": r, "iters": i}
       train steps on one batch already in place (model time): images/s of r repeats of i steps
@@ -39,110 +39,86 @@ def _peak_mib() -> float:
     return peak / (1024.0 ** 2 if sys.platform == "darwin" else 1024.0)
 
 
+def _factory(spec: dict, recipe):
+    """The stack's backend factory, as its train_and_evaluate builds it."""
+    if spec["stack"] == "torch_ref":
+        from torch_ref.train import backend_factory
+
+        return backend_factory(recipe, spec.get("device", "auto"))
+    from flax_impl.train import backend_factory
+
+    return backend_factory(recipe)
+
+
 def epoch(spec: dict) -> dict:
+    """Epochs through the run driver itself (framework_free.driver.Run.run_epoch), the loop
+    every training run uses, with the model time of a second backend after each."""
+    from pathlib import Path
+
     from configs import get_config
+    from framework_free.driver import Run
     from framework_free.recipe import apply_overrides
 
     recipe = apply_overrides(get_config(spec.get("recipe", "cifar10")), spec["overrides"])
     recipe = recipe.replace(data_dir=spec["data_dir"])
-    workdir = spec["workdir"]
-    if spec["stack"] == "torch_ref":
-        from torch_ref.train import Trainer
-
-        trainer = Trainer(recipe, workdir, spec.get("device", "auto"))
-    else:
-        from flax_impl.train import Trainer
-
-        trainer = Trainer(recipe, workdir)
+    make = _factory(spec, recipe)
+    run = Run(make, recipe, spec["workdir"], spec["stack"])
+    # a second backend for the model time, so that its steps leave the run's state alone
+    timed = make(Path(spec["workdir"]) / "model-time", True) if spec.get("model_time") else None
     ips, model_ips = [], []
     for _ in range(spec["epochs"]):
-        m = trainer.run_epoch()
-        trainer.epoch += 1
-        trainer.step_in_epoch = 0
+        m = run.run_epoch()
+        run.epoch += 1
+        run.step_in_epoch = 0
         ips.append(m["train_images_per_s"])
-        if spec.get("model_time"):
+        if timed is not None:
             # one model-time repeat right after each epoch and over as many steps, so that a
             # drift in the machine's speed (another job, clocks) moves both numbers of a pair
-            model_ips += model_time(trainer, spec["stack"],
-                                    spec.get("model_iters") or trainer.steps_per_epoch,
+            model_ips += model_time(timed, spec.get("model_iters") or run.steps_per_epoch,
                                     repeats=1, warmup=1 if model_ips else 3)
-    input_ips = input_time(trainer, spec["stack"], spec["epochs"])
+    input_ips = input_time(run.backend, spec["stack"], spec["epochs"])
     return {"images_per_s": ips, "model_images_per_s": model_ips, "input_images_per_s": input_ips}
 
 
-def input_time(trainer, stack: str, epoch_index: int) -> list[float]:
-    """One epoch of the input pipeline alone: every batch produced and placed, no model.
-
-    torch_ref's batches come out augmented and on the device; flax_impl's host side (batch
-    indices, augmentation draws) is timed with its transfer, its augmentation being part of the
-    jitted step and so of the model time."""
-    t0 = time.perf_counter()
-    count = 0
+def _wait(stack: str, value) -> None:
+    """Block until the device has finished what produced `value`."""
     if stack == "torch_ref":
         import torch
 
-        for x, y, _ in trainer.train_batches.epoch(epoch_index):
-            count += y.numel()
-        if trainer.device.type == "cuda":
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
     else:
         import jax
 
-        placed = None
-        for batch in trainer.train_batches.epoch(epoch_index):
-            placed = trainer.steps.put_batch(batch)
-            count += int(batch["mask"].sum())
-        jax.block_until_ready(placed)
-    return [count / (time.perf_counter() - t0)]
+        jax.block_until_ready(value)
 
 
-def model_time(trainer, stack: str, iters: int, repeats: int = 3,
-               warmup: int = 3) -> list[float]:
-    """The same trainer's step, repeated on one batch already on the device: no input work.
+def input_time(backend, stack: str, epoch_index: int) -> list[float]:
+    """One epoch of the input pipeline alone: every batch produced and placed, no model.
 
-    The trainer's state is put back afterwards: dozens of steps on one batch would otherwise
-    carry on into the next epoch (and at lr 0.1 can make it diverge)."""
+    torch_ref's batches come out augmented and on the device; flax_impl's are indices and
+    augmentation draws placed on the devices, its augmentation being part of the jitted step and
+    so of the model time."""
+    t0 = time.perf_counter()
+    last = None
+    for last in backend.batches(epoch_index, 0):
+        pass
+    _wait(stack, last)
+    return [backend.num_train / (time.perf_counter() - t0)]
+
+
+def model_time(backend, iters: int, repeats: int = 3, warmup: int = 3) -> list[float]:
+    """The backend's train step, repeated on one batch already on the device: no input work."""
+    batch = next(iter(backend.batches(0, 0)))
+    handles = [backend.train_step(batch) for _ in range(warmup)]
+    rows = backend.fetch(handles)  # waits for the warm-up
+    per_batch = float(rows[0, 2]) * (backend.num_processes if backend.per_process_metrics else 1)
     out = []
-    if stack == "torch_ref":
-        import copy
-
-        import torch
-
-        saved = copy.deepcopy({"model": trainer.model.state_dict(),
-                               "optimizer": trainer.optimizer.state_dict(),
-                               "scheduler": trainer.scheduler.state_dict(),
-                               "scaler": trainer.scaler.state_dict()})
-        x, y, n = next(iter(trainer.train_batches.epoch(0)))
-        for _ in range(warmup):
-            trainer.train_step(x, y, n)
-        for _ in range(repeats):
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                loss, _ = trainer.train_step(x, y, n)
-            loss.item()
-            out.append(iters * y.numel() / (time.perf_counter() - t0))
-        trainer.model.load_state_dict(saved["model"])
-        trainer.optimizer.load_state_dict(saved["optimizer"])
-        trainer.scheduler.load_state_dict(saved["scheduler"])
-        trainer.scaler.load_state_dict(saved["scaler"])
-    else:
-        import jax
-        import jax.numpy as jnp
-
-        batch = next(iter(trainer.train_batches.epoch(0)))
-        placed = trainer.steps.put_batch(batch)
-        state = jax.tree_util.tree_map(jnp.copy, trainer.state)  # the step donates its input
-        for _ in range(warmup):
-            state, m = trainer.steps._train(state, placed, trainer.train_source)
-        jax.block_until_ready(m)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                state, m = trainer.steps._train(state, placed, trainer.train_source)
-            jax.block_until_ready(m)
-            out.append(iters * float(batch["mask"].sum()) / (time.perf_counter() - t0))
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        handles = [backend.train_step(batch) for _ in range(iters)]
+        backend.fetch(handles[-1:])  # the last step's metrics: the device is done
+        out.append(iters * per_batch / (time.perf_counter() - t0))
     return out
 
 
@@ -209,12 +185,12 @@ def step(spec: dict) -> dict:
                            "labels": rng.integers(0, 10, batch).astype(np.int32),
                            "mask": np.ones(batch, np.float32)})
         for _ in range(spec.get("warmup", 2)):
-            state, m = fns._train(state, b, None)
+            state, m = fns.train_placed(state, b, None)
         jax.block_until_ready(m)
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(iters):
-                state, m = fns._train(state, b, None)
+                state, m = fns.train_placed(state, b, None)
             jax.block_until_ready(m)
             out.append(iters * batch / (time.perf_counter() - t0))
     return {"images_per_s": out}

@@ -3,6 +3,10 @@
 `get_config(name, size="full")` returns the validated `framework_free.recipe.Recipe` of a recipe;
 each module `configs/<name>.py` has a `get_config(size)` that calls `configs.base.base` with the
 fields that differ from the defaults, each with its source.
+
+"seed 000" in the comments is the tutorial "A from-scratch CIFAR-10 ResNet in PyTorch" (cifar10);
+"seed 002" is "Training ResNet from Scratch: From First Principles to Multi-GPU ImageNet"
+(cifar100, imagenet).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def get_config(size: str = "full"):
         in_channels=1,               # grey-scale images
         dataset="fashion_mnist",
         image_size=28,
-        crop_padding=4,              # DESIGN.md: crop 28 pad 4, the CIFAR translation range
+        crop_padding=4,              # ours: crop 28 pad 4, the CIFAR translation range
         hflip=True,                  # clothes are left-right symmetric; the 94.9% ResNet-18 entry
                                      # of the Fashion-MNIST benchmark table trains with flips too
         color_jitter=(0.0, 0.0, 0.0),  # no colour to jitter

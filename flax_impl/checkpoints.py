@@ -4,35 +4,29 @@
                                               saves and the one written when stopped)
     WORKDIR/checkpoints/best/<global step>/   the one with the best test accuracy so far
 
-Each holds two items: ``state`` (the TrainState pytree: step, params, batch_stats, opt_state, rng)
-and ``meta`` (JSON: where to resume, the best accuracy, the epoch's running sums, and what run it
-belongs to). Orbax writes into a temporary folder and renames it when complete, so a checkpoint
-cut short by a crash is never offered for restoring.
+Each holds two items: ``state`` (the TrainState pytree: step, params, batch_stats, opt_state)
+and ``meta`` (the run driver's JSON, framework_free.driver: what run it belongs to, where to
+resume, the best accuracy, the epoch's running sums). Orbax writes into a temporary folder and
+renames it when complete, so a checkpoint cut short by a crash is never offered for restoring.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 
 import orbax.checkpoint as ocp
 
 from framework_free.errors import UserError
-from framework_free.recipe import Recipe
 
 KEEP_LAST = 2
-FORMAT = "flax_impl/1"
-
-
-def _identity(recipe: Recipe) -> dict:
-    return {"format": FORMAT, "framework": "flax_impl", "recipe": recipe.recipe,
-            "model": recipe.model, "num_classes": recipe.num_classes,
-            "in_channels": recipe.in_channels}
+FORMAT = "flax_impl/2"  # 2: TrainState without its unused rng
 
 
 class Checkpoints:
-    def __init__(self, root: str | Path, recipe: Recipe):
+    def __init__(self, root: str | Path):
         self.root = Path(root).absolute()
-        self.recipe = recipe
         self._managers: dict[str, ocp.CheckpointManager] = {}
 
     def _manager(self, kind: str) -> ocp.CheckpointManager:
@@ -45,7 +39,6 @@ class Checkpoints:
         return self._managers[kind]
 
     def save(self, step: int, state, meta: dict, best: bool) -> None:
-        meta = {**_identity(self.recipe), **meta}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         kinds = ("best", "last") if best else ("last",)  # best first: see flax_impl.train.run
         for kind in kinds:
@@ -54,7 +47,7 @@ class Checkpoints:
                 manager.delete(step)
             manager.save(step, args=args, force=True)
 
-    def _restore(self, kind: str, step: int, template):
+    def _restore(self, kind: str, step: int, template, check):
         where = self.root / kind / str(step)
         fix = f"delete {where} to fall back to an earlier checkpoint, or pass another --workdir"
         manager = self._manager(kind)
@@ -71,25 +64,19 @@ class Checkpoints:
         # the small JSON item first: a checkpoint of another run is named as such, not as a
         # tree that fails to match
         meta = dict(read(ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-        want = _identity(self.recipe)
-        have = {k: meta.get(k) for k in want}
-        if have != want:
-            raise UserError(f"checkpoint {where} belongs to {have['framework']}/{have['recipe']}/"
-                            f"{have['model']} ({have['num_classes']} classes, "
-                            f"{have['in_channels']} channels), this run is {want['framework']}/"
-                            f"{want['recipe']}/{want['model']} ({want['num_classes']} classes, "
-                            f"{want['in_channels']} channels); {fix}")
+        check(meta, str(where))
         state = read(ocp.args.Composite(state=ocp.args.StandardRestore(template)))["state"]
         return state, meta, where
 
-    def restore_latest(self, template):
-        """(state, meta, path) of the latest complete checkpoint, or None if there is none."""
+    def restore_latest(self, template, check):
+        """(state, meta, path) of the latest complete checkpoint, or None if there is none;
+        check(meta, where) runs before the arrays are read."""
         step = self._manager("last").latest_step()
         if step is None:
             return None
-        return self._restore("last", step, template)
+        return self._restore("last", step, template, check)
 
-    def restore_for_eval(self, template, path: str | None):
+    def restore_for_eval(self, template, path: str | None, check):
         if path is not None:
             p = Path(path).absolute()
             if not p.is_dir() or not p.name.isdigit():
@@ -97,12 +84,12 @@ class Checkpoints:
                                 "WORKDIR/checkpoints/best/1234")
             self.root = p.parent.parent
             self._managers.clear()
-            return self._restore(p.parent.name, int(p.name), template)
+            return self._restore(p.parent.name, int(p.name), template, check)
         for kind in ("best", "last"):
             if (self.root / kind).is_dir():
                 step = self._manager(kind).latest_step()
                 if step is not None:
-                    return self._restore(kind, step, template)
+                    return self._restore(kind, step, template, check)
         raise UserError(f"no checkpoint in {self.root}; train first or pass --checkpoint")
 
     def close(self) -> None:
@@ -110,3 +97,15 @@ class Checkpoints:
             m.wait_until_finished()
             m.close()
         self._managers.clear()
+
+
+def quiet_closed_loop_errors() -> None:
+    """After a failed Orbax restore, TensorStore callbacks may still fire into Orbax's closed
+    asyncio loop from other threads and print "Event loop is closed" tracebacks; they carry no
+    information (the failure was already reported in one line). Drop exactly those."""
+    def closed_loop(exc) -> bool:
+        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+    threading.excepthook = lambda a: None if closed_loop(a.exc_value) else thread_hook(a)
+    sys.unraisablehook = lambda a: None if closed_loop(a.exc_value) else unraisable_hook(a)

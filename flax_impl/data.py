@@ -10,8 +10,10 @@ fixed size with ``mask`` 0 (see `flax_impl.steps`):
   (`framework_free.pil_transforms`); batches carry uint8 images, and the colour jitter and
   normalisation run inside the jitted step.
 
-Training order and augmentation draws come from `framework_free.sampling`, keyed by (seed, epoch,
-step): a resumed run sees the same batches, and torch_ref on the same seed sees the same ones too.
+Training order and every augmentation draw come from the data plan
+(`framework_free.sampling.TrainPlan`), keyed by (seed, epoch, step): a resumed run sees the same
+batches whatever the number of decoding threads, and torch_ref on the same seed sees the same
+ones too.
 """
 
 from __future__ import annotations
@@ -65,16 +67,14 @@ class InMemoryTrain:
         self.arrays = (split.images, split.labels.astype(np.int32))
         self.num_examples = len(split)
         self.rows = _Rows(global_batch, process_index, process_count)
-        self.steps = sampling.steps_in_epoch(self.num_examples, global_batch, recipe.drop_last)
+        self.plan = sampling.TrainPlan(recipe, self.num_examples, global_batch)
+        self.steps = self.plan.steps
         self.jitter = any(recipe.color_jitter)
 
-    def batch(self, epoch: int, step: int, perm: np.ndarray) -> dict:
-        r = self.recipe
-        sl = sampling.step_slice(perm, step, self.global_batch, 1, 0)
-        p = sampling.augment_params(r.seed, epoch, step, sl.global_size, r.crop_padding, r.hflip,
-                                    r.color_jitter)
-        batch = {"index": self.rows.take(sl.global_indices.astype(np.int32)),
-                 "mask": self.rows.mask(sl.global_size),
+    def batch(self, sp: sampling.StepPlan) -> dict:
+        p = sp.params
+        batch = {"index": self.rows.take(sp.slice.global_indices.astype(np.int32)),
+                 "mask": self.rows.mask(sp.slice.global_size),
                  "crop_y": self.rows.take(p.crop_y.astype(np.int32)),
                  "crop_x": self.rows.take(p.crop_x.astype(np.int32)),
                  "flip": self.rows.take(p.flip)}
@@ -84,9 +84,8 @@ class InMemoryTrain:
         return batch
 
     def epoch(self, epoch: int, start_step: int = 0):
-        perm = sampling.epoch_permutation(self.num_examples, self.recipe.seed, epoch)
-        for step in range(start_step, self.steps):
-            yield self.batch(epoch, step, perm)
+        for sp in self.plan.epoch(epoch, start_step):
+            yield self.batch(sp)
 
 
 class InMemoryEval:
@@ -165,37 +164,36 @@ class _Images:
 
 class ImagesTrain(_Images):
     """ImageNet-style training batches: threads decode and crop images exactly as torchvision
-    would (RandomResizedCrop + flip, `framework_free.pil_transforms`) into uint8 batches."""
+    would (RandomResizedCrop + flip, `framework_free.pil_transforms`) into uint8 batches, each
+    image with its own generator from the plan, so the thread that does it does not matter."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.steps = sampling.steps_in_epoch(self.num_examples, self.global_batch,
-                                             self.recipe.drop_last)
+        self.plan = sampling.TrainPlan(self.recipe, self.num_examples, self.global_batch)
+        self.steps = self.plan.steps
 
     def _load(self, i: int, rng: np.random.Generator) -> np.ndarray:
         r = self.recipe
         return pil_transforms.train_image(self.images.image(int(i)), rng, r.image_size, r.hflip,
                                           r.in_channels)
 
-    def batch(self, epoch: int, step: int, perm: np.ndarray) -> dict:
-        r = self.recipe
-        sl = sampling.step_slice(perm, step, self.global_batch, 1, 0)
-        mine = sl.global_indices[self.rows.start:self.rows.start + self.rows.per_process]
-        rngs = [np.random.default_rng([r.seed, 0xC0, epoch, step, k + self.rows.start])
-                for k in range(len(mine))]
-        images = np.stack(list(self.pool.map(self._load, mine, rngs)))
-        p = sampling.augment_params(r.seed, epoch, step, sl.global_size, 0, False, r.color_jitter)
-        batch = {"images": _pad(images, self.rows.per_process),
-                 "labels": self.rows.take(self.labels[sl.global_indices]),
-                 "mask": self.rows.mask(sl.global_size)}
+    def batch(self, sp: sampling.StepPlan) -> dict:
+        r, rows, sl = self.recipe, self.rows, sp.slice
+        positions = range(rows.start, min(rows.start + rows.per_process, sl.global_size))
+        images = np.zeros((0, r.image_size, r.image_size, r.in_channels), np.uint8)
+        if positions:  # a short last batch can leave a process no rows
+            images = np.stack(list(self.pool.map(self._load, sl.global_indices[rows.start:],
+                                                 [sp.image_rng(k) for k in positions])))
+        batch = {"images": _pad(images, rows.per_process),
+                 "labels": rows.take(self.labels[sl.global_indices]),
+                 "mask": rows.mask(sl.global_size)}
         if any(r.color_jitter):
-            batch["jitter"] = self.rows.take(p.jitter)
-            batch["jitter_order"] = self.rows.take(p.jitter_order.astype(np.int32))
+            batch["jitter"] = rows.take(sp.params.jitter)
+            batch["jitter_order"] = rows.take(sp.params.jitter_order.astype(np.int32))
         return batch
 
     def epoch(self, epoch: int, start_step: int = 0):
-        perm = sampling.epoch_permutation(self.num_examples, self.recipe.seed, epoch)
-        return _Prefetch(self.batch(epoch, s, perm) for s in range(start_step, self.steps))
+        return _Prefetch(self.batch(sp) for sp in self.plan.epoch(epoch, start_step))
 
 
 class ImagesEval(_Images):

@@ -21,11 +21,13 @@ stay float32 (or whatever ``param_dtype`` says, e.g. float64 for the parity proo
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from framework_free import model_table
 
 __all__ = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "build_model",
@@ -118,7 +120,6 @@ class BasicBlock(_Net):
     features: int = 64
     stride: int = 1
     shortcut: str = "projection"  # projection | identity (option A) | none
-    expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
@@ -132,7 +133,6 @@ class Bottleneck(_Net):
     features: int = 64
     stride: int = 1
     shortcut: str = "projection"
-    expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
@@ -155,26 +155,23 @@ def _shortcut(block: _Net, x, out_features: int, train: bool, mask=None):
 
 
 class CifarResNet(_Net):
-    """He et al.'s CIFAR ResNet of depth 6n+2 (see torch_ref.models.CifarResNet)."""
+    """He et al.'s CIFAR ResNet (see torch_ref.models.CifarResNet; depths in model_table)."""
 
-    depth: int = 20
+    spec: model_table.Spec = model_table.MODELS["resnet20"]
     num_classes: int = 10
     shortcut: str = "projection"
 
     @nn.compact
     def __call__(self, x, train: bool = False, mask=None):
         """x: NHWC images; mask: (N,) 1 for real examples, 0 for padding (train-mode BN)."""
-        if (self.depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {self.depth}")
         if self.shortcut not in ("projection", "identity"):
             raise ValueError(f"shortcut must be 'projection' or 'identity', got {self.shortcut!r}")
-        n = (self.depth - 2) // 6
+        cin = self.spec.widths[0]
         x = x.astype(self.dtype)
-        x = nn.relu(self.bn(name="bn1")(self.conv(16, 3, 1, "conv1")(x), train, mask))
-        cin = 16
-        for i, width in enumerate((16, 32, 64)):
+        x = nn.relu(self.bn(name="bn1")(self.conv(cin, 3, 1, "conv1")(x), train, mask))
+        for i, (width, n) in enumerate(zip(self.spec.widths, self.spec.stages)):
             for b in range(n):
-                stride = 2 if (i > 0 and b == 0) else 1
+                stride = model_table.stride(i, b)
                 kind = self.shortcut if (stride != 1 or cin != width) else "none"
                 x = BasicBlock(features=width, stride=stride, shortcut=kind, dtype=self.dtype,
                                param_dtype=self.param_dtype, name=f"layer{i + 1}_{b}")(x, train, mask)
@@ -185,8 +182,7 @@ class CifarResNet(_Net):
 class ResNet(_Net):
     """torchvision's ResNet layout with an ImageNet or CIFAR stem (see torch_ref.models.ResNet)."""
 
-    block: Any = BasicBlock
-    layers: Sequence[int] = (2, 2, 2, 2)
+    spec: model_table.Spec = model_table.MODELS["resnet18"]
     num_classes: int = 1000
     stem: str = "imagenet"
 
@@ -201,46 +197,43 @@ class ResNet(_Net):
             x = nn.relu(self.bn(name="bn1")(self.conv(64, 3, 1, "conv1")(x), train, mask))
         else:
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        block = Bottleneck if self.spec.block == "bottleneck" else BasicBlock
         cin = 64
-        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), self.layers)):
+        for i, (planes, count) in enumerate(zip(self.spec.widths, self.spec.stages)):
             for b in range(count):
-                stride = 2 if (i > 0 and b == 0) else 1
-                out = planes * self.block.expansion
+                stride = model_table.stride(i, b)
+                out = planes * self.spec.expansion
                 kind = "projection" if (stride != 1 or cin != out) else "none"
-                x = self.block(features=planes, stride=stride, shortcut=kind, dtype=self.dtype,
+                x = block(features=planes, stride=stride, shortcut=kind, dtype=self.dtype,
                                param_dtype=self.param_dtype, name=f"layer{i + 1}_{b}")(x, train, mask)
                 cin = out
         return self.head(x, self.num_classes)
 
 
-def _cifar(depth):
+def _cifar(name: str):
     def make(num_classes=10, in_channels=3, shortcut="projection", dtype=jnp.float32,
-             param_dtype=jnp.float32):
+             param_dtype=jnp.float32) -> CifarResNet:
         del in_channels  # Flax infers input channels from the data
-        return CifarResNet(depth=depth, num_classes=num_classes, shortcut=shortcut, dtype=dtype,
-                           param_dtype=param_dtype)
+        return CifarResNet(spec=model_table.MODELS[name], num_classes=num_classes,
+                           shortcut=shortcut, dtype=dtype, param_dtype=param_dtype)
 
-    make.__name__ = f"resnet{depth}"
+    make.__name__ = make.__qualname__ = name
     return make
 
 
-def _imagenet(block, layers, name):
+def _imagenet(name: str):
     def make(num_classes=1000, stem="imagenet", in_channels=3, dtype=jnp.float32,
-             param_dtype=jnp.float32):
+             param_dtype=jnp.float32) -> ResNet:
         del in_channels
-        return ResNet(block=block, layers=tuple(layers), num_classes=num_classes, stem=stem,
+        return ResNet(spec=model_table.MODELS[name], num_classes=num_classes, stem=stem,
                       dtype=dtype, param_dtype=param_dtype)
 
-    make.__name__ = name
+    make.__name__ = make.__qualname__ = name
     return make
 
 
-resnet20, resnet32, resnet44, resnet56, resnet110 = (_cifar(d) for d in (20, 32, 44, 56, 110))
-resnet18 = _imagenet(BasicBlock, (2, 2, 2, 2), "resnet18")
-resnet34 = _imagenet(BasicBlock, (3, 4, 6, 3), "resnet34")
-resnet50 = _imagenet(Bottleneck, (3, 4, 6, 3), "resnet50")
-resnet101 = _imagenet(Bottleneck, (3, 4, 23, 3), "resnet101")
-resnet152 = _imagenet(Bottleneck, (3, 8, 36, 3), "resnet152")
+resnet20, resnet32, resnet44, resnet56, resnet110 = map(_cifar, model_table.CIFAR_MODELS)
+resnet18, resnet34, resnet50, resnet101, resnet152 = map(_imagenet, model_table.IMAGENET_MODELS)
 
 
 def build_model(recipe, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Module:

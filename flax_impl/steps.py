@@ -1,6 +1,6 @@
 """The pure functions of training: state, one train step, one eval step, and their sharding.
 
-`TrainState` is one pytree: step, params, batch_stats, opt_state, rng. `train_step(state, batch)`
+`TrainState` is one pytree: step, params, batch_stats, opt_state. `train_step(state, batch)`
 and `eval_step(state, batch)` are pure; `Steps` jits them once for a mesh, with the state replicated
 and the batch split along its first axis over the mesh's ``data`` axis, and the state buffers
 donated. Batches have a fixed shape: a short last batch is padded and carries a 0/1 ``mask``, which
@@ -29,6 +29,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_impl import augment
+from framework_free.errors import UserError
+from framework_free.recipe import Recipe
 
 DATA_AXIS = "data"
 
@@ -39,20 +41,29 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
-    rng: jax.Array
+
+
+def compute_dtype(recipe: Recipe, platform: str):
+    """bf16 compute on GPU/TPU unless the recipe says otherwise; float32 on CPU."""
+    if recipe.amp == "fp16":
+        raise UserError("flax_impl has no fp16 loss scaling; use amp=bf16 (bf16 compute, "
+                        "float32 parameters) or amp=off")
+    if recipe.amp == "bf16" or (recipe.amp == "auto" and platform != "cpu"):
+        return jnp.bfloat16
+    return jnp.float32
 
 
 def create_state(model, tx, rng, image_shape, param_dtype=jnp.float32) -> TrainState:
     """Initialise the model (as `model.init(key, x, train=False)`) and the optimizer state."""
-    init_key, rng = jax.random.split(rng)
+    init_key, _ = jax.random.split(rng)  # the split keeps the weights of earlier versions
     variables = model.init(init_key, jnp.zeros((1, *image_shape), param_dtype), train=False)
-    return state_from_variables(variables, tx, rng)
+    return state_from_variables(variables, tx)
 
 
-def state_from_variables(variables, tx, rng) -> TrainState:
+def state_from_variables(variables, tx) -> TrainState:
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(params), rng=rng)
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(params))
 
 
 def prepare_inputs(batch: dict, source, aug: dict, dtype):
@@ -125,15 +136,13 @@ class Steps:
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         self.split = NamedSharding(mesh, P(DATA_AXIS))
-        self._train = jax.jit(
+        # on a batch already placed by `put_batch`: (state, batch, source) -> (state, metrics)
+        self.train_placed = jax.jit(
             functools.partial(train_step, model=model, tx=tx, aug=aug, dtype=dtype),
             donate_argnums=(0,), out_shardings=(self.replicated, self.replicated))
-        self._eval = jax.jit(functools.partial(eval_step, model=model, aug=aug, dtype=dtype),
-                             out_shardings=self.replicated)
-
-    @property
-    def num_devices(self) -> int:
-        return self.mesh.devices.size
+        self.evaluate_placed = jax.jit(
+            functools.partial(eval_step, model=model, aug=aug, dtype=dtype),
+            out_shardings=self.replicated)
 
     def replicate(self, tree):
         """A copy of `tree` on every device of the mesh (state, in-memory datasets)."""
@@ -147,7 +156,8 @@ class Steps:
             lambda a: jax.make_array_from_process_local_data(self.split, a), batch)
 
     def train(self, state: TrainState, batch: dict, source=None):
-        return self._train(state, self.put_batch(batch), source)
+        """One step on a host batch (this process's rows): place it, then step."""
+        return self.train_placed(state, self.put_batch(batch), source)
 
     def evaluate(self, state: TrainState, batch: dict, source=None):
-        return self._eval(state, self.put_batch(batch), source)
+        return self.evaluate_placed(state, self.put_batch(batch), source)

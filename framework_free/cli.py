@@ -12,9 +12,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Protocol, Sequence
 
 from framework_free.errors import UserError
 from framework_free.recipe import SIZES, Recipe, apply_overrides, keys_help
+
+
+class RecipeBook(Protocol):
+    """Where recipes come from (the `configs` package): passed in, so that this layer does not
+    import what sits above it."""
+
+    RECIPES: Sequence[str]
+
+    def get_config(self, name: str, size: str = "full") -> Recipe:
+        ...
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,13 +33,11 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    from configs import RECIPES
-
+def build_parser(prog: str, recipes: Sequence[str]) -> argparse.ArgumentParser:
     p = _Parser(prog=prog, allow_abbrev=False,
                 description="Train a ResNet recipe from configs/ (see README.md).",
                 epilog="overrides: key=value words, e.g. epochs=5 lr=0.05; --list-keys lists them")
-    p.add_argument("--recipe", help=f"one of: {', '.join(RECIPES)}")
+    p.add_argument("--recipe", help=f"one of: {', '.join(recipes)}")
     p.add_argument("--size", default="full", choices=SIZES,
                    help="smoke = a few steps on a data subset, to check a set-up")
     p.add_argument("--workdir", help="run folder (default: runs/<stack>/<recipe>[-smoke]); "
@@ -43,16 +52,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str] | None, prog: str, stack: str) -> tuple[argparse.Namespace, Recipe | None]:
+def parse(argv: list[str] | None, prog: str, stack: str,
+          recipes: RecipeBook) -> tuple[argparse.Namespace, Recipe | None]:
     """Parse the command line into (args, recipe); recipe is None for --list-keys."""
-    from configs import RECIPES, get_config
-
-    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog, recipes.RECIPES).parse_args(sys.argv[1:] if argv is None else argv)
     if args.list_keys:
         return args, None
     if not args.recipe:
-        raise UserError(f"--recipe is required; choose one of: {', '.join(RECIPES)}")
-    recipe = apply_overrides(get_config(args.recipe, args.size), args.overrides)
+        raise UserError(f"--recipe is required; choose one of: {', '.join(recipes.RECIPES)}")
+    recipe = apply_overrides(recipes.get_config(args.recipe, args.size), args.overrides)
     if args.data_dir is not None:
         if not args.data_dir.strip():
             raise UserError("--data-dir is empty; pass the folder that holds the dataset")

@@ -41,3 +41,17 @@ def epoch_line(m: dict, epochs: int) -> str:
             f"acc {100 * m['train_acc']:.2f}%  test loss {m['test_loss']:.4f} "
             f"acc {100 * m['test_acc']:.2f}%  lr {m['lr']:.4g}  {m['epoch_time']:.1f}s "
             f"({m['train_images_per_s']:.0f} img/s)")
+
+
+class EpochLines:
+    """The console as a sink of the run driver: one line per epoch, main process only."""
+
+    def __init__(self, epochs: int, enabled: bool):
+        self.epochs, self.enabled = epochs, enabled
+
+    def log_step(self, metrics: dict) -> None:
+        pass  # the progress bar shows the window's loss
+
+    def log_epoch(self, metrics: dict) -> None:
+        if self.enabled:
+            say(epoch_line(metrics, self.epochs))

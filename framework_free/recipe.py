@@ -5,7 +5,7 @@ where each number comes from. The command line changes fields with ``key=value``
 unknown key, a value that does not parse as the field's type, or a value out of range is a
 `UserError`, never a silently added key.
 
-Durations are given in epochs and converted to steps once, by `steps_per_epoch`.
+Durations are given in epochs; `framework_free.sampling` turns them into steps.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import typing
 from typing import Literal, get_args, get_origin
 
 from framework_free.errors import UserError
+from framework_free.model_table import CIFAR_MODELS, IMAGENET_MODELS
 
-CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
-IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "imagenet")
 SIZES = ("full", "smoke")
 
@@ -215,6 +214,8 @@ def validate(r: Recipe) -> Recipe:
         need(r.shortcut == "projection", "shortcut=identity exists only for resnet20..resnet110")
     if r.dataset == "imagenet":
         need(r.pipeline == "dataloader", "imagenet does not fit in memory: use pipeline=dataloader")
+    need(not r.random_resized_crop or r.dataset == "imagenet",
+         "random_resized_crop is for imagenet; CIFAR and Fashion-MNIST crop with crop_padding")
     need(r.crop_padding == 0 or not r.random_resized_crop,
          "choose random_resized_crop or crop_padding, not both")
     return r
@@ -249,13 +250,6 @@ def resume_differences(saved: dict, current: Recipe) -> list[str]:
         if a != b:
             diffs.append(f"{key}: {a!r} -> {b!r}")
     return diffs
-
-
-def steps_per_epoch(num_examples: int, global_batch: int, drop_last: bool) -> int:
-    """Optimizer steps in one epoch: the one place epochs become steps."""
-    if drop_last:
-        return num_examples // global_batch
-    return -(-num_examples // global_batch)
 
 
 def world_lr(r: Recipe, world_size: int) -> float:

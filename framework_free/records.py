@@ -156,6 +156,14 @@ class RunRecord:
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
 
+    # as a sink of the run driver (framework_free.driver): the JSONL line of an epoch is written
+    # before its checkpoint, by `log`; after the checkpoint the curves are redrawn
+    def log_step(self, metrics: dict) -> None:
+        self.log(**metrics)
+
+    def log_epoch(self, metrics: dict) -> None:
+        self.plot()
+
     def plot(self) -> None:
         """Redraw WORKDIR/curves.svg from the metrics written so far."""
         if not self.writer:

@@ -1,7 +1,9 @@
-"""Which examples each process sees at each step, and the random augmentation parameters.
+"""The data plan: which examples each process sees at each step, and every random draw.
 
-Both stacks take their batches from here, so that the same seed gives the same batches in torch_ref
-and flax_impl, on one process or many, and after a resume in the middle of an epoch.
+Both stacks take their batches from here (`TrainPlan`), so that the same seed gives the same
+batches in torch_ref and flax_impl, on one process or many, with any number of loader workers or
+threads, and after a resume in the middle of an epoch. The stacks only load, decode and place
+data; nothing they draw themselves shapes a batch.
 
 Order: epoch e shuffles the training set with a permutation drawn from (seed, e). Step s of the
 epoch takes the global batch ``perm[s*G:(s+1)*G]`` (G = per-process batch x world size) and process
@@ -12,17 +14,25 @@ it is split as evenly as possible over the processes (their shares differ by at 
 nothing is padded or duplicated, unlike torch's DistributedSampler.
 
 Augmentation: the random numbers of step s (crop offsets, flips, colour-jitter factors and order)
-are drawn for the whole global batch from (seed, epoch, step) and sliced like the examples. They do
-not depend on how many processes run or on what ran before, so a resumed run draws the same ones.
+are drawn for the whole global batch from (seed, epoch, step) and sliced like the examples. The
+per-image draws of PIL-side transforms (RandomResizedCrop's box and its flip) come from a generator
+of (seed, epoch, step, position in the global batch), so a DataLoader worker or a decoding thread
+makes the same image whichever of them handles it. None of it depends on how many processes or
+workers run or on what ran before, so a resumed run draws the same ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import numpy as np
 
-_ORDER, _AUGMENT = 0x5EED0, 0xA06  # stream tags: the two uses never share random numbers
+from framework_free.errors import UserError
+from framework_free.recipe import Recipe
+
+# stream tags: the uses never share random numbers
+_ORDER, _AUGMENT, _IMAGE = 0x5EED0, 0xA06, 0xC0
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -100,3 +110,65 @@ def augment_params(seed: int, epoch: int, step: int, batch: int, pad: int, hflip
     factors = rng.uniform(lo, hi, size=(batch, 3)).astype(np.float32)
     order = np.argsort(rng.random((batch, 3)), axis=1)
     return AugmentParams(crop[0], crop[1], flip, factors, order)
+
+
+def image_rng(seed: int, epoch: int, step: int, position: int) -> np.random.Generator:
+    """The generator of one image's PIL-side draws: `position` is its place in the global batch."""
+    return np.random.default_rng([seed, _IMAGE, epoch, step, position])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """Everything random about one step: its examples, their augmentation, per-image generators."""
+
+    seed: int
+    epoch: int
+    step: int
+    slice: StepSlice
+    params: AugmentParams  # for the whole global batch, in its order
+
+    @property
+    def local_params(self) -> AugmentParams:
+        """This process's share of the batch-level draws."""
+        return self.params[self.slice.start:self.slice.stop]
+
+    def image_rng(self, position: int) -> np.random.Generator:
+        return image_rng(self.seed, self.epoch, self.step, position)
+
+
+class TrainPlan:
+    """The training side of the data plan for one process.
+
+    `batch_size` is per replica and `world_size` the replicas that split each global batch
+    between processes (torch_ref under DDP); a stack that feeds the whole global batch from one
+    process passes the global batch and world_size 1 and takes its rows itself.
+    """
+
+    def __init__(self, recipe: Recipe, num_examples: int, batch_size: int, world_size: int = 1,
+                 rank: int = 0):
+        self.recipe, self.num_examples = recipe, num_examples
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.global_batch = batch_size * world_size
+        self.steps = steps_in_epoch(num_examples, self.global_batch, recipe.drop_last, world_size)
+        if self.steps < 1:
+            raise UserError(f"{num_examples} training images make no full batch of "
+                            f"{self.global_batch}; lower batch_size or set drop_last=false")
+        # RandomResizedCrop draws its box (and flip) per image; the batch-level draws then carry
+        # the colour jitter only
+        rrc = recipe.random_resized_crop
+        self._pad = 0 if rrc else recipe.crop_padding
+        self._flip = recipe.hflip and not rrc
+
+    def step(self, epoch: int, step: int, perm: np.ndarray | None = None) -> StepPlan:
+        r = self.recipe
+        if perm is None:
+            perm = epoch_permutation(self.num_examples, r.seed, epoch)
+        sl = step_slice(perm, step, self.batch_size, self.world_size, self.rank)
+        params = augment_params(r.seed, epoch, step, sl.global_size, self._pad, self._flip,
+                                r.color_jitter)
+        return StepPlan(r.seed, epoch, step, sl, params)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[StepPlan]:
+        perm = epoch_permutation(self.num_examples, self.recipe.seed, epoch)
+        for step in range(start_step, self.steps):
+            yield self.step(epoch, step, perm)

@@ -55,6 +55,13 @@ def onecycle(max_lr: float, total_steps: int, pct_start: float = 0.3, anneal: st
     return lr, mom
 
 
+def stepped_per_epoch(recipe: Recipe) -> bool:
+    """When a torch scheduler steps: once per epoch, after the epoch's evaluation (the cosine
+    schedule, as seed 000 calls it), or after every optimizer step (OneCycle). The one place
+    this rule is written; the tables above already encode it."""
+    return recipe.schedule == "cosine_per_epoch"
+
+
 def for_recipe(recipe: Recipe, steps_per_epoch: int, world_size: int):
     """(lr per step, momentum per step) arrays of length epochs * steps_per_epoch."""
     total = recipe.epochs * steps_per_epoch

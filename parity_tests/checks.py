@@ -1,4 +1,5 @@
-"""The measurements behind the parity contract (DESIGN.md), shared by the tests and the report.
+"""The measurements behind the parity contract (parity_tests/README.md), shared by the tests and
+the report.
 
 Each function runs torch_ref and flax_impl on the same weights and inputs and returns numbers;
 the tests hold them to bounds, `python -m parity_tests.report` prints them. Relative errors are
@@ -241,11 +242,10 @@ def torch_schedule(recipe, steps_per_epoch: int, world_size: int = 1):
     builds and steps them (cosine once per epoch, OneCycle once per step)."""
     import warnings
 
-    from torch_ref.train import make_optimizer, make_scheduler
+    from torch_ref import optim as torch_optim
 
     holder = torch.nn.Linear(1, 1)
-    opt = make_optimizer(holder, recipe, world_size)
-    sched = make_scheduler(opt, recipe, steps_per_epoch, world_size)
+    opt, sched, when = torch_optim.for_recipe(holder, recipe, steps_per_epoch, world_size)
     total = recipe.epochs * steps_per_epoch
     lrs, moms = np.empty(total), np.empty(total)
     group = opt.param_groups[0]
@@ -253,8 +253,8 @@ def torch_schedule(recipe, steps_per_epoch: int, world_size: int = 1):
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": no step here
         for k in range(total):
             lrs[k], moms[k] = group["lr"], group["momentum"]
-            if recipe.schedule == "onecycle":
-                if k < total - 1:
+            if when == "step":
+                if k < total - 1:  # OneCycleLR refuses a step past its total
                     sched.step()
             elif (k + 1) % steps_per_epoch == 0:
                 sched.step()
@@ -286,7 +286,7 @@ def optimizer_parity(recipe, steps: int = 20, steps_per_epoch: int = 5, dtype=np
     import warnings
 
     from flax_impl import optim
-    from torch_ref.train import make_optimizer, make_scheduler
+    from torch_ref import optim as torch_optim
 
     rng = np.random.default_rng(0)
     shapes = [(16, 3, 3, 3), (16,), (10, 16)]
@@ -298,8 +298,7 @@ def optimizer_parity(recipe, steps: int = 20, steps_per_epoch: int = 5, dtype=np
     for i, p in enumerate(params):
         holder.register_parameter(f"p{i}", p)
     recipe = recipe.replace(epochs=max(recipe.epochs, -(-steps // steps_per_epoch)))
-    opt = make_optimizer(holder, recipe, 1)
-    sched = make_scheduler(opt, recipe, steps_per_epoch, 1)
+    opt, sched, when = torch_optim.for_recipe(holder, recipe, steps_per_epoch, 1)
     jdt = jnp.float64 if dtype == np.float64 else jnp.float32
     if tx is None:
         tx, _, _ = optim.for_recipe(recipe, steps_per_epoch, 1, dtype=jdt)
@@ -313,9 +312,7 @@ def optimizer_parity(recipe, steps: int = 20, steps_per_epoch: int = 5, dtype=np
             for p, gi in zip(params, g):
                 p.grad = torch.tensor(gi, dtype=tdt)
             opt.step()
-            if recipe.schedule == "onecycle":
-                sched.step()
-            elif (k + 1) % steps_per_epoch == 0:
+            if when == "step" or (k + 1) % steps_per_epoch == 0:
                 sched.step()
             updates, state = tx.update([jnp.asarray(gi, jdt) for gi in g], state, jparams)
             jparams = optax.apply_updates(jparams, updates)

@@ -27,7 +27,7 @@ from framework_free.datasets import load_split, resolve_data_dir
 from framework_free.recipe import Recipe
 from torch_ref import augment
 from torch_ref.models import build_model as build_torch
-from torch_ref.train import make_optimizer, make_scheduler
+from torch_ref import optim as torch_optim
 
 
 @dataclasses.dataclass
@@ -69,8 +69,7 @@ def run_torch(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch:
         model = build_torch(recipe)
         model.load_state_dict(state_dict)
         model = model.to(dtype=dtype, memory_format=torch.channels_last)
-        opt = make_optimizer(model, recipe, 1)
-        sched = make_scheduler(opt, recipe, steps_per_epoch, 1)
+        opt, sched, when = torch_optim.for_recipe(model, recipe, steps_per_epoch, 1)
         mean = torch.tensor(recipe.mean, dtype=dtype)  # not via float32: exact in float64
         std = torch.tensor(recipe.std, dtype=dtype)
         model.train()
@@ -86,9 +85,7 @@ def run_torch(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if recipe.schedule == "onecycle":
-                    sched.step()
-                elif (k + 1) % steps_per_epoch == 0:
+                if when == "step" or (k + 1) % steps_per_epoch == 0:
                     sched.step()
                 losses.append(loss.item())
     finally:
@@ -105,7 +102,7 @@ def run_flax(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch: 
         lambda a: jnp.asarray(a, dtype) if a.dtype.kind == "f" else jnp.asarray(a), variables)
     fns = steps.Steps(model, tx, {"pad": 0, "mean": recipe.mean, "std": recipe.std},
                       steps.make_mesh(jax.devices()[:1]), dtype)
-    state = fns.replicate(steps.state_from_variables(variables, tx, jax.random.PRNGKey(0)))
+    state = fns.replicate(steps.state_from_variables(variables, tx))
     pending = []
     for b in batches:
         batch = {"images": b.images, "labels": b.labels.astype(np.int32),

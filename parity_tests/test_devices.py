@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from configs import get_config
 from framework_free import sampling
 from framework_free.recipe import apply_overrides
-from torch_ref import checkpoint, data
+from torch_ref import checkpoints, data
 from torch_ref.distributed import Dist
 from torch_ref.models import build_model
-from torch_ref.train import make_optimizer, make_scheduler
+from torch_ref import optim
 
 WORLD, PER_RANK = 2, 8
 OVERRIDES = [f"batch_size={PER_RANK}", "epochs=2", "train_subset=0", "eval_subset=0",
@@ -54,14 +54,14 @@ def run_torchrun(workdir, data_dir, extra=()):
 
 def one_process_reference(recipe):
     """Per-replica BN emulated on one process; returns the model after every step of the run."""
-    torch.manual_seed(recipe.seed)  # as Trainer: seed, then build the model
+    torch.manual_seed(recipe.seed)  # as TorchBackend: seed, then build the model
     model = build_model(recipe)
     model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, recipe, WORLD)
     global_recipe = recipe.replace(batch_size=PER_RANK * WORLD)  # one process, global batch
     batches = data.InMemoryTrain(data.load_split(global_recipe, data.resolve_data_dir(recipe),
                                                  True), global_recipe, "cpu", Dist())
-    sched = make_scheduler(opt, recipe, batches.steps, WORLD)
+    opt, sched, when = optim.for_recipe(model, recipe, batches.steps, WORLD)
+    assert when == "epoch"  # the loop below steps it once per epoch
     model.train()
     for epoch in range(recipe.epochs):
         for x, y, n in batches.epoch(epoch):
@@ -93,7 +93,7 @@ def test_ddp_two_processes_equal_one_process(small_fashion, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     recipe = apply_overrides(get_config("fashion_mnist", "smoke"), OVERRIDES).replace(
         data_dir=str(small_fashion))
-    ddp = checkpoint.load(tmp_path / "ddp" / "checkpoints" / checkpoint.LAST)["model_state"]
+    ddp = checkpoints.load(tmp_path / "ddp" / "checkpoints" / checkpoints.LAST)["model_state"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -4,7 +4,7 @@ data), each recipe at batch 64, in both stacks from the same weights on the same
 Bounds:
 - first step, float32: 1e-6 relative. Before any update both compute the same forward on the same
   numbers; only float32 summation order differs (~1e-7).
-- first 5 steps, float64: 1e-10 relative (level 1: the same arithmetic; measured <= 8e-12, and
+- first 5 steps, float64: 1e-10 relative (level 1: the same arithmetic; measured 8e-12 to 2e-11, and
   torch against itself on 1 thread differs as much, ~1e-11 by step 5). Training amplifies
   rounding ~10x per step, so later float64 steps stop proving anything.
 - the whole float32 curve, in 20-step window means: the cross-framework gap is at most 3x torch's

@@ -1,5 +1,6 @@
-"""Contract item 6: the suite can fail. Each known trap of a PyTorch -> Flax port is planted on
-purpose, and the same measurements the parity tests use must catch it (far above their bounds)."""
+"""Beyond the eight items of the contract (parity_tests/README.md): the suite can fail. Each known
+trap of a PyTorch -> Flax port is planted on purpose, and the same measurements the parity tests
+use must catch it (far above their bounds)."""
 
 import flax.linen as nn
 import jax

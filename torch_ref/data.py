@@ -1,29 +1,35 @@
-"""Data for torch_ref: where it lives, how it is read, and the two ways batches are made.
+"""Data for torch_ref: the data plan's batches, loaded, decoded and placed with torch.
 
 - ``pipeline="fast"`` (default for CIFAR and Fashion-MNIST): the whole split sits in memory as a
   uint8 tensor (on the GPU when there is one); each step gathers its examples and augments them as
   one batch with tensor ops (`torch_ref.augment`). No DataLoader, no PIL, no worker processes.
-- ``pipeline="dataloader"``: seed 000/002's pipeline, a DataLoader whose workers run torchvision's
-  PIL transforms one image at a time; the only way for ImageNet folders.
+- ``pipeline="dataloader"``: seed 000/002's pipeline, a DataLoader whose workers run PIL
+  transforms one image at a time; the only way for ImageNet folders. The workers apply the draws
+  the plan hands them with each index, so the batches do not depend on the number of workers.
+  CIFAR and Fashion-MNIST images are cropped, flipped, jittered and normalised in the workers,
+  as the seeds do; ImageNet images are decoded and cropped there (RandomResizedCrop, exactly as
+  flax_impl crops them) and jittered and normalised as a batch on the device.
 
-Both take their order from `framework_free.sampling`, so both see the same examples at each step on
-one process or under DDP, and both evaluate every test image exactly once.
+Every step's examples and random draws come from `framework_free.sampling.TrainPlan`, so both
+pipelines and both stacks see the same examples at each step on one process or under DDP, a
+resumed run continues exactly, and both evaluate every test image exactly once.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 
-from framework_free import datasets, readers, sampling
+from framework_free import datasets, pil_transforms, readers, sampling
 from framework_free.datasets import load_split, resolve_data_dir
 from framework_free.errors import CorruptData, UserError
 from framework_free.recipe import Recipe
 from torch_ref import augment
 from torch_ref.distributed import Dist
+
 
 def ensure_present(recipe: Recipe, dist: Dist) -> Path:
     """The recipe's data folder; rank 0 downloads CIFAR when allowed (framework_free.datasets)."""
@@ -34,21 +40,10 @@ def ensure_present(recipe: Recipe, dist: Dist) -> Path:
 
 
 # --- batches ---------------------------------------------------------------------------------------
-
-
-class Batches:
-    """What the trainer consumes: `steps` per epoch and ``epoch(e, start)`` yielding batches.
-
-    Each train batch is ``(x, y, n_global)``: this process's inputs and labels and the size of the
-    global batch they belong to (the loss is weighted by n_local * world / n_global so that DDP's
-    gradient average equals the mean over the global batch even when shares differ by one).
-    """
-
-    steps: int
-    num_examples: int
-
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple]:
-        raise NotImplementedError
+# What the trainer consumes: `steps` per epoch and ``epoch(e, start)`` yielding ``(x, y, n_global)``:
+# this process's inputs and labels and the size of the global batch they belong to (the loss is
+# weighted by n_local * world / n_global so that DDP's gradient average equals the mean over the
+# global batch even when shares differ by one). Eval batches are ``(x, y)``.
 
 
 def _stats(recipe: Recipe, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,39 +51,37 @@ def _stats(recipe: Recipe, device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(recipe.std, dtype=torch.float32, device=device))
 
 
-class InMemoryTrain(Batches):
+def _as_tensors(params: sampling.AugmentParams, device) -> sampling.AugmentParams:
+    return sampling.AugmentParams(*(torch.from_numpy(np.asarray(v)).to(device, non_blocking=True)
+                                    for v in (params.crop_y, params.crop_x, params.flip,
+                                              params.jitter, params.jitter_order)))
+
+
+class InMemoryTrain:
     """The fast path: uint8 NHWC tensor on `device`, batched crop/flip/jitter per step."""
 
     def __init__(self, split: readers.ArraySplit, recipe: Recipe, device, dist: Dist):
         self.images = torch.from_numpy(split.images).to(device)
         self.labels = torch.from_numpy(split.labels).to(device)
-        self.recipe, self.device, self.dist = recipe, device, dist
-        self.num_examples = len(split)
-        self.global_batch = recipe.batch_size * dist.world_size
-        self.steps = sampling.steps_in_epoch(self.num_examples, self.global_batch,
-                                             recipe.drop_last, dist.world_size)
+        self.recipe, self.device = recipe, device
+        self.plan = sampling.TrainPlan(recipe, len(split), recipe.batch_size, dist.world_size,
+                                       dist.rank)
+        self.steps, self.num_examples = self.plan.steps, len(split)
         self.mean, self.std = _stats(recipe, device)
         self.jitter = any(recipe.color_jitter)
 
-    def batch(self, epoch: int, step: int, perm: np.ndarray):
+    def batch(self, sp: sampling.StepPlan):
         r = self.recipe
-        sl = sampling.step_slice(perm, step, r.batch_size, self.dist.world_size, self.dist.rank)
-        params = sampling.augment_params(r.seed, epoch, step, sl.global_size, r.crop_padding,
-                                         r.hflip, r.color_jitter)[sl.start:sl.stop]
-        dev = self.device
-        idx = torch.from_numpy(sl.local_indices).to(dev, non_blocking=True)
-        raw = augment.crop_flip(self.images[idx], r.crop_padding,
-                                torch.from_numpy(params.crop_y).to(dev, non_blocking=True),
-                                torch.from_numpy(params.crop_x).to(dev, non_blocking=True),
-                                torch.from_numpy(params.flip).to(dev, non_blocking=True))
-        x = augment.to_float_normalized(raw, self.mean, self.std, r.channels_last, params,
+        p = _as_tensors(sp.local_params, self.device)
+        idx = torch.from_numpy(sp.slice.local_indices).to(self.device, non_blocking=True)
+        raw = augment.crop_flip(self.images[idx], r.crop_padding, p.crop_y, p.crop_x, p.flip)
+        x = augment.to_float_normalized(raw, self.mean, self.std, r.channels_last, p,
                                         self.jitter)
-        return x, self.labels[idx], sl.global_size
+        return x, self.labels[idx], sp.slice.global_size
 
-    def epoch(self, epoch: int, start_step: int = 0):
-        perm = sampling.epoch_permutation(self.num_examples, self.recipe.seed, epoch)
-        for step in range(start_step, self.steps):
-            yield self.batch(epoch, step, perm)
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple]:
+        for sp in self.plan.epoch(epoch, start_step):
+            yield self.batch(sp)
 
 
 class InMemoryEval:
@@ -112,51 +105,105 @@ class InMemoryEval:
 # --- the DataLoader + PIL path ----------------------------------------------------------------------
 
 
-class ArrayImages(torch.utils.data.Dataset):
-    """An in-memory uint8 split served as PIL images, as torchvision's CIFAR10 class does."""
+class Item(NamedTuple):
+    """One training example as the plan hands it to a DataLoader worker: which image, and the
+    draws that shape it (crop offsets, flip and colour jitter for in-memory sets; the step and
+    position that seed an ImageNet image's RandomResizedCrop)."""
 
-    def __init__(self, split: readers.ArraySplit, transform):
-        self.images, self.labels, self.transform = split.images, split.labels, transform
+    index: int
+    epoch: int
+    step: int
+    position: int  # in the global batch
+    crop_y: int
+    crop_x: int
+    flip: bool
+    jitter: tuple
+    jitter_order: tuple
+
+
+def pil_train_transform(img, item: Item, recipe: Recipe) -> torch.Tensor:
+    """torchvision's RandomCrop(padding) + RandomHorizontalFlip + ColorJitter + ToTensor +
+    Normalize on a PIL image, as the seeds compose them, with the plan's draws instead of
+    torch's random numbers (the same functional calls torchvision's classes make)."""
+    import torchvision.transforms.functional as TF
+
+    if recipe.crop_padding:
+        img = TF.crop(TF.pad(img, recipe.crop_padding), item.crop_y, item.crop_x,
+                      recipe.image_size, recipe.image_size)
+    if item.flip:
+        img = TF.hflip(img)
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for op in item.jitter_order:
+        if recipe.color_jitter[op]:  # torchvision skips an adjustment of strength 0
+            img = adjust[op](img, float(item.jitter[op]))
+    return TF.normalize(TF.to_tensor(img), recipe.mean, recipe.std)
+
+
+def pil_eval_transform(img, recipe: Recipe) -> torch.Tensor:
+    import torchvision.transforms.functional as TF
+
+    return TF.normalize(TF.to_tensor(img), recipe.mean, recipe.std)
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    """An in-memory uint8 split served as PIL images, as torchvision's CIFAR10 class does; a
+    training `Item` is transformed with its draws, a plain index (eval) only normalised."""
+
+    uint8_out = False  # yields normalised float CHW tensors
+
+    def __init__(self, split: readers.ArraySplit, recipe: Recipe):
+        self.images, self.labels, self.recipe = split.images, split.labels, recipe
 
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
         from PIL import Image
 
+        i = item.index if isinstance(item, Item) else item
         img = self.images[i]
         img = Image.fromarray(img[..., 0], mode="L") if img.shape[-1] == 1 else Image.fromarray(img)
-        return self.transform(img), int(self.labels[i])
+        x = (pil_train_transform(img, item, self.recipe) if isinstance(item, Item)
+             else pil_eval_transform(img, self.recipe))
+        return x, int(self.labels[i])
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """An ImageFolder listing (framework_free.readers.list_image_folder) decoded with PIL.
+    """An ImageFolder listing (framework_free.readers.list_image_folder) decoded with PIL and
+    cropped by `framework_free.pil_transforms` (what flax_impl does): a training `Item` with
+    RandomResizedCrop (+ flip) from the plan's per-image generator, a plain index with Resize +
+    CenterCrop. Yields uint8 HWC; jitter and normalisation run batched on the device.
 
     A file that does not decode comes back as a blank image with label -(index + 1), so that no
     exception has to cross from a worker process; `check_labels` turns it into a CorruptData
     error naming the file, in the main process, between two steps.
     """
 
-    def __init__(self, paths: list[str], labels: np.ndarray, transform, channels: int = 3,
-                 size: int = 224):
-        self.paths, self.labels, self.transform = paths, labels, transform
-        self.mode = "RGB" if channels == 3 else "L"
-        self.blank = torch.zeros(channels, size, size)
+    uint8_out = True
+
+    def __init__(self, paths: list[str], labels: np.ndarray, recipe: Recipe):
+        self.paths, self.labels, self.recipe = paths, labels, recipe
+        r = recipe
+        self.blank = torch.zeros(r.image_size, r.image_size, r.in_channels, dtype=torch.uint8)
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
-        from PIL import Image
-
+    def __getitem__(self, item):
+        r = self.recipe
+        i = item.index if isinstance(item, Item) else item
         try:
-            with open(self.paths[i], "rb") as fh:
-                img = Image.open(fh).convert(self.mode)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            img = pil_transforms.load_image(self.paths[i], r.in_channels)
+        except (OSError, ValueError, SyntaxError):  # PIL's UnidentifiedImageError, bombs too
             return self.blank, -(i + 1)
-        return self.transform(img), int(self.labels[i])
+        if isinstance(item, Item):
+            rng = sampling.image_rng(r.seed, item.epoch, item.step, item.position)
+            out = pil_transforms.train_image(img, rng, r.image_size, r.hflip, r.in_channels)
+        else:
+            out = pil_transforms.eval_image(img, r.eval_resize, r.image_size, r.in_channels)
+        return torch.from_numpy(np.array(out)), int(self.labels[i])  # a writable copy
 
-    def check_labels(self, labels: torch.Tensor, indices=None) -> None:
+    def check_labels(self, labels: torch.Tensor) -> None:
         bad = labels[labels < 0]
         if len(bad):
             path = self.paths[-int(bad[0]) - 1]
@@ -165,127 +212,113 @@ class FolderImages(torch.utils.data.Dataset):
                               "completed step was written; the run resumes there)")
 
 
-def pil_transforms(recipe: Recipe, train: bool):
-    """torchvision transforms as the seeds write them (v1 API, PIL input)."""
-    import torchvision.transforms as T
+class PlanSampler(torch.utils.data.Sampler):
+    """Yields, for each step of an epoch, this process's `Item`s (the plan's order and draws).
 
-    steps = []
-    if train:
-        if recipe.random_resized_crop:
-            steps.append(T.RandomResizedCrop(recipe.image_size))
-        elif recipe.crop_padding:
-            steps.append(T.RandomCrop(recipe.image_size, padding=recipe.crop_padding))
-        if recipe.hflip:
-            steps.append(T.RandomHorizontalFlip())
-        if any(recipe.color_jitter):
-            steps.append(T.ColorJitter(*recipe.color_jitter))
-    elif recipe.eval_resize:
-        steps += [T.Resize(recipe.eval_resize), T.CenterCrop(recipe.image_size)]
-    steps += [T.ToTensor(), T.Normalize(recipe.mean, recipe.std)]
-    return T.Compose(steps)
-
-
-class ShardedBatchSampler(torch.utils.data.Sampler):
-    """Yields this process's indices for each step of an epoch (framework_free.sampling's order).
-
-    Replaces DistributedSampler + BatchSampler: `set_epoch` reshuffles as DistributedSampler's does;
-    `set_start` resumes mid-epoch; nothing is padded, so no example is duplicated.
+    Replaces DistributedSampler + BatchSampler: `set_epoch` reshuffles as DistributedSampler's
+    does; `start_step` resumes mid-epoch; nothing is padded, so no example is duplicated.
     """
 
-    def __init__(self, num_examples: int, recipe: Recipe, dist: Dist):
-        self.n, self.recipe, self.dist = num_examples, recipe, dist
-        self.steps = sampling.steps_in_epoch(num_examples, recipe.batch_size * dist.world_size,
-                                             recipe.drop_last, dist.world_size)
-        self.epoch_index, self.start = 0, 0
+    def __init__(self, plan: sampling.TrainPlan):
+        self.plan, self.epoch_index, self.start = plan, 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0):
         self.epoch_index, self.start = epoch, start_step
 
     def __len__(self):
-        return self.steps - self.start
+        return self.plan.steps - self.start
 
     def __iter__(self):
-        perm = sampling.epoch_permutation(self.n, self.recipe.seed, self.epoch_index)
-        for step in range(self.start, self.steps):
-            sl = sampling.step_slice(perm, step, self.recipe.batch_size, self.dist.world_size,
-                                     self.dist.rank)
-            yield [int(i) for i in sl.local_indices]
-
-    def global_size(self, step: int) -> int:
-        g = self.recipe.batch_size * self.dist.world_size
-        return min(g, self.n - step * g)
+        for sp in self.plan.epoch(self.epoch_index, self.start):
+            p, sl = sp.params, sp.slice
+            yield [Item(int(sl.global_indices[k]), sp.epoch, sp.step, k, int(p.crop_y[k]),
+                        int(p.crop_x[k]), bool(p.flip[k]), tuple(p.jitter[k].tolist()),
+                        tuple(p.jitter_order[k].tolist()))
+                   for k in range(sl.start, sl.stop)]
 
 
-class LoaderTrain(Batches):
+class LoaderTrain:
     def __init__(self, dataset, recipe: Recipe, device, dist: Dist):
-        self.sampler = ShardedBatchSampler(len(dataset), recipe, dist)
-        self.steps, self.num_examples = self.sampler.steps, len(dataset)
-        self.recipe, self.device = recipe, device
+        self.plan = sampling.TrainPlan(recipe, len(dataset), recipe.batch_size, dist.world_size,
+                                       dist.rank)
+        self.sampler = PlanSampler(self.plan)
+        self.steps, self.num_examples = self.plan.steps, len(dataset)
+        self.recipe, self.device, self.dataset = recipe, device, dataset
+        self.mean, self.std = _stats(recipe, device)
         workers = recipe.num_workers
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=workers,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(recipe.seed))
+            generator=torch.Generator().manual_seed(recipe.seed))  # leave torch's RNG alone
 
     def epoch(self, epoch: int, start_step: int = 0):
+        r = self.recipe
         self.sampler.set_epoch(epoch, start_step)
-        fmt = torch.channels_last if self.recipe.channels_last else torch.contiguous_format
-        check = getattr(self.loader.dataset, "check_labels", None)
+        fmt = torch.channels_last if r.channels_last else torch.contiguous_format
+        check = getattr(self.dataset, "check_labels", None)
+        perm = sampling.epoch_permutation(self.num_examples, r.seed, epoch)
         for step, (x, y) in enumerate(self.loader, start=start_step):
             if check is not None:
                 check(y)  # on the CPU labels: no device sync
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
-            yield x, y.to(self.device, non_blocking=True), self.sampler.global_size(step)
+            sp = self.plan.step(epoch, step, perm)
+            x = x.to(self.device, non_blocking=True)
+            if self.dataset.uint8_out:  # colour jitter and normalisation, batched
+                x = augment.to_float_normalized(x, self.mean, self.std, r.channels_last,
+                                                _as_tensors(sp.local_params, self.device),
+                                                any(r.color_jitter))
+            yield (x.contiguous(memory_format=fmt), y.to(self.device, non_blocking=True),
+                   sp.slice.global_size)
 
 
 class LoaderEval:
     def __init__(self, dataset, recipe: Recipe, device, dist: Dist):
         start, stop = sampling.eval_shard(len(dataset), dist.world_size, dist.rank)
-        self.num_examples, self.recipe, self.device = len(dataset), recipe, device
+        self.num_examples, self.recipe, self.device, self.dataset = (len(dataset), recipe,
+                                                                     device, dataset)
+        self.mean, self.std = _stats(recipe, device)
         self.loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(dataset, range(start, stop)),
             batch_size=recipe.eval_batch_size, shuffle=False, num_workers=recipe.num_workers,
             pin_memory=torch.device(device).type == "cuda")
 
     def __iter__(self):
-        fmt = torch.channels_last if self.recipe.channels_last else torch.contiguous_format
-        dataset = self.loader.dataset.dataset  # the Subset's underlying data set
-        check = getattr(dataset, "check_labels", None)
+        r = self.recipe
+        fmt = torch.channels_last if r.channels_last else torch.contiguous_format
+        check = getattr(self.dataset, "check_labels", None)
         for x, y in self.loader:
             if check is not None:
                 check(y)
-            yield (x.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
-                   y.to(self.device, non_blocking=True))
+            x = x.to(self.device, non_blocking=True)
+            if self.dataset.uint8_out:
+                x = augment.to_float_normalized(x, self.mean, self.std, r.channels_last)
+            yield x.contiguous(memory_format=fmt), y.to(self.device, non_blocking=True)
 
 
-def _imagenet_listing(recipe: Recipe, root: Path, train: bool) -> "FolderImages":
-    paths, labels = datasets.imagenet_listing(recipe, root, train)
-    return FolderImages(paths, labels, pil_transforms(recipe, train), recipe.in_channels,
-                        recipe.image_size)
-
-
-def build_train(recipe: Recipe, device, dist: Dist) -> Batches:
-    """The training batches of a recipe; UserError when the data is not there."""
+def _dataset(recipe: Recipe, dist: Dist, train: bool):
     root = ensure_present(recipe, dist)
     if recipe.dataset == "imagenet":
-        return LoaderTrain(_imagenet_listing(recipe, root, True), recipe, device, dist)
-    split = load_split(recipe, root, train=True)
-    if recipe.pipeline == "fast":
-        return InMemoryTrain(split, recipe, device, dist)
-    return LoaderTrain(ArrayImages(split, pil_transforms(recipe, True)), recipe, device, dist)
+        paths, labels = datasets.imagenet_listing(recipe, root, train)
+        return FolderImages(paths, labels, recipe)
+    split = load_split(recipe, root, train)
+    return split if recipe.pipeline == "fast" else ArrayImages(split, recipe)
+
+
+def build_train(recipe: Recipe, device, dist: Dist):
+    """The training batches of a recipe; UserError when the data is not there."""
+    data = _dataset(recipe, dist, train=True)
+    if isinstance(data, readers.ArraySplit):
+        return InMemoryTrain(data, recipe, device, dist)
+    return LoaderTrain(data, recipe, device, dist)
 
 
 def build_eval(recipe: Recipe, device, dist: Dist):
     """The test batches of a recipe, sharded so that every image is evaluated exactly once."""
-    root = ensure_present(recipe, dist)
-    if recipe.dataset == "imagenet":
-        return LoaderEval(_imagenet_listing(recipe, root, False), recipe, device, dist)
-    split = load_split(recipe, root, train=False)
-    if recipe.pipeline == "fast":
-        return InMemoryEval(split, recipe, device, dist)
-    return LoaderEval(ArrayImages(split, pil_transforms(recipe, False)), recipe, device, dist)
+    data = _dataset(recipe, dist, train=False)
+    if isinstance(data, readers.ArraySplit):
+        return InMemoryEval(data, recipe, device, dist)
+    return LoaderEval(data, recipe, device, dist)
 
 
 __all__ = ["build_train", "build_eval", "resolve_data_dir", "ensure_present", "load_split",
-           "InMemoryTrain", "InMemoryEval", "LoaderTrain", "LoaderEval", "pil_transforms",
-           "ShardedBatchSampler"]
+           "InMemoryTrain", "InMemoryEval", "LoaderTrain", "LoaderEval", "PlanSampler", "Item",
+           "pil_train_transform"]

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from framework_free import model_table
+
 __all__ = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "build_model"]
 
@@ -38,7 +40,7 @@ def _init_weights(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+        elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -104,24 +106,21 @@ def _projection(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class CifarResNet(nn.Module):
-    """He et al.'s CIFAR ResNet of depth 6n+2: stages of n basic blocks at 16, 32, 64 channels."""
+    """He et al.'s CIFAR ResNet: stages of basic blocks at 16, 32, 64 channels (model_table)."""
 
-    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3,
+    def __init__(self, spec: model_table.Spec, num_classes: int = 10, in_channels: int = 3,
                  shortcut: str = "projection"):
         super().__init__()
-        if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         if shortcut not in ("projection", "identity"):
             raise ValueError(f"shortcut must be 'projection' or 'identity', got {shortcut!r}")
-        n = (depth - 2) // 6
-        self.conv1 = conv3x3(in_channels, 16)
-        self.bn1 = nn.BatchNorm2d(16)
+        cin = spec.widths[0]
+        self.conv1 = conv3x3(in_channels, cin)
+        self.bn1 = nn.BatchNorm2d(cin)
         self.relu = nn.ReLU(inplace=True)
-        cin = 16
-        for i, width in enumerate((16, 32, 64)):
+        for i, (width, n) in enumerate(zip(spec.widths, spec.stages)):
             blocks = []
             for b in range(n):
-                stride = 2 if (i > 0 and b == 0) else 1
+                stride = model_table.stride(i, b)
                 down = None
                 if stride != 1 or cin != width:
                     down = (_projection(cin, width, stride) if shortcut == "projection"
@@ -130,7 +129,7 @@ class CifarResNet(nn.Module):
                 cin = width
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(cin, num_classes)
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,9 +141,10 @@ class CifarResNet(nn.Module):
 class ResNet(nn.Module):
     """torchvision's ResNet layout, with an ImageNet (7x7/2 + max-pool) or CIFAR (3x3/1) stem."""
 
-    def __init__(self, block: type, layers: list[int], num_classes: int = 1000,
-                 stem: str = "imagenet", in_channels: int = 3):
+    def __init__(self, spec: model_table.Spec, num_classes: int = 1000, stem: str = "imagenet",
+                 in_channels: int = 3):
         super().__init__()
+        block = Bottleneck if spec.block == "bottleneck" else BasicBlock
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -156,8 +156,8 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         cin = 64
-        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), layers)):
-            stride = 1 if i == 0 else 2
+        for i, (planes, count) in enumerate(zip(spec.widths, spec.stages)):
+            stride = model_table.stride(i, 0)
             down = None
             if stride != 1 or cin != planes * block.expansion:
                 down = _projection(cin, planes * block.expansion, stride)
@@ -166,7 +166,7 @@ class ResNet(nn.Module):
             blocks += [block(cin, planes) for _ in range(1, count)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(cin, num_classes)
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,44 +175,26 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet20(num_classes=10, in_channels=3, shortcut="projection"):
-    return CifarResNet(20, num_classes, in_channels, shortcut)
+def _cifar(name: str):
+    def make(num_classes=10, in_channels=3, shortcut="projection") -> CifarResNet:
+        return CifarResNet(model_table.MODELS[name], num_classes, in_channels, shortcut)
+
+    make.__name__ = make.__qualname__ = name
+    make.__doc__ = f"{name}: He et al.'s CIFAR ResNet of depth {name[6:]}."
+    return make
 
 
-def resnet32(num_classes=10, in_channels=3, shortcut="projection"):
-    return CifarResNet(32, num_classes, in_channels, shortcut)
+def _imagenet(name: str):
+    def make(num_classes=1000, stem="imagenet", in_channels=3) -> ResNet:
+        return ResNet(model_table.MODELS[name], num_classes, stem, in_channels)
+
+    make.__name__ = make.__qualname__ = name
+    make.__doc__ = f"{name}: torchvision's layout, with an ImageNet or CIFAR stem."
+    return make
 
 
-def resnet44(num_classes=10, in_channels=3, shortcut="projection"):
-    return CifarResNet(44, num_classes, in_channels, shortcut)
-
-
-def resnet56(num_classes=10, in_channels=3, shortcut="projection"):
-    return CifarResNet(56, num_classes, in_channels, shortcut)
-
-
-def resnet110(num_classes=10, in_channels=3, shortcut="projection"):
-    return CifarResNet(110, num_classes, in_channels, shortcut)
-
-
-def resnet18(num_classes=1000, stem="imagenet", in_channels=3):
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, stem, in_channels)
-
-
-def resnet34(num_classes=1000, stem="imagenet", in_channels=3):
-    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes, stem, in_channels)
-
-
-def resnet50(num_classes=1000, stem="imagenet", in_channels=3):
-    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, stem, in_channels)
-
-
-def resnet101(num_classes=1000, stem="imagenet", in_channels=3):
-    return ResNet(Bottleneck, [3, 4, 23, 3], num_classes, stem, in_channels)
-
-
-def resnet152(num_classes=1000, stem="imagenet", in_channels=3):
-    return ResNet(Bottleneck, [3, 8, 36, 3], num_classes, stem, in_channels)
+resnet20, resnet32, resnet44, resnet56, resnet110 = map(_cifar, model_table.CIFAR_MODELS)
+resnet18, resnet34, resnet50, resnet101, resnet152 = map(_imagenet, model_table.IMAGENET_MODELS)
 
 
 def build_model(recipe) -> nn.Module:

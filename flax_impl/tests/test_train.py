@@ -10,7 +10,7 @@ import pytest
 from configs import get_config
 from flax_impl import data, optim, steps
 from flax_impl.models import resnet20
-from flax_impl.train import NonFiniteLoss, Preempted, train_and_evaluate
+from flax_impl.train import FlaxBackend, NonFiniteLoss, Preempted, train_and_evaluate
 from framework_free.recipe import apply_overrides
 
 QUICK = ["batch_size=16", "eval_batch_size=16", "epochs=2", "train_subset=0", "eval_subset=0",
@@ -67,6 +67,30 @@ def test_run_records_and_resumes_exactly(fashion_dir, tmp_path):
     assert [p.name for p in (tmp_path / "stopped" / "checkpoints" / "best").iterdir()]
 
 
+def records(workdir):
+    drop = ("epoch_time", "train_images_per_s")
+    return [{k: v for k, v in json.loads(x).items() if k not in drop}
+            for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_decoding_threads_neither_change_nor_break_a_resumed_run(imagefolder_dir, tmp_path):
+    """Each image's RandomResizedCrop draws come from the data plan, not from the thread that
+    decodes it: 2 threads stopped mid-epoch (global step 3) and resumed end bit-identical to an
+    uninterrupted run with 2 threads and to one with 1."""
+    r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
+                   "image_size=32", "eval_resize=36", "batch_size=4", "eval_batch_size=4")
+    two, one = r.replace(num_workers=2), r.replace(num_workers=1)
+    train_and_evaluate(two, tmp_path / "straight", devices=ONE)
+    with pytest.raises(Preempted):
+        train_and_evaluate(two, tmp_path / "stopped", devices=ONE, stop_after_step=3)
+    train_and_evaluate(two, tmp_path / "stopped", devices=ONE)
+    train_and_evaluate(one, tmp_path / "one-thread", devices=ONE)
+    want = records(tmp_path / "straight")
+    assert len([m for m in want if "state_digest" in m]) == 2
+    assert records(tmp_path / "stopped") == want
+    assert records(tmp_path / "one-thread") == want
+
+
 def test_imagenet_folder_path(imagefolder_dir, tmp_path):
     r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
                    "image_size=32", "eval_resize=36", "epochs=1", "batch_size=4",
@@ -89,9 +113,15 @@ def test_diverging_run_stops(fashion_dir, tmp_path):
 
 
 def test_bf16_compute(fashion_dir, tmp_path):
+    """amp=bf16 computes in bfloat16 and keeps float32 parameters through a training step."""
     r = recipe_for("fashion_mnist", fashion_dir, "amp=bf16", "epochs=1")
     out = train_and_evaluate(r, tmp_path / "bf16", devices=ONE)
     assert np.isfinite(out["train_loss"]) and out["test_count"] == 40
-    with jax.default_device(ONE[0]):
-        params = resnet20().init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    assert params["fc"]["kernel"].dtype == jnp.float32  # parameters stay float32
+    backend = FlaxBackend(r, tmp_path / "bf16-backend", ONE)
+    backend.fetch([backend.train_step(next(iter(backend.batches(0, 0))))])
+    leaves = jax.tree_util.tree_leaves(backend.state.params)
+    assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.float32)}
+    logits = backend.model.apply({"params": backend.state.params,
+                                  "batch_stats": backend.state.batch_stats},
+                                 jnp.zeros((2, 28, 28, 1)), train=False)
+    assert logits.dtype == jnp.bfloat16

@@ -7,8 +7,7 @@ import pytest
 from configs import RECIPES, get_config
 from framework_free import sampling
 from framework_free.errors import UserError
-from framework_free.recipe import (Recipe, apply_overrides, resume_differences, steps_per_epoch,
-                                   world_lr)
+from framework_free.recipe import Recipe, apply_overrides, resume_differences, world_lr
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -32,8 +31,9 @@ def test_recipes_carry_the_seed_numbers():
     # seed 002: lr 0.1 x world/4
     assert world_lr(inet, 4) == pytest.approx(0.1) and world_lr(inet, 8) == pytest.approx(0.2)
     assert world_lr(c10, 8) == 0.1
-    # seed 000: 391 steps per epoch; DESIGN's schedule lengths
-    assert steps_per_epoch(50_000, 128, drop_last=False) == 391
+    # seed 000: 391 steps per epoch (the last one partial); ImageNet drops its partial batch
+    assert sampling.steps_in_epoch(50_000, 128, drop_last=False) == 391
+    assert sampling.steps_in_epoch(1_281_167, 256, drop_last=True) == 5004
 
 
 def test_overrides_parse_by_type():

@@ -140,11 +140,11 @@ def test_checkpoint_of_another_architecture_or_framework(stack, tmp_path):
 
 
 def test_stale_partial_writes_are_removed(tmp_path):
-    from torch_ref import checkpoint
+    from torch_ref import checkpoints
 
     (tmp_path / ".last.pt.abc.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / "last.pt").write_bytes(b"kept")
-    assert checkpoint.remove_partial_writes(tmp_path) == 1
+    assert checkpoints.remove_partial_writes(tmp_path) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 

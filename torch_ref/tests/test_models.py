@@ -85,8 +85,6 @@ def test_kaiming_fan_out_init():
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
-        models.CifarResNet(21)
-    with pytest.raises(ValueError):
         models.resnet20(shortcut="zero")
     with pytest.raises(ValueError):
         models.resnet18(stem="tiny")

@@ -1,10 +1,13 @@
-"""torch_ref checkpoints: one file holds everything that shapes the rest of the run.
+"""torch_ref checkpoints: one file holds the run's arrays and what the driver says about the run.
 
 A checkpoint is a dict saved with `torch.save` and read back with ``weights_only=True`` (no pickled
-code): the model's state_dict (never the DDP wrapper's), optimizer, scheduler, GradScaler, the
-torch RNG states, where to resume (epoch and step within it), the best accuracy so far, and what
-run it belongs to (framework, recipe, model, the resolved config). Writes are atomic
-(`framework_free.records.atomic_write`): a crash leaves the previous file intact.
+code): the driver's meta (framework_free.driver: the run's identity, where to resume, the best
+accuracy, the epoch's sums), the model's state_dict (never the DDP wrapper's), and the optimizer,
+scheduler and GradScaler states. Writes are atomic (`framework_free.records.atomic_write`): a
+crash leaves the previous file intact.
+
+    WORKDIR/checkpoints/last.pt   the latest (epoch ends, periodic saves, the one written on stop)
+    WORKDIR/checkpoints/best.pt   the one with the best test accuracy so far
 """
 
 from __future__ import annotations
@@ -49,24 +52,6 @@ def load(path: Path, map_location="cpu") -> dict:
     return state
 
 
-def check_matches(state: dict, recipe, path: Path) -> None:
-    """Refuse a checkpoint of another recipe or architecture."""
-    want = (recipe.recipe, recipe.model, recipe.num_classes, recipe.in_channels)
-    have = (state.get("recipe"), state.get("model"), state.get("num_classes"),
-            state.get("in_channels"))
-    if want != have:
-        raise UserError(f"checkpoint {path} is for recipe/model/classes/channels {have}, this run "
-                        f"is {want}; pass the matching --recipe or another --workdir")
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def default_for_eval(folder: Path) -> Path:
+    """The best checkpoint of a run, else its last."""
+    return folder / BEST if (folder / BEST).exists() else folder / LAST
