@@ -24,12 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from flax_impl import convert
-from framework_free.timing import median_seconds
 from flax_impl import models as fm
+from framework_free.model_table import CIFAR_MODELS as CIFAR, IMAGENET_MODELS as IMAGENET
+from framework_free.timing import median_seconds
 from torch_ref import models as tm
-
-CIFAR = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
-IMAGENET = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 
 @dataclasses.dataclass(frozen=True)

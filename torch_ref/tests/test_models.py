@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision.models as tvm
 
+from framework_free.model_table import IMAGENET_MODELS
 from torch_ref import models
 
 
@@ -37,7 +38,7 @@ def test_cifar_counts(depth, published):
     assert count(models.resnet20()) == 272_474  # the seed's default (projection)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+@pytest.mark.parametrize("name", IMAGENET_MODELS)
 def test_imagenet_family_is_torchvision(name):
     ours, theirs = getattr(models, name)(), getattr(tvm, name)()
     assert count(ours) == count(theirs)
