@@ -160,7 +160,7 @@ class Run:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_acc = -1.0
         self.epoch_sums = np.zeros(3)  # loss sum, correct, count of this epoch so far
-        self.window = np.zeros(2)  # loss sum and count since the last log line
+        self.window = np.zeros(3)  # loss sum, correct and count since the last log line
         self.nonfinite_streak = 0
         self.stop_requested = False
         self.stop_after_step: int | None = None  # tests: behave as if signalled after this step
@@ -189,7 +189,10 @@ class Run:
         # sums over all processes: one process carries them on, so that all_sum counts them once
         keep = self.backend.is_main or not self.backend.per_process_metrics
         self.epoch_sums = sums if keep else np.zeros(3)
-        self.window = np.asarray(meta["window"], np.float64)
+        window = np.asarray(meta["window"], np.float64)
+        if len(window) == 2:  # a checkpoint from before the window counted correct answers
+            window = np.array([window[0], np.nan, window[1]])
+        self.window = window
         if self.backend.is_main:
             console.say(f"resumed from {where} at epoch {self.epoch + 1}, step "
                         f"{self.step_in_epoch} of {self.steps_per_epoch} (global step "
@@ -232,18 +235,19 @@ class Run:
                 continue
             self.nonfinite_streak = 0
             self.epoch_sums += (loss * count, correct, count)
-            self.window += (loss * count, count)
+            self.window += (loss * count, correct, count)
         pending.clear()
         return float(rows[:, 2].sum())
 
     def _log_window(self, bar) -> None:
-        wl, wn = self.window
+        wl, wc, wn = self.window
         mean = wl / wn if wn else float("nan")
+        acc = wc / wn if wn else float("nan")
         lr = float(self.lr_table[self.global_step - 1])  # the rate the last step used
-        bar.set_postfix_str(f"loss {mean:.4f} lr {lr:.4g}")
+        bar.set_postfix_str(f"loss {mean:.4f} acc {100 * acc:.1f}% lr {lr:.4g}")
         for sink in self.sinks:
             sink.log_step({"step": self.global_step, "epoch": self.epoch + 1,
-                           "train_loss_window": mean, "lr": lr})
+                           "train_loss_window": mean, "train_acc_window": acc, "lr": lr})
         self.window[:] = 0
 
     # --- the loop ----------------------------------------------------------------------------
