@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import configs
@@ -207,5 +206,5 @@ if __name__ == "__main__":
     sys.exit(code)
 
 
-__all__ = ["train_and_evaluate", "evaluate_checkpoint", "backend_factory", "FlaxBackend", "main", "Preempted",
-           "EXIT_PREEMPTED", "NonFiniteLoss"]
+__all__ = ["train_and_evaluate", "evaluate_checkpoint", "backend_factory", "FlaxBackend", "main",
+           "Preempted", "EXIT_PREEMPTED", "NonFiniteLoss"]

@@ -1,9 +1,14 @@
-"""Code shared by torch_ref and flax_impl that imports neither framework.
+"""Code shared by torch_ref and flax_impl that imports neither framework nor `configs`.
 
-- `errors`: `UserError`, the one exception type that becomes a one-line message and exit code 2.
+- `driver`: the run driver, one training loop for both stacks, and the `Backend` interface each
+  stack implements (`torch_ref.train.TorchBackend`, `flax_impl.train.FlaxBackend`).
+- `sampling`: the data plan: each step's examples and every random augmentation draw.
+- `model_table`: the ResNets' depths, block kinds and stage widths.
 - `recipe`: the recipe schema (`Recipe`), override parsing and validation.
-- `readers`: NumPy readers of the on-disk formats (CIFAR pickles, IDX, ImageFolder listings).
-- `records`: the workdir record (resolved config, JSON-lines metrics, environment).
-- `cli`: the command-line parser both `train` entry points use.
-- `schedules`: the learning-rate and momentum schedules as plain float functions of the step.
+- `schedules`: the learning-rate and momentum schedules, and when a torch scheduler steps.
+- `readers`, `datasets`: NumPy readers of the on-disk formats, where each data set lives.
+- `pil_transforms`: ImageNet preprocessing with PIL, pixel for pixel torchvision's.
+- `records`, `console`, `plot`: the workdir record, the console lines, the curves.
+- `cli`, `errors`, `preemption`: the command line, one-line user errors, clean stops.
+- `chaos`, `testing`, `timing`: the kill test, test data in the real formats, a median timer.
 """

@@ -339,7 +339,7 @@ class Run:
         return {"best_test_acc": self.best_acc, "global_step": self.global_step, **last}
 
 
-# --- entry points ----------------------------------------------------------------------------------
+# --- entry points -------------------------------------------------------------------------------
 
 
 def test_metrics(backend: Backend) -> dict:

@@ -27,5 +27,5 @@ def report(err: BaseException, prog: str) -> int:
 
 
 class CorruptData(UserError):
-    """A data file that cannot be decoded. Trainers write a checkpoint of the last completed step
-    before they stop with it, so fixing the file and rerunning the command loses nothing."""
+    """A data file that cannot be decoded. The run driver writes a checkpoint of the last completed
+    step before it stops with it, so fixing the file and rerunning the command loses nothing."""

@@ -190,7 +190,7 @@ class TorchBackend:
 
 
 def backend_factory(recipe: Recipe, device: str = "auto") -> driver.Factory:
-    """make(checkpoint_dir, train) -> TorchBackend on `device` (auto, cpu, cuda), for the run driver."""
+    """make(checkpoint_dir, train) -> TorchBackend on `device` (auto, cpu, cuda)."""
     return lambda ckpt_dir, train: TorchBackend(recipe, ckpt_dir, device, train)
 
 

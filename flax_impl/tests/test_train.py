@@ -45,6 +45,8 @@ def test_a_real_step_on_a_small_resnet_learns(fashion_dir):
         state, m = fns.train(state, batch, source)
         losses.append(float(m["loss"]))
     assert int(state.step) == 10
+    # SGD at lr 0.1 memorises one batch of 16: the loss falls far below half within ten steps,
+    # while a step that does not update the weights keeps it within BatchNorm's noise of the first
     assert losses[-1] < 0.5 * losses[0], losses
 
 

@@ -77,7 +77,8 @@ def test_worker_processes_neither_change_nor_break_a_resumed_run(case, fashion_d
     to one uninterrupted run with 2 workers and to one with none in the main process."""
     if case == "imagenet":  # resnet18 at 32 pixels stands in for resnet50 at 224
         r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
-                       "image_size=32", "eval_resize=36", "batch_size=4", "color_jitter=0.4,0.4,0.4")
+                       "image_size=32", "eval_resize=36", "batch_size=4",
+                       "color_jitter=0.4,0.4,0.4")
     else:
         r = recipe_for("fashion_mnist", fashion_dir, "pipeline=dataloader",
                        "color_jitter=0.4,0.4,0")
