@@ -287,7 +287,7 @@ class Run:
         seen += self._drain(pending)
         bar.close()
         train_time = time.perf_counter() - t0
-        loss_sum, correct, count, seen = b.all_sum(np.append(self.epoch_sums, seen))
+        loss_sum, correct, count, seen = map(float, b.all_sum(np.append(self.epoch_sums, seen)))
         metrics = {"step": self.global_step, "epoch": self.epoch + 1,
                    "train_loss": loss_sum / count if count else float("nan"),
                    "train_acc": correct / count if count else float("nan"),
