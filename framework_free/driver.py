@@ -134,6 +134,10 @@ def identity_check(recipe: Recipe, backend: Backend) -> Callable[[dict, str], No
 
     def check(meta: dict, where: str) -> None:
         have = {k: meta.get(k) for k in want}
+        if have["framework"] == want["framework"] and have["format"] != want["format"]:
+            raise UserError(f"checkpoint {where} has format {have['format']}, this version of "
+                            f"{want['framework']} reads {want['format']}; finish that run with "
+                            "the version that wrote it, or pass another --workdir")
         if have != want:
             def say(d):
                 return (f"{d['framework']} {d['recipe']}/{d['model']} ({d['num_classes']} classes, "

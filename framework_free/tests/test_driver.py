@@ -175,3 +175,15 @@ def test_corrupt_data_keeps_the_last_completed_step(tmp_path):
     assert all(isinstance(r, CorruptData) for r in out), out
     meta = json.loads((tmp_path / "run" / "checkpoints" / "last.json").read_text())["meta"]
     assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (1, 2, 6)
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(tmp_path):
+    run_two(tmp_path / "run", stop_after_step=9)
+    last = tmp_path / "run" / "checkpoints" / "last.json"
+    saved = json.loads(last.read_text())
+    saved["meta"]["format"] = "fake/0"
+    last.write_text(json.dumps(saved))
+    out = run_two(tmp_path / "run")
+    assert all(isinstance(r, driver.UserError) for r in out), out
+    assert "has format fake/0, this version of fake reads fake/1" in str(out[0])
+    assert json.loads(last.read_text()) == saved  # nothing overwritten
