@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 import configs
-from flax_impl import checkpoints, data, optim, steps
+from flax_impl import checkpoints, cpu_fusion, data, optim, steps
 from flax_impl.models import build_model
 from framework_free import driver
 from framework_free.driver import NonFiniteLoss
@@ -37,6 +37,7 @@ PROG = "python -m flax_impl.train"
 
 def pick_devices(device: str = "auto"):
     """All devices JAX sees, or its CPU devices (--device cpu)."""
+    cpu_fusion.check()
     if device == "cuda" and jax.devices()[0].platform == "cpu":
         raise UserError("--device cuda asked for, but JAX sees no GPU; use --device cpu")
     return jax.devices("cpu") if device == "cpu" else jax.devices()
@@ -50,6 +51,7 @@ class FlaxBackend:
     nonfinite_steps_allowed = 0
 
     def __init__(self, recipe: Recipe, checkpoint_dir: Path, devices=None, train: bool = True):
+        cpu_fusion.check()
         if recipe.pipeline == "dataloader" and recipe.dataset != "imagenet":
             raise UserError("pipeline=dataloader is torch_ref's DataLoader + PIL path; flax_impl "
                             "augments in-memory sets inside its jitted step: drop the override")
@@ -105,7 +107,8 @@ class FlaxBackend:
         return {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__),
                 "flax": flax.__version__, "optax": optax.__version__,
                 "orbax-checkpoint": getattr(ocp, "__version__", "unknown"),
-                "numpy": np.__version__}
+                "numpy": np.__version__, "xla_cpu_multi_output_fusion": cpu_fusion.state(),
+                "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
