@@ -128,6 +128,7 @@ def step(spec: dict) -> dict:
     dtype_name = spec["dtype"]  # float32 | bf16 | fp16 (torch on CUDA, with GradScaler)
     bf16 = dtype_name == "bf16"
     out = []
+    extra = {}
     if spec["stack"] == "torch_ref":
         import torch
         import torch.nn.functional as F
@@ -176,8 +177,12 @@ def step(spec: dict) -> dict:
         model = getattr(models, model_name)(num_classes=10, dtype=dtype)
         tx = optax.chain(optax.add_decayed_weights(5e-4), optax.trace(0.9),
                          optax.scale_by_learning_rate(0.01))
+        from flax_impl import cpu_setup
+
+        devices = jax.devices()  # as the trainer: every host device, one where a batch won't split
+        devices = devices if cpu_setup.splits(devices, batch) else devices[:1]
         fns = steps.Steps(model, tx, {"pad": 0, "mean": (0.5,) * 3, "std": (0.25,) * 3},
-                          steps.make_mesh(jax.devices()[:1]), dtype)
+                          steps.make_mesh(devices), dtype)
         state = fns.replicate(steps.create_state(model, tx, jax.random.PRNGKey(0),
                                                  (size, size, 3)))
         rng = np.random.default_rng(0)
@@ -193,7 +198,8 @@ def step(spec: dict) -> dict:
                 state, m = fns.train_placed(state, b, None)
             jax.block_until_ready(m)
             out.append(iters * batch / (time.perf_counter() - t0))
-    return {"images_per_s": out}
+        extra = {"devices": len(devices), "xla_cpu": cpu_setup.summary()}
+    return {"images_per_s": out, **extra}
 
 
 def main() -> int:

@@ -1,7 +1,6 @@
-"""flax_impl: the JAX/Flax port. Importing it turns on XLA:CPU's multi-output fusion before JAX
-starts its backends, unless told otherwise (see flax_impl/cpu_fusion.py)."""
+"""flax_impl: the JAX/Flax port. Importing it sets XLA:CPU's multi-output fusion and one host device
+per core (up to two) before JAX starts its backends, unless told otherwise (flax_impl/cpu_setup.py)."""
 
-from flax_impl import cpu_fusion as _cpu_fusion
+from flax_impl import cpu_setup as _cpu_setup
 
-_cpu_fusion.configure()
-
+_cpu_setup.configure()

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 import configs
-from flax_impl import checkpoints, cpu_fusion, data, optim, steps
+from flax_impl import checkpoints, cpu_setup, data, optim, steps
 from flax_impl.models import build_model
 from framework_free import driver
 from framework_free.driver import NonFiniteLoss
@@ -37,7 +37,7 @@ PROG = "python -m flax_impl.train"
 
 def pick_devices(device: str = "auto"):
     """All devices JAX sees, or its CPU devices (--device cpu)."""
-    cpu_fusion.check()
+    cpu_setup.check()
     if device == "cuda" and jax.devices()[0].platform == "cpu":
         raise UserError("--device cuda asked for, but JAX sees no GPU; use --device cpu")
     return jax.devices("cpu") if device == "cpu" else jax.devices()
@@ -51,12 +51,15 @@ class FlaxBackend:
     nonfinite_steps_allowed = 0
 
     def __init__(self, recipe: Recipe, checkpoint_dir: Path, devices=None, train: bool = True):
-        cpu_fusion.check()
+        cpu_setup.check()
         if recipe.pipeline == "dataloader" and recipe.dataset != "imagenet":
             raise UserError("pipeline=dataloader is torch_ref's DataLoader + PIL path; flax_impl "
                             "augments in-memory sets inside its jitted step: drop the override")
         self.recipe = recipe
         self.devices = list(devices or jax.devices())
+        if not cpu_setup.splits(self.devices, recipe.batch_size * jax.process_count(),
+                                recipe.eval_batch_size * jax.process_count()):
+            self.devices = self.devices[:1]  # the default host devices: one, not an error
         self.is_main = jax.process_index() == 0
         self.num_processes = jax.process_count()
         self.dtype = steps.compute_dtype(recipe, self.devices[0].platform)
@@ -107,7 +110,7 @@ class FlaxBackend:
         return {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__),
                 "flax": flax.__version__, "optax": optax.__version__,
                 "orbax-checkpoint": getattr(ocp, "__version__", "unknown"),
-                "numpy": np.__version__, "xla_cpu_multi_output_fusion": cpu_fusion.state(),
+                "numpy": np.__version__, "xla_cpu": cpu_setup.summary(),
                 "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
 
     def num_params(self) -> int:
