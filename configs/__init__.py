@@ -6,7 +6,7 @@ fields that differ from the defaults, each with its source.
 
 "seed 000" in the comments is the tutorial "A from-scratch CIFAR-10 ResNet in PyTorch" (cifar10);
 "seed 002" is "Training ResNet from Scratch: From First Principles to Multi-GPU ImageNet"
-(cifar100, imagenet).
+(cifar100, imagenet, and their regularised variants cifar100_mmda and imagenet_mixcut).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import importlib
 from framework_free.errors import UserError
 from framework_free.recipe import Recipe
 
-RECIPES = ("cifar10", "cifar100", "imagenet", "fashion_mnist")
+RECIPES = ("cifar10", "cifar100", "imagenet", "fashion_mnist", "cifar100_mmda", "imagenet_mixcut")
 
 
 def get_config(name: str, size: str = "full") -> Recipe:

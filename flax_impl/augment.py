@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from framework_free import regularisers as reg
+
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
@@ -54,3 +56,33 @@ def to_float_normalized(images, mean, std, jitter=None, dtype=jnp.float32):
         x = color_jitter(x, *jitter)
     x = (x - jnp.asarray(mean, work)) / jnp.asarray(std, work)
     return x.astype(dtype)
+
+
+def _box_mask(box, h: int, w: int):
+    """(..., 4) boxes y0, y1, x0, x1 -> (..., h, w) bool, True inside."""
+    rows, cols = jnp.arange(h), jnp.arange(w)
+    inside_r = (rows >= box[..., 0:1]) & (rows < box[..., 1:2])
+    inside_c = (cols >= box[..., 2:3]) & (cols < box[..., 3:4])
+    return inside_r[..., :, None] & inside_c[..., None, :]
+
+
+def regularise(x, labels, batch: dict):
+    """Cutout, then MixUp or CutMix, on a normalised float NHWC batch: torch_ref.augment.regularise
+    in JAX, on the draws a batch carries (framework_free.regularisers). Every row carries its
+    partner (a row of the global batch), lam and 1 - lam (1 and 0 when the batch mixes nothing),
+    the mix kind and CutMix's box, so the arithmetic is row-wise and the batch may be sharded.
+    Returns (x, partner labels, lam, 1 - lam)."""
+    h, w = x.shape[1:3]
+    holes = batch["holes"]
+    if holes.shape[1]:
+        cut = jnp.any(_box_mask(holes, h, w), axis=1)  # (B, h, w)
+        x = x * (~cut)[..., None].astype(x.dtype)  # seed 002: img * mask
+    partner = batch["partner"]
+    xp = x[partner]
+    lam = batch["lam"].astype(x.dtype).reshape(-1, 1, 1, 1)
+    rest = batch["one_minus_lam"].astype(x.dtype).reshape(-1, 1, 1, 1)
+    kind = batch["mix_kind"].reshape(-1, 1, 1, 1)
+    mixed = x * lam + xp * rest
+    pasted = jnp.where(_box_mask(batch["box"], h, w)[..., None], xp, x)
+    x = jnp.where(kind == reg.MIXUP, mixed, jnp.where(kind == reg.CUTMIX, pasted, x))
+    return x, labels[partner], batch["lam"], batch["one_minus_lam"]

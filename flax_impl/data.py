@@ -81,6 +81,8 @@ class InMemoryTrain:
         if self.jitter:
             batch["jitter"] = self.rows.take(p.jitter)
             batch["jitter_order"] = self.rows.take(p.jitter_order.astype(np.int32))
+        if sp.regularisers is not None:
+            batch.update(regulariser_rows(self.rows, sp.regularisers))
         return batch
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -190,6 +192,8 @@ class ImagesTrain(_Images):
         if any(r.color_jitter):
             batch["jitter"] = rows.take(sp.params.jitter)
             batch["jitter_order"] = rows.take(sp.params.jitter_order.astype(np.int32))
+        if sp.regularisers is not None:
+            batch.update(regulariser_rows(rows, sp.regularisers))
         return batch
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -252,12 +256,30 @@ def _imagenet_images(recipe: Recipe, train: bool):
 
 
 def build_train(recipe: Recipe, global_batch: int, process_index: int = 0,
-                process_count: int = 1):
-    """Training batches for a recipe; UserError when the data is not there."""
+                process_count: int = 1, mix_groups: int = 1):
+    """Training batches for a recipe; UserError when the data is not there. `mix_groups`: the
+    data-parallel replicas whose shares MixUp/CutMix partners stay within (as torch_ref's DDP
+    processes)."""
     where = dict(process_index=process_index, process_count=process_count)
     if recipe.dataset == "imagenet":
-        return ImagesTrain(_imagenet_images(recipe, True), recipe, global_batch, **where)
-    return InMemoryTrain(load_in_memory(recipe, True), recipe, global_batch, **where)
+        train = ImagesTrain(_imagenet_images(recipe, True), recipe, global_batch, **where)
+    else:
+        train = InMemoryTrain(load_in_memory(recipe, True), recipe, global_batch, **where)
+    train.plan = sampling.TrainPlan(recipe, train.num_examples, global_batch,
+                                    mix_groups=mix_groups)
+    return train
+
+
+def regulariser_rows(rows: "_Rows | None", d) -> dict:
+    """The batch entries of a step's Cutout/MixUp/CutMix draws (framework_free.regularisers):
+    per row, so that the jitted step's arithmetic is row-wise (flax_impl.augment.regularise);
+    `rows` picks this process's rows (None: the whole global batch). lam and 1 - lam stay the
+    host's float64 numbers until the device casts them."""
+    take = rows.take if rows is not None else (lambda a: a)
+    n = len(d.partner)
+    return {"holes": take(d.holes), "partner": take(d.partner),
+            "lam": take(np.full(n, d.lam)), "one_minus_lam": take(np.full(n, d.one_minus_lam)),
+            "mix_kind": take(np.full(n, d.kind, np.int32)), "box": take(np.tile(d.box, (n, 1)))}
 
 
 def build_eval(recipe: Recipe, global_batch: int, process_index: int = 0, process_count: int = 1):

@@ -14,6 +14,8 @@ A batch is a dict of arrays:
     labels   int32 (B,)
     mask     float32 (B,)
     jitter, jitter_order   (B, 3) colour-jitter factors and order, when the recipe jitters
+    holes, partner, lam, one_minus_lam, mix_kind, box   Cutout/MixUp/CutMix draws per row, when
+             the recipe has any (framework_free.regularisers; flax_impl.augment.regularise)
 """
 
 from __future__ import annotations
@@ -80,28 +82,56 @@ def prepare_inputs(batch: dict, source, aug: dict, dtype):
     return augment.to_float_normalized(images, aug["mean"], aug["std"], jitter, dtype), labels
 
 
-def masked_cross_entropy(logits, labels, mask):
+def cross_entropy(logits, labels, smoothing: float = 0.0):
+    """Per-example cross-entropy; with smoothing eps the targets of torch's
+    cross_entropy(label_smoothing=eps): (1 - eps) * nll + eps * mean over classes of -log p."""
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32; f64 stays
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if smoothing:
+        smooth = -jnp.mean(jax.nn.log_softmax(logits), axis=-1)
+        ce = (1.0 - smoothing) * ce + smoothing * smooth
+    return ce
+
+
+def masked_cross_entropy(logits, labels, mask):
+    ce = cross_entropy(logits, labels)
     count = jnp.sum(mask)
     return jnp.sum(ce * mask) / jnp.maximum(count, 1), ce, count
 
 
-def train_step(state: TrainState, batch: dict, source=None, *, model, tx, aug: dict, dtype):
+def train_loss(logits, labels, mask, smoothing: float = 0.0, mix=None):
+    """Mean over the real rows of CE_eps(y), or under MixUp/CutMix of
+    lam * CE_eps(y) + (1 - lam) * CE_eps(y[partner]) (framework_free.regularisers)."""
+    ce = cross_entropy(logits, labels, smoothing)
+    if mix is not None:
+        partner_labels, lam, rest = mix
+        ce = ce * lam.astype(ce.dtype) + cross_entropy(logits, partner_labels,
+                                                       smoothing) * rest.astype(ce.dtype)
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def train_step(state: TrainState, batch: dict, source=None, *, model, tx, aug: dict, dtype,
+               smoothing: float = 0.0):
     """One SGD step on the (global) batch; returns (new state, metrics of this batch)."""
     x, labels = prepare_inputs(batch, source, aug, dtype)
     mask = batch["mask"]
+    mix, dominant = None, labels
+    if "partner" in batch:  # Cutout / MixUp / CutMix
+        x, partner_labels, lam, rest = augment.regularise(x, labels, batch)
+        mix = (partner_labels, lam, rest)
+        # train accuracy under mixing: the label with the larger weight
+        dominant = jnp.where(lam >= 0.5, labels, partner_labels)
 
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
                                       train=True, mask=mask, mutable=["batch_stats"])
-        loss, _, _ = masked_cross_entropy(logits, labels, mask)
+        loss = train_loss(logits, labels, mask, smoothing, mix)
         return loss, (updates["batch_stats"], logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+    correct = jnp.sum((jnp.argmax(logits, -1) == dominant) * mask)
     metrics = {"loss": loss, "correct": correct, "count": jnp.sum(mask),
                "finite": jnp.isfinite(loss)}
     new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -132,13 +162,15 @@ class Steps:
     `replicate`), or None when batches carry their images.
     """
 
-    def __init__(self, model, tx, aug: dict, mesh: Mesh, dtype=jnp.float32):
+    def __init__(self, model, tx, aug: dict, mesh: Mesh, dtype=jnp.float32,
+                 smoothing: float = 0.0):
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         self.split = NamedSharding(mesh, P(DATA_AXIS))
         # on a batch already placed by `put_batch`: (state, batch, source) -> (state, metrics)
         self.train_placed = jax.jit(
-            functools.partial(train_step, model=model, tx=tx, aug=aug, dtype=dtype),
+            functools.partial(train_step, model=model, tx=tx, aug=aug, dtype=dtype,
+                              smoothing=smoothing),
             donate_argnums=(0,), out_shardings=(self.replicated, self.replicated))
         self.evaluate_placed = jax.jit(
             functools.partial(eval_step, model=model, aug=aug, dtype=dtype),

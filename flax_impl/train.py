@@ -74,7 +74,8 @@ class FlaxBackend:
                                 f"{len(self.devices)} devices; make {name} a multiple of "
                                 f"{len(self.devices)}")
         where = (jax.process_index(), self.num_processes)
-        self.train_batches = data.build_train(recipe, batch, *where) if train else None
+        self.train_batches = (data.build_train(recipe, batch, *where, mix_groups=self.replicas)
+                              if train else None)
         self.steps_per_epoch = self.train_batches.steps if train else 1
         self.num_train = self.train_batches.num_examples if train else 0
         self.eval_batches = data.build_eval(recipe, eval_batch, *where)
@@ -82,7 +83,8 @@ class FlaxBackend:
         self.model = build_model(recipe, self.dtype)
         tx, _, _ = optim.for_recipe(recipe, self.steps_per_epoch, self.replicas)
         aug = {"pad": recipe.crop_padding, "mean": tuple(recipe.mean), "std": tuple(recipe.std)}
-        self.steps = steps.Steps(self.model, tx, aug, steps.make_mesh(self.devices), self.dtype)
+        self.steps = steps.Steps(self.model, tx, aug, steps.make_mesh(self.devices), self.dtype,
+                                 recipe.label_smoothing)
         shape = (recipe.image_size, recipe.image_size, recipe.in_channels)
         self.state = self.steps.replicate(
             steps.create_state(self.model, tx, jax.random.PRNGKey(recipe.seed), shape))

@@ -49,6 +49,13 @@ class Recipe:
     eval_resize: int = 0  # resize the short side to this before the centre crop; 0 = as is
     pipeline: Literal["fast", "dataloader"] = "fast"  # fast = in-memory uint8 + batched tensor ops
     num_workers: int = 4  # DataLoader workers (dataloader pipeline and ImageNet)
+    # regularisers (framework_free.regularisers): batched on the device, never at eval
+    cutout_holes: int = 0  # Cutout squares per training image; 0 = off
+    cutout_length: int = 16  # side of each Cutout square, pixels
+    mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha); 0 = off
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0 = off
+    mix_switch_prob: float = 0.5  # with both on: the chance a batch uses CutMix, else MixUp
+    label_smoothing: float = 0.0  # cross_entropy(label_smoothing=) of the training loss
     train_subset: int = 0  # use the first N training images; 0 = all
     eval_subset: int = 0  # use the first N test images; 0 = all
     # --- optimisation ------------------------------------------------------------------------
@@ -210,6 +217,15 @@ def validate(r: Recipe) -> Recipe:
     need(len(r.mean) == r.in_channels and len(r.std) == r.in_channels,
          f"mean and std need {r.in_channels} values, one per input channel")
     need(all(s > 0 for s in r.std), "std values must be positive")
+    need(r.cutout_holes >= 0, f"cutout_holes must be 0 or more (got {r.cutout_holes})")
+    need(1 <= r.cutout_length <= r.image_size,
+         f"cutout_length must be 1 to image_size={r.image_size} pixels (got {r.cutout_length})")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        need(getattr(r, name) >= 0, f"{name} must be 0 (off) or positive (got {getattr(r, name)})")
+    need(0 <= r.mix_switch_prob <= 1,
+         f"mix_switch_prob must be in [0, 1] (got {r.mix_switch_prob})")
+    need(0 <= r.label_smoothing < 1,
+         f"label_smoothing must be in [0, 1) (got {r.label_smoothing})")
     if r.model not in CIFAR_MODELS:
         need(r.shortcut == "projection", "shortcut=identity exists only for resnet20..resnet110")
     if r.dataset == "imagenet":
@@ -240,11 +256,13 @@ def keys_help() -> str:
 def resume_differences(saved: dict, current: Recipe) -> list[str]:
     """Fields that differ between a saved run's config and this one, ignoring RESUME_MAY_CHANGE."""
     now = current.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if key in RESUME_MAY_CHANGE:
             continue
-        a, b = saved.get(key), now.get(key)
+        # a key added after the saved run was written: it ran with the key's default
+        a, b = saved.get(key, defaults.get(key)), now.get(key)
         if isinstance(a, list):
             a = tuple(a)
         if a != b:

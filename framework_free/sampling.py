@@ -28,8 +28,10 @@ from typing import Iterator
 
 import numpy as np
 
+from framework_free import regularisers
 from framework_free.errors import UserError
 from framework_free.recipe import Recipe
+from framework_free.regularisers import Draws
 
 # stream tags: the uses never share random numbers
 _ORDER, _AUGMENT, _IMAGE = 0x5EED0, 0xA06, 0xC0
@@ -126,6 +128,14 @@ class StepPlan:
     step: int
     slice: StepSlice
     params: AugmentParams  # for the whole global batch, in its order
+    regularisers: Draws | None = None  # Cutout/MixUp/CutMix draws (framework_free.regularisers)
+
+    @property
+    def local_regularisers(self) -> Draws | None:
+        """This process's rows of the regularisers' draws, partners as local rows."""
+        if self.regularisers is None:
+            return None
+        return self.regularisers.local(self.slice.start, self.slice.stop)
 
     @property
     def local_params(self) -> AugmentParams:
@@ -145,8 +155,10 @@ class TrainPlan:
     """
 
     def __init__(self, recipe: Recipe, num_examples: int, batch_size: int, world_size: int = 1,
-                 rank: int = 0):
+                 rank: int = 0, mix_groups: int | None = None):
         self.recipe, self.num_examples = recipe, num_examples
+        # MixUp/CutMix partners stay inside each replica's share of the global batch
+        self.mix_groups = world_size if mix_groups is None else mix_groups
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.global_batch = batch_size * world_size
         self.steps = steps_in_epoch(num_examples, self.global_batch, recipe.drop_last, world_size)
@@ -166,7 +178,11 @@ class TrainPlan:
         sl = step_slice(perm, step, self.batch_size, self.world_size, self.rank)
         params = augment_params(r.seed, epoch, step, sl.global_size, self._pad, self._flip,
                                 r.color_jitter)
-        return StepPlan(r.seed, epoch, step, sl, params)
+        draws = None
+        if regularisers.enabled(r):
+            draws = regularisers.draw(r, epoch, step, sl.global_size, self.mix_groups,
+                                      r.image_size, r.image_size)
+        return StepPlan(r.seed, epoch, step, sl, params, draws)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[StepPlan]:
         perm = epoch_permutation(self.num_examples, self.recipe.seed, epoch)

@@ -3,7 +3,8 @@ initial weights (torch's, converted) on the same augmented uint8 batches.
 
 The batches are drawn once (framework_free.sampling order and crop/flip offsets, cropped by
 torch_ref.augment, which the tests show equals flax_impl.augment and torchvision) and fed to both
-stacks, which then normalise, jitter (with the same draws) and train as their trainers do.
+stacks, which then normalise, jitter, apply Cutout/MixUp/CutMix (with the same draws) and train
+with the recipe's label smoothing, as their trainers do.
 Reported per step: the loss of torch with the machine's threads, of torch with one thread, and of
 flax_impl. Torch against torch with another thread count is float32 rounding alone; the
 cross-framework gap is held to that.
@@ -18,14 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from flax_impl import convert, optim, steps
+from flax_impl import convert, data as flax_data, optim, steps
 from flax_impl.models import build_model as build_flax
-from framework_free import readers, sampling
+from framework_free import readers, regularisers, sampling
 from framework_free.datasets import load_split, resolve_data_dir
 from framework_free.recipe import Recipe
-from torch_ref import augment
+from torch_ref import augment, steps as torch_steps
 from torch_ref.models import build_model as build_torch
 from torch_ref import optim as torch_optim
 
@@ -36,6 +36,7 @@ class Batch:
     labels: np.ndarray
     jitter: np.ndarray | None
     jitter_order: np.ndarray | None
+    draws: regularisers.Draws | None = None  # Cutout/MixUp/CutMix, when the recipe has them
 
 
 def make_batches(recipe: Recipe, split: readers.ArraySplit, count: int) -> list[Batch]:
@@ -54,8 +55,12 @@ def make_batches(recipe: Recipe, split: readers.ArraySplit, count: int) -> list[
                                     torch.from_numpy(p.crop_y), torch.from_numpy(p.crop_x),
                                     torch.from_numpy(p.flip)).numpy()
             jit = any(recipe.color_jitter)
+            draws = None
+            if regularisers.enabled(recipe):
+                draws = regularisers.draw(recipe, epoch, step, sl.global_size, 1,
+                                          *img.shape[1:3])
             out.append(Batch(img, split.labels[idx], p.jitter if jit else None,
-                             p.jitter_order if jit else None))
+                             p.jitter_order if jit else None, draws))
         epoch += 1
     return out
 
@@ -81,7 +86,8 @@ def run_torch(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch:
                           if b.jitter is not None else None)
                 x = augment.to_float_normalized(torch.from_numpy(b.images), mean, std, True,
                                                 params, b.jitter is not None, dtype)
-                loss = F.cross_entropy(model(x), torch.from_numpy(b.labels))
+                x, targets = augment.regularise(x, torch.from_numpy(b.labels), b.draws)
+                loss = torch_steps.train_loss(model(x), targets, recipe.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -101,7 +107,7 @@ def run_flax(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch: 
     variables = jax.tree_util.tree_map(
         lambda a: jnp.asarray(a, dtype) if a.dtype.kind == "f" else jnp.asarray(a), variables)
     fns = steps.Steps(model, tx, {"pad": 0, "mean": recipe.mean, "std": recipe.std},
-                      steps.make_mesh(jax.devices()[:1]), dtype)
+                      steps.make_mesh(jax.devices()[:1]), dtype, recipe.label_smoothing)
     state = fns.replicate(steps.state_from_variables(variables, tx))
     pending = []
     for b in batches:
@@ -109,6 +115,8 @@ def run_flax(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch: 
                  "mask": np.ones(len(b.labels), np.float32)}
         if b.jitter is not None:
             batch["jitter"], batch["jitter_order"] = b.jitter, b.jitter_order.astype(np.int32)
+        if b.draws is not None:
+            batch.update(flax_data.regulariser_rows(None, b.draws))
         state, metrics = fns.train(state, batch)
         pending.append(metrics["loss"])
     return np.asarray(jax.device_get(pending), np.float64)

@@ -64,7 +64,8 @@ def one_process_reference(recipe):
     assert when == "epoch"  # the loop below steps it once per epoch
     model.train()
     for epoch in range(recipe.epochs):
-        for x, y, n in batches.epoch(epoch):
+        for x, targets, n in batches.epoch(epoch):
+            y = targets.y
             shares = [sampling.share(n, WORLD, r) for r in range(WORLD)]
             saved = None
             loss = 0

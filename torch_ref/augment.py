@@ -9,9 +9,12 @@ contrast and saturation blends in a per-image random order, clamped to [0, 1]).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
+from framework_free import regularisers as reg
 from framework_free.sampling import AugmentParams
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -75,3 +78,51 @@ def to_float_normalized(images_nhwc: torch.Tensor, mean: torch.Tensor, std: torc
     x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     return x.contiguous(memory_format=torch.channels_last if channels_last
                         else torch.contiguous_format)
+
+
+class Targets(NamedTuple):
+    """What the loss needs: labels, and under MixUp/CutMix the partners' labels and the weights
+    (1.0 and 0.0 without mixing). lam and 1 - lam are float64 host numbers from the draws."""
+
+    y: torch.Tensor
+    partner_y: torch.Tensor | None = None
+    lam: float = 1.0
+    one_minus_lam: float = 0.0
+
+    def numel(self) -> int:
+        return self.y.numel()
+
+    def dominant(self) -> torch.Tensor:
+        """The label with the larger weight: what train accuracy counts."""
+        return self.y if self.partner_y is None or self.lam >= 0.5 else self.partner_y
+
+
+def _box_mask(box: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(..., 4) boxes y0, y1, x0, x1 -> (..., h, w) bool, True inside."""
+    rows = torch.arange(h, device=box.device)
+    cols = torch.arange(w, device=box.device)
+    inside_r = (rows >= box[..., 0:1]) & (rows < box[..., 1:2])
+    inside_c = (cols >= box[..., 2:3]) & (cols < box[..., 3:4])
+    return inside_r[..., :, None] & inside_c[..., None, :]
+
+
+def regularise(x: torch.Tensor, y: torch.Tensor, d: reg.Draws | None) -> tuple:
+    """Cutout, then MixUp or CutMix, on a normalised float NCHW batch (any memory format), with
+    this process's draws (framework_free.regularisers). Returns (x, Targets)."""
+    if d is None:
+        return x, Targets(y)
+    _, _, h, w = x.shape
+    if d.holes.shape[1]:
+        holes = torch.from_numpy(d.holes).to(x.device)
+        cut = _box_mask(holes, h, w).any(1)  # (B, h, w)
+        x = x * (~cut)[:, None].to(x.dtype)  # seed 002: img * mask
+    if d.kind == reg.NONE:
+        return x, Targets(y)
+    partner = torch.from_numpy(d.partner).to(x.device, torch.long)
+    xp = x[partner]
+    if d.kind == reg.MIXUP:
+        x = x * d.lam + xp * d.one_minus_lam
+    else:
+        inside = _box_mask(torch.from_numpy(d.box).to(x.device), h, w)
+        x = torch.where(inside, xp, x)
+    return x, Targets(y, y[partner], d.lam, d.one_minus_lam)

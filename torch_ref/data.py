@@ -40,8 +40,9 @@ def ensure_present(recipe: Recipe, dist: Dist) -> Path:
 
 
 # --- batches ---------------------------------------------------------------------------------------
-# What the trainer consumes: `steps` per epoch and ``epoch(e, start)`` yielding ``(x, y, n_global)``:
-# this process's inputs and labels and the size of the global batch they belong to (the loss is
+# What the trainer consumes: `steps` per epoch and ``epoch(e, start)`` yielding
+# ``(x, targets, n_global)``: this process's inputs, their labels (`augment.Targets`: with the
+# partners' labels and weights under MixUp/CutMix) and the size of the global batch they belong to (the loss is
 # weighted by n_local * world / n_global so that DDP's gradient average equals the mean over the
 # global batch even when shares differ by one). Eval batches are ``(x, y)``.
 
@@ -77,7 +78,8 @@ class InMemoryTrain:
         raw = augment.crop_flip(self.images[idx], r.crop_padding, p.crop_y, p.crop_x, p.flip)
         x = augment.to_float_normalized(raw, self.mean, self.std, r.channels_last, p,
                                         self.jitter)
-        return x, self.labels[idx], sp.slice.global_size
+        x, targets = augment.regularise(x, self.labels[idx], sp.local_regularisers)
+        return x, targets, sp.slice.global_size
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple]:
         for sp in self.plan.epoch(epoch, start_step):
@@ -266,8 +268,9 @@ class LoaderTrain:
                 x = augment.to_float_normalized(x, self.mean, self.std, r.channels_last,
                                                 _as_tensors(sp.local_params, self.device),
                                                 any(r.color_jitter))
-            yield (x.contiguous(memory_format=fmt), y.to(self.device, non_blocking=True),
-                   sp.slice.global_size)
+            x, targets = augment.regularise(x, y.to(self.device, non_blocking=True),
+                                            sp.local_regularisers)
+            yield x.contiguous(memory_format=fmt), targets, sp.slice.global_size
 
 
 class LoaderEval:

@@ -1,6 +1,6 @@
 """One training step and the evaluation, in PyTorch (flax_impl.steps is the JAX counterpart).
 
-Per step: forward and loss under `torch.autocast` (fp16 + GradScaler on CUDA by default, bf16 on
+Per step: forward and loss (label smoothing, MixUp/CutMix weights) under `torch.autocast` (fp16 + GradScaler on CUDA by default, bf16 on
 request), backward, SGD step. Nothing here waits for the GPU: the loss and the count of correct
 predictions come back as device tensors, which the run driver reads at log intervals.
 """
@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from framework_free.recipe import Recipe
+from torch_ref.augment import Targets
 from torch_ref.distributed import Dist
 
 
@@ -24,19 +25,30 @@ def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def train_loss(logits: torch.Tensor, t: Targets, smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy with torch's own label smoothing; under MixUp/CutMix
+    lam * CE(y) + (1 - lam) * CE(y[partner]) (framework_free.regularisers)."""
+    loss = F.cross_entropy(logits, t.y, label_smoothing=smoothing)
+    if t.partner_y is None:
+        return loss
+    return loss * t.lam + F.cross_entropy(logits, t.partner_y,
+                                          label_smoothing=smoothing) * t.one_minus_lam
+
+
 def train_step(forward: nn.Module, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, amp_dtype, x: torch.Tensor, y: torch.Tensor,
-               weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+               scaler: torch.amp.GradScaler, amp_dtype, x: torch.Tensor, targets: Targets,
+               weight: float, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; (loss, correct) as device tensors. `weight` scales this process's
-    loss before DDP averages gradients (see TorchBackend.train_step)."""
+    loss before DDP averages gradients (see TorchBackend.train_step). Under mixing a prediction
+    is correct when it names the label with the larger weight."""
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = train_loss(logits.float(), targets, smoothing)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss * weight if weight != 1 else loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach(), (logits.detach().argmax(1) == y).sum()
+    return loss.detach(), (logits.detach().argmax(1) == targets.dominant()).sum()
 
 
 @torch.no_grad()

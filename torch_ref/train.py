@@ -110,15 +110,16 @@ class TorchBackend:
         return self.train_batches.epoch(epoch, start_step)
 
     def train_step(self, batch):
-        x, y, n_global = batch
+        x, targets, n_global = batch
         # DDP averages gradients over processes; weight each share by its size so the result is
         # the mean over the global batch even when the last batch splits unevenly.
-        weight = y.numel() * self.dist.world_size / n_global
+        weight = targets.numel() * self.dist.world_size / n_global
         loss, correct = steps.train_step(self.forward, self.optimizer, self.scaler,
-                                         self.amp_dtype, x, y, weight)
+                                         self.amp_dtype, x, targets, weight,
+                                         self.recipe.label_smoothing)
         if self.scheduler_steps == "step":
             self.scheduler.step()
-        return loss, correct, y.numel()
+        return loss, correct, targets.numel()
 
     def fetch(self, handles: list) -> np.ndarray:
         values = torch.stack([torch.stack((loss.double(), correct.double()))

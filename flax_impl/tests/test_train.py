@@ -16,6 +16,9 @@ from framework_free.recipe import apply_overrides
 QUICK = ["batch_size=16", "eval_batch_size=16", "epochs=2", "train_subset=0", "eval_subset=0",
          "log_every_steps=2", "num_workers=2"]
 ONE = jax.devices()[:1]
+# Cutout, MixUp or CutMix (one per batch) and label smoothing: every draw from the data plan
+REGULARISED = ["cutout_holes=1", "cutout_length=8", "mixup_alpha=0.4", "cutmix_alpha=1.0",
+               "label_smoothing=0.1"]
 
 
 def recipe_for(name, data_dir, *overrides):
@@ -50,8 +53,9 @@ def test_a_real_step_on_a_small_resnet_learns(fashion_dir):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_run_records_and_resumes_exactly(fashion_dir, tmp_path):
-    r = recipe_for("fashion_mnist", fashion_dir, "checkpoint_every_steps=4")
+@pytest.mark.parametrize("extra", [[], REGULARISED])
+def test_run_records_and_resumes_exactly(fashion_dir, tmp_path, extra):
+    r = recipe_for("fashion_mnist", fashion_dir, "checkpoint_every_steps=4", *extra)
     straight = train_and_evaluate(r, tmp_path / "straight", devices=ONE)
     with pytest.raises(Preempted):
         train_and_evaluate(r, tmp_path / "stopped", devices=ONE, stop_after_step=5)
@@ -80,7 +84,8 @@ def test_decoding_threads_neither_change_nor_break_a_resumed_run(imagefolder_dir
     decodes it: 2 threads stopped mid-epoch (global step 3) and resumed end bit-identical to an
     uninterrupted run with 2 threads and to one with 1."""
     r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
-                   "image_size=32", "eval_resize=36", "batch_size=4", "eval_batch_size=4")
+                   "image_size=32", "eval_resize=36", "batch_size=4", "eval_batch_size=4",
+                   *REGULARISED)
     two, one = r.replace(num_workers=2), r.replace(num_workers=1)
     train_and_evaluate(two, tmp_path / "straight", devices=ONE)
     with pytest.raises(Preempted):

@@ -117,3 +117,28 @@ def test_augment_params_are_a_function_of_seed_epoch_step():
     assert (a.jitter >= 0.8).all() and (a.jitter <= 1.2).all()
     c = sampling.augment_params(0, 1, 6, 16, 4, True, (0.2, 0.2, 0.2))
     assert not (a.crop_y == c.crop_y).all()
+
+
+def test_regularised_variants_carry_their_sources():
+    mmda, mixcut = get_config("cifar100_mmda"), get_config("imagenet_mixcut")
+    # seed 002: CutOut(n_holes=1, length=16) and mixup_data(alpha=0.2) on the cifar100 recipe
+    assert (mmda.cutout_holes, mmda.cutout_length, mmda.mixup_alpha, mmda.cutmix_alpha) == (
+        1, 16, 0.2, 0.0)
+    assert dataclasses.replace(mmda, recipe="cifar100", cutout_holes=0, mixup_alpha=0.0) == \
+        get_config("cifar100")
+    # torchvision's ResNet-50 reference: mixup 0.2, cutmix 1.0, label smoothing 0.1
+    assert (mixcut.mixup_alpha, mixcut.cutmix_alpha, mixcut.label_smoothing) == (0.2, 1.0, 0.1)
+    base = get_config("cifar10")
+    assert (base.cutout_holes, base.mixup_alpha, base.cutmix_alpha, base.label_smoothing) == (
+        0, 0.0, 0.0, 0.0)
+
+
+def test_a_run_saved_before_a_key_existed_resumes():
+    """A workdir's config.json written before the regulariser keys: they ran with the defaults."""
+    saved = get_config("cifar10").to_dict()
+    for key in ("cutout_holes", "cutout_length", "mixup_alpha", "cutmix_alpha",
+                "mix_switch_prob", "label_smoothing"):
+        del saved[key]
+    assert resume_differences(saved, get_config("cifar10")) == []
+    assert resume_differences(saved, get_config("cifar10").replace(mixup_alpha=0.2)) == [
+        "mixup_alpha: 0.0 -> 0.2"]

@@ -13,6 +13,9 @@ from torch_ref.train import Preempted, train_and_evaluate
 
 QUICK = ["batch_size=16", "eval_batch_size=16", "epochs=2", "train_subset=0", "eval_subset=0",
          "log_every_steps=2", "num_workers=0"]
+# Cutout, MixUp or CutMix (one per batch) and label smoothing: every draw from the data plan
+REGULARISED = ["cutout_holes=1", "cutout_length=8", "mixup_alpha=0.4", "cutmix_alpha=1.0",
+               "label_smoothing=0.1"]
 
 
 def recipe_for(name, data_dir, *overrides):
@@ -56,10 +59,12 @@ def records(workdir):
 
 
 @pytest.mark.parametrize("stop_after", [5, 6])  # mid-epoch, and exactly at the epoch boundary
-@pytest.mark.parametrize("pipeline", ["fast", "dataloader"])
-def test_resume_is_exact(fashion_dir, tmp_path, stop_after, pipeline):
+@pytest.mark.parametrize("pipeline, extra", [("fast", []), ("dataloader", []),
+                                             ("fast", REGULARISED)])
+def test_resume_is_exact(fashion_dir, tmp_path, stop_after, pipeline, extra):
     """A run stopped after step k and resumed ends bit-identical to an uninterrupted run."""
-    r = recipe_for("fashion_mnist", fashion_dir, f"pipeline={pipeline}", "checkpoint_every_steps=4")
+    r = recipe_for("fashion_mnist", fashion_dir, f"pipeline={pipeline}", "checkpoint_every_steps=4",
+                   *extra)
     train_and_evaluate(r, tmp_path / "straight")
     with pytest.raises(Preempted):
         train_and_evaluate(r, tmp_path / "stopped", stop_after_step=stop_after)
@@ -72,16 +77,17 @@ def test_resume_is_exact(fashion_dir, tmp_path, stop_after, pipeline):
 @pytest.mark.parametrize("case", ["imagenet", "dataloader"])
 def test_worker_processes_neither_change_nor_break_a_resumed_run(case, fashion_dir,
                                                                  imagefolder_dir, tmp_path):
-    """DataLoader workers apply the data plan's draws (crop boxes, flips, jitter), so a run
+    """DataLoader workers apply the data plan's draws (crop boxes, flips, jitter; Cutout and
+    the mixes on the batch), so a run
     with 2 worker processes, stopped mid-epoch (global step 3) and resumed, ends bit-identical
     to one uninterrupted run with 2 workers and to one with none in the main process."""
     if case == "imagenet":  # resnet18 at 32 pixels stands in for resnet50 at 224
         r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
                        "image_size=32", "eval_resize=36", "batch_size=4",
-                       "color_jitter=0.4,0.4,0.4")
+                       "color_jitter=0.4,0.4,0.4", *REGULARISED)
     else:
         r = recipe_for("fashion_mnist", fashion_dir, "pipeline=dataloader",
-                       "color_jitter=0.4,0.4,0")
+                       "color_jitter=0.4,0.4,0", *REGULARISED)
     two, none = r.replace(num_workers=2), r.replace(num_workers=0)
     train_and_evaluate(two, tmp_path / "straight")
     with pytest.raises(Preempted):
