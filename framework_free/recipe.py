@@ -218,7 +218,8 @@ def validate(r: Recipe) -> Recipe:
          f"mean and std need {r.in_channels} values, one per input channel")
     need(all(s > 0 for s in r.std), "std values must be positive")
     need(r.cutout_holes >= 0, f"cutout_holes must be 0 or more (got {r.cutout_holes})")
-    need(1 <= r.cutout_length <= r.image_size,
+    need(r.cutout_length >= 1, f"cutout_length must be at least 1 (got {r.cutout_length})")
+    need(not r.cutout_holes or r.cutout_length <= r.image_size,
          f"cutout_length must be 1 to image_size={r.image_size} pixels (got {r.cutout_length})")
     for name in ("mixup_alpha", "cutmix_alpha"):
         need(getattr(r, name) >= 0, f"{name} must be 0 (off) or positive (got {getattr(r, name)})")

@@ -20,6 +20,7 @@
 
 import dataclasses
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -101,15 +102,19 @@ def test_no_regulariser_draws_nothing_and_changes_no_existing_draw():
 @pytest.mark.parametrize("override, needle", [
     ("mixup_alpha=-0.2", "mixup_alpha must be 0 (off) or positive"),
     ("cutmix_alpha=-1", "cutmix_alpha must be 0 (off) or positive"),
-    ("cutout_length=40", "cutout_length must be 1 to image_size=32"),
+    ("cutout_holes=1,cutout_length=40", "cutout_length must be 1 to image_size=32"),
+    ("cutout_length=0", "cutout_length must be at least 1"),
     ("label_smoothing=1", "label_smoothing must be in [0, 1)"),
     ("cutout_holes=-1", "cutout_holes must be 0 or more"),
     ("mix_switch_prob=1.5", "mix_switch_prob must be in [0, 1]"),
 ])
 def test_bad_values_are_user_errors(override, needle):
-    with pytest.raises(UserError, match=needle.replace("[", r"\[").replace("(", r"\(")
-                       .replace(")", r"\)")):
-        apply_overrides(get_config("cifar10"), [override])
+    with pytest.raises(UserError, match=re.escape(needle)):
+        apply_overrides(get_config("cifar10"), override.split(","))
+
+
+def test_a_long_cutout_length_is_fine_while_cutout_is_off():
+    assert apply_overrides(get_config("cifar10"), ["image_size=8"]).cutout_length == 16
 
 
 # --- Cutout against seed 002's loop --------------------------------------------------------------

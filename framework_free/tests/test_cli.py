@@ -35,6 +35,7 @@ OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:
     (["--recipe", "fashion_mnist", "epoch=3"], "unknown override key 'epoch'"),
     (["--recipe", "fashion_mnist", "lr=fast"], "override lr='fast': expected a number"),
     (["--recipe", "fashion_mnist", "batch_size=0"], "batch_size must be at least 1"),
+    (["--recipe", "fashion_mnist", "mixup_alpha=-0.2"], "mixup_alpha must be 0 (off) or positive"),
     (["--recipe", "fashion_mnist", "--data-dir", "no/such/folder"], "Fashion-MNIST not found"),
     (["--recipe", "imagenet"], "ImageNet has no default location"),
     (["--recipe", "imagenet", "--data-dir", "no/such/folder"], "no train/ folder"),
