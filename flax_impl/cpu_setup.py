@@ -23,6 +23,10 @@ it) and leaves a setting alone when
 - JAX's backends are already initialised in this process (XLA reads ``XLA_FLAGS`` once; editing it
   later would claim a setting that is not in force).
 
+On a machine with a GPU the fusion option is harmless: XLA never hands a backend option whose key
+starts with ``xla_`` to LLVM, and only the CPU compiler reads this one; the host device count
+concerns the CPU client alone.
+
 XLA reads the fusion option by its presence: ``xla_cpu_use_multi_output_fusion=false`` turns it
 *on* in jaxlib 0.10 (checked by compiling); use the switch to turn it off.
 
