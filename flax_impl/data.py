@@ -62,12 +62,13 @@ class InMemoryTrain:
     """Training batches over an in-memory split whose arrays the trainer puts on the devices."""
 
     def __init__(self, split: readers.ArraySplit, recipe: Recipe, global_batch: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, mix_groups: int = 1):
         self.recipe, self.global_batch = recipe, global_batch
         self.arrays = (split.images, split.labels.astype(np.int32))
         self.num_examples = len(split)
         self.rows = _Rows(global_batch, process_index, process_count)
-        self.plan = sampling.TrainPlan(recipe, self.num_examples, global_batch)
+        self.plan = sampling.TrainPlan(recipe, self.num_examples, global_batch,
+                                       mix_groups=mix_groups)
         self.steps = self.plan.steps
         self.jitter = any(recipe.color_jitter)
 
@@ -169,9 +170,10 @@ class ImagesTrain(_Images):
     would (RandomResizedCrop + flip, `framework_free.pil_transforms`) into uint8 batches, each
     image with its own generator from the plan, so the thread that does it does not matter."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, mix_groups: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.plan = sampling.TrainPlan(self.recipe, self.num_examples, self.global_batch)
+        self.plan = sampling.TrainPlan(self.recipe, self.num_examples, self.global_batch,
+                                       mix_groups=mix_groups)
         self.steps = self.plan.steps
 
     def _load(self, i: int, rng: np.random.Generator) -> np.ndarray:
@@ -260,14 +262,10 @@ def build_train(recipe: Recipe, global_batch: int, process_index: int = 0,
     """Training batches for a recipe; UserError when the data is not there. `mix_groups`: the
     data-parallel replicas whose shares MixUp/CutMix partners stay within (as torch_ref's DDP
     processes)."""
-    where = dict(process_index=process_index, process_count=process_count)
+    where = dict(process_index=process_index, process_count=process_count, mix_groups=mix_groups)
     if recipe.dataset == "imagenet":
-        train = ImagesTrain(_imagenet_images(recipe, True), recipe, global_batch, **where)
-    else:
-        train = InMemoryTrain(load_in_memory(recipe, True), recipe, global_batch, **where)
-    train.plan = sampling.TrainPlan(recipe, train.num_examples, global_batch,
-                                    mix_groups=mix_groups)
-    return train
+        return ImagesTrain(_imagenet_images(recipe, True), recipe, global_batch, **where)
+    return InMemoryTrain(load_in_memory(recipe, True), recipe, global_batch, **where)
 
 
 def regulariser_rows(rows: "_Rows | None", d) -> dict:

@@ -75,10 +75,6 @@ class Draws:
             raise ValueError("a partner outside the share: the share is not a replica's")
         return dataclasses.replace(self, holes=self.holes[start:stop], partner=partner)
 
-    def dominant(self) -> bool:
-        """True when the row's own label has the larger weight (what train accuracy counts)."""
-        return self.lam >= 0.5
-
 
 def group_bounds(batch: int, groups: int) -> list[tuple[int, int]]:
     """The replicas' shares of a global batch of `batch` rows, split as sampling.share does."""

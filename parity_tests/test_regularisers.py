@@ -89,6 +89,7 @@ def test_cutmix_lam_is_the_share_left_after_clipping():
     for step in range(20):
         d = kind_draws("cutmix", step)
         y0, y1, x0, x1 = d.box
+        # the same two float64 operations on the same integers: equal to the last bit or two
         assert d.lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (H * W), abs=1e-15)
 
 
