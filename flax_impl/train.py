@@ -50,7 +50,8 @@ class FlaxBackend:
     per_process_metrics = False  # the jitted step's metrics cover the global batch
     nonfinite_steps_allowed = 0
 
-    def __init__(self, recipe: Recipe, checkpoint_dir: Path, devices=None, train: bool = True):
+    def __init__(self, recipe: Recipe, checkpoint_dir: Path, devices=None, train: bool = True,
+                 tables=None):
         cpu_setup.check()
         if recipe.pipeline == "dataloader" and recipe.dataset != "imagenet":
             raise UserError("pipeline=dataloader is torch_ref's DataLoader + PIL path; flax_impl "
@@ -81,7 +82,7 @@ class FlaxBackend:
         self.eval_batches = data.build_eval(recipe, eval_batch, *where)
         self.num_eval = self.eval_batches.num_examples
         self.model = build_model(recipe, self.dtype)
-        tx, _, _ = optim.for_recipe(recipe, self.steps_per_epoch, self.replicas)
+        tx, _, _ = optim.for_recipe(recipe, self.steps_per_epoch, self.replicas, tables=tables)
         aug = {"pad": recipe.crop_padding, "mean": tuple(recipe.mean), "std": tuple(recipe.std)}
         self.steps = steps.Steps(self.model, tx, aug, steps.make_mesh(self.devices), self.dtype,
                                  recipe.label_smoothing)
@@ -142,9 +143,16 @@ class FlaxBackend:
         return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
     def evaluate(self) -> tuple:
-        sums = jax.device_get([self.steps.evaluate(self.state, batch, self.eval_source)
-                               for batch in self.eval_batches])
-        return tuple(sum(float(m[k]) for m in sums) for k in ("loss_sum", "correct", "count"))
+        sums, confusion = [], None
+        for batch in self.eval_batches:
+            m = self.steps.evaluate(self.state, batch, self.eval_source)
+            # the matrix is added up on the device (ImageNet's is 1000 x 1000), the rest on the
+            # host in float64
+            confusion = m.pop("confusion") + (0 if confusion is None else confusion)
+            sums.append(m)
+        sums = jax.device_get(sums)
+        return (*(sum(float(m[k]) for m in sums) for k in ("loss_sum", "correct", "count")),
+                np.asarray(jax.device_get(confusion), np.int64))
 
     def end_epoch(self) -> None:
         pass  # the schedules are tables indexed by the step
@@ -176,9 +184,10 @@ class FlaxBackend:
         self.ckpt.close()
 
 
-def backend_factory(recipe: Recipe, devices=None) -> driver.Factory:
-    """make(checkpoint_dir, train) -> FlaxBackend on `devices` (default: all JAX sees)."""
-    return lambda ckpt_dir, train: FlaxBackend(recipe, ckpt_dir, devices, train)
+def backend_factory(recipe: Recipe, devices=None, tables=None) -> driver.Factory:
+    """make(checkpoint_dir, train) -> FlaxBackend on `devices` (default: all JAX sees);
+    `tables` (lr, momentum per step) replace the recipe's schedule."""
+    return lambda ckpt_dir, train: FlaxBackend(recipe, ckpt_dir, devices, train, tables)
 
 
 def train_and_evaluate(recipe: Recipe, workdir: str | Path, devices=None,

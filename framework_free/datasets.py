@@ -24,6 +24,29 @@ CIFAR_MD5 = {  # the official archives' checksums (as torchvision checks them)
 }
 
 
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")  # the dataset's documented label order
+
+
+def class_names(recipe: Recipe) -> list[str]:
+    """The recipe's class names, in label order: Fashion-MNIST's ten, CIFAR's from the data's
+    own meta file, ImageNet's class folder names. Exactly num_classes of them: "class k" where
+    the data names none (a missing meta file, a TFDS source, fewer folders than classes)."""
+    names: list[str] = []
+    try:
+        if recipe.dataset == "fashion_mnist":
+            names = list(FASHION_MNIST_CLASSES)
+        elif recipe.dataset in readers.CIFAR_LAYOUT and recipe.data_source == "files":
+            names = readers.read_cifar_names(recipe.dataset, resolve_data_dir(recipe))
+        elif recipe.dataset == "imagenet":
+            train = resolve_data_dir(recipe) / "train"
+            names = sorted(d.name for d in train.iterdir() if d.is_dir())
+    except (OSError, UserError):
+        names = []
+    names = [str(n) for n in names[:recipe.num_classes]]
+    return names + [f"class {k}" for k in range(len(names), recipe.num_classes)]
+
+
 def resolve_data_dir(recipe: Recipe) -> Path:
     """The recipe's data folder, or the dataset's default when data_dir is empty."""
     if recipe.data_dir:

@@ -20,9 +20,9 @@ What goes where, at each step of an epoch:
 and at the end of an epoch: `backend.all_sum(sums)`, `backend.evaluate()`, `backend.end_epoch()`
 (torch's per-epoch scheduler step), `backend.digest()`, `backend.save(meta, best)`.
 
-Adding a metric: compute it in `Run.run_epoch` or `Run._log_window` below. Adding a log sink (a
-TensorBoard writer, say): a class with `log_step(metrics)` and `log_epoch(metrics)`, appended to
-`Run.sinks`. Neither touches a stack.
+Adding a metric: compute it in `Run.run_epoch` or `Run._log_window` below. Adding a log sink: a
+class with `log_step(metrics)` and `log_epoch(metrics)` (and optionally `close()`), appended to
+`Run.sinks`, as the TensorBoard writer (framework_free.tensorboard) is. Neither touches a stack.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
-from framework_free import cli, console, schedules
+from framework_free import cli, console, plot, schedules
 from framework_free.errors import CorruptData, UserError, report
 from framework_free.preemption import EXIT_PREEMPTED, Preempted, StopOnSignal
 from framework_free.recipe import Recipe
 from framework_free.records import RunRecord
+from framework_free.tensorboard import TensorBoardSink
 
 STOP_CHECK_EVERY = 10  # with several processes, they agree on stopping every this many steps
 
@@ -92,8 +93,9 @@ class Backend(Protocol):
     def any_process(self, flag: bool) -> bool:
         """True on every process if `flag` is True on any (every process calls it)."""
 
-    def evaluate(self) -> tuple[float, float, float]:
-        """(loss sum, correct, count) over the whole test split, every image once."""
+    def evaluate(self) -> tuple[float, float, float, np.ndarray]:
+        """(loss sum, correct, count, confusion) over the whole test split, every image once;
+        confusion[true, predicted] counts images (num_classes x num_classes integers)."""
 
     def end_epoch(self) -> None:
         """After an epoch's evaluation (torch: the per-epoch scheduler step)."""
@@ -159,7 +161,9 @@ class Run:
         self.backend = b = make(self.record.checkpoint_dir, True)
         self.record.writer = b.is_main
         self.steps_per_epoch = b.steps_per_epoch
-        self.lr_table, _ = schedules.for_recipe(recipe, b.steps_per_epoch, b.replicas)
+        self.lr_table, momentum = schedules.for_recipe(recipe, b.steps_per_epoch, b.replicas)
+        # the momentum goes into the record and TensorBoard where the schedule cycles it
+        self.momentum_table = momentum if np.ptp(momentum) > 0 else None
         self.sinks: list = [self.record, console.EpochLines(recipe.epochs, b.is_main)]
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_acc = -1.0
@@ -175,6 +179,9 @@ class Run:
                 self._resume(*found)
         self.record.start(b.libraries(), b.device_name())
         self.record.rewind(self.global_step)
+        if recipe.tensorboard:  # event files rewound to the same step as the record
+            self.sinks.append(TensorBoardSink(self.record.workdir / "tensorboard",
+                                              self.global_step, b.is_main))
 
     # --- checkpoints -------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -249,9 +256,12 @@ class Run:
         acc = wc / wn if wn else float("nan")
         lr = float(self.lr_table[self.global_step - 1])  # the rate the last step used
         bar.set_postfix_str(f"loss {mean:.4f} acc {100 * acc:.1f}% lr {lr:.4g}")
+        line = {"step": self.global_step, "epoch": self.epoch + 1,
+                "train_loss_window": mean, "train_acc_window": acc, "lr": lr}
+        if self.momentum_table is not None:
+            line["momentum"] = float(self.momentum_table[self.global_step - 1])
         for sink in self.sinks:
-            sink.log_step({"step": self.global_step, "epoch": self.epoch + 1,
-                           "train_loss_window": mean, "train_acc_window": acc, "lr": lr})
+            sink.log_step(line)
         self.window[:] = 0
 
     # --- the loop ----------------------------------------------------------------------------
@@ -296,6 +306,8 @@ class Run:
                    "train_loss": loss_sum / count if count else float("nan"),
                    "train_acc": correct / count if count else float("nan"),
                    "lr": float(self.lr_table[self.global_step - 1])}
+        if self.momentum_table is not None:
+            metrics["momentum"] = float(self.momentum_table[self.global_step - 1])
         metrics.update(self.evaluate())
         b.end_epoch()  # after eval: a failed eval must not step a scheduler twice
         metrics["epoch_time"] = time.perf_counter() - t0
@@ -328,12 +340,17 @@ class Run:
                 self.best_acc = metrics["test_acc"]
             metrics["best_test_acc"] = self.best_acc
             metrics["state_digest"] = self.backend.digest()
-            # record, then best, then last: a crash between any two of them resumes from the
-            # previous `last`, which rewinds the record and redoes the epoch identically
+            confusion = metrics.pop("confusion")
+            metrics["per_class_test_acc"] = per_class(confusion)
+            # record and sinks, then best, then last: a crash between any two of them resumes
+            # from the previous `last`, which rewinds the record and the event files and redoes
+            # the epoch identically (the pictures are drawn again from the record)
             self.record.log(**metrics)
-            self.save(best)
+            if best:  # the best epoch's confusion matrix (its numbers and its picture)
+                self.record.confusion(confusion, metrics)
             for sink in self.sinks:
                 sink.log_epoch(metrics)
+            self.save(best)
             last = metrics
             if self.epoch < r.epochs and self.backend.any_process(self._stop_flag()):
                 raise Preempted(self.global_step)
@@ -343,15 +360,27 @@ class Run:
         return {"best_test_acc": self.best_acc, "global_step": self.global_step, **last}
 
 
+def per_class(confusion: np.ndarray) -> list:
+    """Each class's test accuracy; None (JSON null) for a class without test images."""
+    return [None if np.isnan(a) else a for a in plot.per_class_accuracy(confusion)]
+
+
 # --- entry points -------------------------------------------------------------------------------
 
 
 def test_metrics(backend: Backend) -> dict:
-    """Loss and accuracy over the whole test split, each image counted once."""
-    loss_sum, correct, count = backend.evaluate()
-    if int(count) != backend.num_eval:  # cannot happen unless sharding is broken
-        raise RuntimeError(f"evaluated {int(count)} images, the split has {backend.num_eval}")
-    return {"test_loss": loss_sum / count, "test_acc": correct / count, "test_count": int(count)}
+    """Loss and accuracy over the whole test split, each image counted once, and the confusion
+    matrix (key "confusion", an integer array: not for the JSON record as it is)."""
+    loss_sum, correct, count, confusion = backend.evaluate()
+    # cannot happen unless sharding is broken
+    if int(count) != backend.num_eval or int(confusion.sum()) != backend.num_eval:
+        raise RuntimeError(f"evaluated {int(count)} images ({int(confusion.sum())} in the "
+                           f"confusion matrix), the split has {backend.num_eval}")
+    if int(np.trace(confusion)) != int(correct):
+        raise RuntimeError(f"the confusion matrix has {int(np.trace(confusion))} correct "
+                           f"answers, the count says {int(correct)}")
+    return {"test_loss": loss_sum / count, "test_acc": correct / count, "test_count": int(count),
+            "confusion": confusion}
 
 
 def train_and_evaluate(make: Factory, recipe: Recipe, workdir: str | Path, framework: str,
@@ -367,6 +396,8 @@ def train_and_evaluate(make: Factory, recipe: Recipe, workdir: str | Path, frame
         with StopOnSignal(run, announce=run.backend.is_main):
             return run.run()
     finally:
+        for sink in run.sinks:
+            getattr(sink, "close", lambda: None)()
         run.backend.close()
 
 

@@ -107,6 +107,19 @@ def cifar_folder(dataset: str, data_dir: str | os.PathLike) -> Path:
     return Path(data_dir) / CIFAR_LAYOUT[dataset][0]
 
 
+def read_cifar_names(dataset: str, data_dir: str | os.PathLike) -> list[str]:
+    """The class names of the archive's meta file (label_names / fine_label_names); [] when
+    the file is missing or unreadable (the names are only used to label pictures)."""
+    meta, key = (("batches.meta", "label_names") if dataset == "cifar10"
+                 else ("meta", "fine_label_names"))
+    try:
+        with open(cifar_folder(dataset, data_dir) / meta, "rb") as fh:
+            entry = _CifarUnpickler(fh, encoding="latin1").load()
+        return [str(n) for n in entry[key]]
+    except Exception:  # missing, truncated, or not the expected dict: no names
+        return []
+
+
 def cifar_present(dataset: str, data_dir: str | os.PathLike) -> bool:
     folder, train_files, test_file, _, _ = CIFAR_LAYOUT[dataset]
     root = Path(data_dir) / folder

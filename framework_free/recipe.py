@@ -83,6 +83,7 @@ class Recipe:
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms + cuDNN deterministic
     log_every_steps: int = 50
+    tensorboard: bool = True  # event files in WORKDIR/tensorboard/ (needs the tensorboard package)
     checkpoint_every_steps: int = 0  # also write `last` every N steps; 0 = at each epoch end
     size: Literal[SIZES] = "full"  # smoke = a few steps on a data subset (see `make_recipe`)
 
@@ -102,7 +103,7 @@ class Recipe:
 # is read and logged. Everything else shapes the numbers and must match the run in the workdir.
 RESUME_MAY_CHANGE = frozenset(
     {"data_dir", "data_source", "download", "num_workers", "log_every_steps", "checkpoint_every_steps",
-     "eval_batch_size"}
+     "eval_batch_size", "tensorboard"}
 )
 
 # What `size="smoke"` does to any recipe: a handful of steps on a data subset, same code paths.

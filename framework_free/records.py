@@ -3,7 +3,9 @@
     WORKDIR/config.json        the resolved recipe, the framework, the command line
     WORKDIR/environment.json   library versions, machine, git commit (rewritten at each start)
     WORKDIR/metrics.jsonl      one JSON object per log line: step, epoch, losses, accuracies, lr
-    WORKDIR/curves.svg         loss and accuracy per epoch (framework_free.plot), after each epoch
+    WORKDIR/curves.png         loss and accuracy per epoch (framework_free.plot), after each epoch
+    WORKDIR/confusion.json     the best epoch's confusion matrix, per-class test accuracy and the
+    WORKDIR/confusion.png      most frequent confusions, with class names; and its picture
     WORKDIR/checkpoints/       each stack's checkpoints (torch: last.pt, best.pt)
 
 Starting a run in a workdir that already holds one resumes it when the recipe agrees, and refuses
@@ -156,8 +158,8 @@ class RunRecord:
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
 
-    # as a sink of the run driver (framework_free.driver): the JSONL line of an epoch is written
-    # before its checkpoint, by `log`; after the checkpoint the curves are redrawn
+    # as a sink of the run driver (framework_free.driver): the driver writes an epoch's JSONL
+    # line with `log`, then the curves are redrawn from the record, both before the checkpoint
     def log_step(self, metrics: dict) -> None:
         self.log(**metrics)
 
@@ -165,13 +167,36 @@ class RunRecord:
         self.plot()
 
     def plot(self) -> None:
-        """Redraw WORKDIR/curves.svg from the metrics written so far."""
+        """Redraw WORKDIR/curves.png from the metrics written so far."""
         if not self.writer:
             return
-        from framework_free.plot import curves_svg
+        from framework_free.plot import curves_png
 
         title = f"{self.recipe.recipe}: {self.recipe.model}, {self.framework}"
-        atomic_write_text(self.workdir / "curves.svg", curves_svg(self.read_metrics(), title))
+        curves_png(self.read_metrics(), self.workdir / "curves.png", title)
+
+    def confusion(self, matrix, metrics: dict) -> None:
+        """WORKDIR/confusion.json and confusion.png of an epoch's test predictions."""
+        if not self.writer:
+            return
+        import numpy as np
+
+        from framework_free import plot
+        from framework_free.datasets import class_names
+
+        names = class_names(self.recipe)
+        matrix = np.asarray(matrix, np.int64)
+        record = {"epoch": metrics["epoch"], "step": metrics["step"],
+                  "test_acc": metrics["test_acc"], "class_names": names,
+                  "per_class_test_acc": [None if a != a else a
+                                         for a in plot.per_class_accuracy(matrix)],
+                  "top_confusions": [{"true": t, "predicted": p, "count": n}
+                                     for t, p, n in plot.top_confusions(matrix, names)],
+                  "confusion": matrix.tolist()}
+        atomic_write_text(self.workdir / "confusion.json", json.dumps(record) + "\n")
+        title = (f"{self.recipe.recipe}, {self.framework}: test set at epoch {metrics['epoch']} "
+                 f"({100 * metrics['test_acc']:.2f}%)")
+        plot.confusion_png(matrix, names, self.workdir / "confusion.png", title)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():

@@ -72,3 +72,14 @@ def write_image_folder(folder: str | Path, classes: int = 3, per_class: tuple[in
                 Image.fromarray(arr).save(d / f"img_{c}_{i}.JPEG", quality=90)
         seed += 1
     return folder
+
+
+def tensorboard_scalars(workdir: str | Path, skip: tuple[str, ...] = ("Throughput/", "Time/")):
+    """{tag: [(step, value), ...]} of a run's TensorBoard files as TensorBoard reads them, every
+    step in order; tags starting with `skip` (wall-clock measurements) left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(Path(workdir) / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)]
+            for tag in sorted(ea.Tags()["scalars"]) if not tag.startswith(skip)}

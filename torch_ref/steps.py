@@ -52,14 +52,21 @@ def train_step(forward: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, dist: Dist, amp_dtype, device) -> tuple:
-    """(loss sum, correct, count) over the whole test split, summed over processes."""
+def evaluate(model: nn.Module, batches, dist: Dist, amp_dtype, device, num_classes: int) -> tuple:
+    """(loss sum, correct, count, confusion) over the whole test split, summed over processes;
+    confusion[true, predicted] counts images (int64, num_classes x num_classes)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
+    pairs = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     for x, y in batches:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
+        pred = logits.argmax(1)
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        sums[1] += (logits.argmax(1) == y).sum()
+        sums[1] += (pred == y).sum()
         sums[2] += y.numel()
-    return tuple(dist.all_sum(sums).tolist())
+        pairs += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
+    # float64 carries integer counts exactly up to 2**53
+    pairs = dist.all_sum(pairs.double()).round().long()
+    return (*dist.all_sum(sums).tolist(),
+            pairs.reshape(num_classes, num_classes).cpu().numpy())

@@ -46,7 +46,7 @@ class TorchBackend:
     framework, checkpoint_format = STACK, checkpoints.FORMAT
 
     def __init__(self, recipe: Recipe, checkpoint_dir: Path, device: str = "auto",
-                 train: bool = True):
+                 train: bool = True, tables=None):
         self.recipe, self.ckpt_dir = recipe, Path(checkpoint_dir)
         self.device = distributed.pick_device(device)
         self.dist = distributed.from_environment(self.device.type)
@@ -73,7 +73,7 @@ class TorchBackend:
         if not train:
             return
         self.optimizer, self.scheduler, self.scheduler_steps = optim.for_recipe(
-            self.model, recipe, self.steps_per_epoch, self.dist.world_size)
+            self.model, recipe, self.steps_per_epoch, self.dist.world_size, tables)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
         self.forward = self.model
@@ -138,7 +138,7 @@ class TorchBackend:
 
     def evaluate(self) -> tuple:
         return steps.evaluate(self.model, self.eval_batches, self.dist, self.amp_dtype,
-                              self.device)
+                              self.device, self.recipe.num_classes)
 
     def end_epoch(self) -> None:
         if self.scheduler_steps == "epoch":
@@ -190,9 +190,10 @@ class TorchBackend:
         self.dist.close()
 
 
-def backend_factory(recipe: Recipe, device: str = "auto") -> driver.Factory:
-    """make(checkpoint_dir, train) -> TorchBackend on `device` (auto, cpu, cuda)."""
-    return lambda ckpt_dir, train: TorchBackend(recipe, ckpt_dir, device, train)
+def backend_factory(recipe: Recipe, device: str = "auto", tables=None) -> driver.Factory:
+    """make(checkpoint_dir, train) -> TorchBackend on `device` (auto, cpu, cuda); `tables`
+    (lr, momentum per step) replace the recipe's schedule."""
+    return lambda ckpt_dir, train: TorchBackend(recipe, ckpt_dir, device, train, tables)
 
 
 def train_and_evaluate(recipe: Recipe, workdir: str | Path, device: str = "auto",

@@ -11,6 +11,7 @@ from configs import get_config
 from flax_impl import data, optim, steps
 from flax_impl.models import resnet20
 from flax_impl.train import FlaxBackend, NonFiniteLoss, Preempted, train_and_evaluate
+from framework_free import testing
 from framework_free.recipe import apply_overrides
 
 QUICK = ["batch_size=16", "eval_batch_size=16", "epochs=2", "train_subset=0", "eval_subset=0",
@@ -68,6 +69,8 @@ def test_run_records_and_resumes_exactly(fashion_dir, tmp_path, extra):
     drop = ("epoch_time", "train_images_per_s")
     assert [{k: v for k, v in m.items() if k not in drop} for m in a] == [
         {k: v for k, v in m.items() if k not in drop} for m in b]
+    assert testing.tensorboard_scalars(tmp_path / "stopped") == testing.tensorboard_scalars(
+        tmp_path / "straight")  # each step once, with the uninterrupted run's values
     kept = sorted(int(p.name) for p in (tmp_path / "stopped" / "checkpoints" / "last").iterdir())
     assert kept == [8, 12]  # the latest two
     assert [p.name for p in (tmp_path / "stopped" / "checkpoints" / "best").iterdir()]

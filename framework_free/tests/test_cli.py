@@ -65,6 +65,35 @@ def test_list_keys_and_help(tmp_path, stack):
     assert proc.returncode == 0 and "--recipe" in proc.stdout
 
 
+def assert_run_pictures(w, stack):
+    """What a finished one-epoch run leaves besides checkpoints: the PNGs, the best epoch's
+    confusion numbers (consistent with its accuracy) and TensorBoard's scalars."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in ("curves.png", "confusion.png"):
+        with Image.open(w / name) as im:
+            assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 200, name
+    epoch = [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()][-1]
+    conf = json.loads((w / "confusion.json").read_text())
+    m = np.array(conf["confusion"])
+    assert m.shape == (10, 10) and m.sum() == epoch["test_count"] == 40
+    assert np.trace(m) == round(epoch["test_acc"] * 40)
+    assert conf["class_names"][0] == "T-shirt/top" and conf["epoch"] == 1
+    acc = np.array(epoch["per_class_test_acc"], float)
+    rows = m.sum(1)
+    assert np.allclose(acc[rows > 0], (np.diag(m) / np.maximum(rows, 1))[rows > 0])
+    ea = EventAccumulator(str(w / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"Loss/train", "Accuracy/train", "Loss/val", "Accuracy/val", "LR"} <= tags
+    (val,) = ea.Scalars("Accuracy/val")
+    assert val.step == epoch["step"] and np.isclose(val.value, 100 * epoch["test_acc"])
+
+
 @pytest.mark.parametrize("stack", STACKS)
 def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack):
     common = ["--recipe", "fashion_mnist", "--size", "smoke", "--data-dir", str(fashion_dir),
@@ -72,7 +101,7 @@ def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack):
     first = run_cli(common, tmp_path, stack=stack)
     assert first.returncode == 0, first.stderr
     assert "first batch loss" in first.stdout and "epoch   1/1" in first.stdout
-    assert 'data-series="test_acc"' in (tmp_path / "w" / "curves.svg").read_text()
+    assert_run_pictures(tmp_path / "w", stack)
     again = run_cli(common, tmp_path, stack=stack)
     assert again.returncode == 0 and "already finished" in again.stdout
     other = run_cli(common[:-1] + ["epochs=2", "lr=0.2"], tmp_path, stack=stack)

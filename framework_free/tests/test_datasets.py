@@ -60,3 +60,17 @@ def test_default_folders():
     assert str(datasets.resolve_data_dir(get_config("cifar10"))) == "data"
     with pytest.raises(UserError, match="ImageNet has no default location"):
         datasets.resolve_data_dir(get_config("imagenet"))
+
+
+def test_class_names_come_from_the_data(cifar_dir, imagefolder_dir, tmp_path):
+    """The names that label confusion.png: CIFAR's meta file (the fixture writes class_0 ...),
+    ImageNet's class folders, Fashion-MNIST's documented ten; "class k" where none exist."""
+    c10 = get_config("cifar10").replace(data_dir=str(cifar_dir))
+    assert datasets.class_names(c10) == [f"class_{i}" for i in range(10)]
+    inet = get_config("imagenet").replace(data_dir=str(imagefolder_dir), num_classes=5)
+    names = datasets.class_names(inet)
+    assert names[:3] == sorted(p.name for p in (imagefolder_dir / "train").iterdir())
+    assert names[3:] == ["class 3", "class 4"]
+    assert datasets.class_names(get_config("fashion_mnist"))[6] == "Shirt"
+    missing = get_config("cifar100").replace(data_dir=str(tmp_path / "none"))
+    assert datasets.class_names(missing) == [f"class {i}" for i in range(100)]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import get_config
-from framework_free import driver
+from framework_free import driver, testing
 from framework_free.errors import CorruptData
 from framework_free.preemption import Preempted
 
@@ -40,11 +40,11 @@ class FakeBackend:
     steps_per_epoch, num_eval = 4, 10
 
     def __init__(self, ckpt_dir: Path, rank: int, exchange: Exchange, nan_steps=(),
-                 corrupt_at=None, allowed: int = 0):
+                 corrupt_at=None, allowed: int = 0, crash_at=None):
         self.ckpt_dir, self.rank, self.exchange = Path(ckpt_dir), rank, exchange
         self.is_main, self.num_processes = rank == 0, exchange.world
         self.replicas, self.num_train = exchange.world, 8 * exchange.world
-        self.nan_steps, self.corrupt_at = set(nan_steps), corrupt_at
+        self.nan_steps, self.corrupt_at, self.crash_at = set(nan_steps), corrupt_at, crash_at
         self.nonfinite_steps_allowed = allowed
         self.w, self.steps_done = 1.0, 0
 
@@ -69,6 +69,8 @@ class FakeBackend:
     def train_step(self, batch):
         epoch, step = batch
         g = epoch * self.steps_per_epoch + step
+        if g == self.crash_at:
+            raise RuntimeError(f"the process died before step {g}")  # no checkpoint written
         self.w = 0.9 * self.w + 0.1 * np.sin(g)  # the same on every rank, as after all-reduce
         loss = np.nan if g in self.nan_steps else abs(self.w) + 0.01 * (self.rank + 1) * step
         return loss, float((g + self.rank) % 3), 4.0 + self.rank  # uneven shares
@@ -84,7 +86,9 @@ class FakeBackend:
         return bool(self.all_sum([float(flag)])[0] > 0)
 
     def evaluate(self):
-        return 10 * abs(self.w), 5.0, 10.0
+        confusion = np.zeros((10, 10), np.int64)  # fashion_mnist's 10 classes: 5 right of 10
+        confusion[0, 0], confusion[0, 1] = 5, 5
+        return 10 * abs(self.w), 5.0, 10.0, confusion
 
     def end_epoch(self):
         pass
@@ -160,6 +164,26 @@ def test_two_processes_resumed_mid_epoch_record_what_an_uninterrupted_run_does(t
     assert [m["train_acc"] for m in want if "train_acc" in m] == [
         pytest.approx(sum(((e * 4 + s) % 3) * 1.0 + ((e * 4 + s + 1) % 3) for s in range(4)) / 36)
         for e in range(4)]
+
+
+def test_a_crash_rewinds_the_record_and_the_tensorboard_files(tmp_path):
+    """Killed at global step 10 (log lines at steps 3, 6, 9; the last checkpoint at step 8),
+    then rerun: the steps after 8 are done again, and neither the record nor TensorBoard holds
+    any of them twice or from the dead process."""
+    straight = run_two(tmp_path / "straight")
+    assert all(isinstance(r, dict) for r in straight), straight
+    crashed = run_two(tmp_path / "crashed", crash_at=10)
+    assert all(isinstance(r, RuntimeError) for r in crashed), crashed
+    before = testing.tensorboard_scalars(tmp_path / "crashed")
+    assert [s for s, _ in before["LR"]] == [3, 6, 9]  # step 9 is past the checkpoint
+    resumed = run_two(tmp_path / "crashed")
+    assert all(isinstance(r, dict) for r in resumed), resumed
+    assert records(tmp_path / "crashed") == records(tmp_path / "straight")
+    want = testing.tensorboard_scalars(tmp_path / "straight")
+    assert want["Loss/train_step"] and len(want["Accuracy/val"]) == 4
+    # only the main process writes: one event file for the two "processes"
+    assert len(list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert testing.tensorboard_scalars(tmp_path / "crashed") == want
 
 
 def test_tolerated_non_finite_steps_are_left_out_and_a_longer_streak_stops(tmp_path):

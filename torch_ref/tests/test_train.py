@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from configs import get_config
+from framework_free import testing
 from framework_free.recipe import apply_overrides
 from torch_ref import checkpoints
 from torch_ref.train import Preempted, train_and_evaluate
@@ -72,6 +73,8 @@ def test_resume_is_exact(fashion_dir, tmp_path, stop_after, pipeline, extra):
     train_and_evaluate(r, tmp_path / "stopped")
     assert_same_state(load_last(tmp_path / "straight"), load_last(tmp_path / "stopped"))
     assert records(tmp_path / "straight") == records(tmp_path / "stopped")  # one run's record
+    assert testing.tensorboard_scalars(tmp_path / "stopped") == testing.tensorboard_scalars(
+        tmp_path / "straight")  # each step once, with the uninterrupted run's values
 
 
 @pytest.mark.parametrize("case", ["imagenet", "dataloader"])
