@@ -47,9 +47,12 @@ def torch_sgd(lr, momentum, nesterov: bool, weight_decay: float) -> optax.Gradie
     return optax.chain(*parts)
 
 
-def for_recipe(recipe: Recipe, steps_per_epoch: int, world_size: int, dtype=jnp.float32):
-    """(optax transformation, lr schedule, momentum schedule) for a recipe."""
-    lr_values, mom_values = schedules.for_recipe(recipe, steps_per_epoch, world_size)
+def for_recipe(recipe: Recipe, steps_per_epoch: int, world_size: int, dtype=jnp.float32,
+               tables=None):
+    """(optax transformation, lr schedule, momentum schedule) for a recipe; `tables` (lr per
+    step, momentum per step) replace the recipe's schedule (the LR range test)."""
+    lr_values, mom_values = (tables if tables is not None
+                             else schedules.for_recipe(recipe, steps_per_epoch, world_size))
     lr = table_schedule(lr_values, dtype)
     momentum = table_schedule(mom_values, dtype)
     return torch_sgd(lr, momentum, recipe.nesterov, recipe.weight_decay), lr, momentum

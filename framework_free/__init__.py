@@ -8,7 +8,9 @@
 - `schedules`: the learning-rate and momentum schedules, and when a torch scheduler steps.
 - `readers`, `datasets`: NumPy readers of the on-disk formats, where each data set lives.
 - `pil_transforms`: ImageNet preprocessing with PIL, pixel for pixel torchvision's.
-- `records`, `console`, `plot`: the workdir record, the console lines, the curves.
+- `records`, `console`, `plot`, `tensorboard`: the workdir record, the console lines, the PNGs
+  (curves, confusion matrix, LR range test), TensorBoard event files.
+- `lr_find`: the LR range test (torch-lr-finder's `range_test` and suggestion) for both stacks.
 - `cli`, `errors`, `preemption`: the command line, one-line user errors, clean stops.
 - `chaos`, `testing`, `timing`: the kill test, test data in the real formats, a median timer.
 """

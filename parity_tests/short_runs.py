@@ -66,7 +66,7 @@ def make_batches(recipe: Recipe, split: readers.ArraySplit, count: int) -> list[
 
 
 def run_torch(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch: int,
-              threads: int | None = None, dtype=torch.float32) -> np.ndarray:
+              threads: int | None = None, dtype=torch.float32, tables=None) -> np.ndarray:
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -74,7 +74,7 @@ def run_torch(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch:
         model = build_torch(recipe)
         model.load_state_dict(state_dict)
         model = model.to(dtype=dtype, memory_format=torch.channels_last)
-        opt, sched, when = torch_optim.for_recipe(model, recipe, steps_per_epoch, 1)
+        opt, sched, when = torch_optim.for_recipe(model, recipe, steps_per_epoch, 1, tables)
         mean = torch.tensor(recipe.mean, dtype=dtype)  # not via float32: exact in float64
         std = torch.tensor(recipe.std, dtype=dtype)
         model.train()
@@ -100,9 +100,9 @@ def run_torch(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch:
 
 
 def run_flax(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch: int,
-             dtype=jnp.float32) -> np.ndarray:
+             dtype=jnp.float32, tables=None) -> np.ndarray:
     model = build_flax(recipe, dtype, dtype)
-    tx, _, _ = optim.for_recipe(recipe, steps_per_epoch, 1, dtype=dtype)
+    tx, _, _ = optim.for_recipe(recipe, steps_per_epoch, 1, dtype=dtype, tables=tables)
     variables = convert.torch_to_flax(state_dict)
     variables = jax.tree_util.tree_map(
         lambda a: jnp.asarray(a, dtype) if a.dtype.kind == "f" else jnp.asarray(a), variables)

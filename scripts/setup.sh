@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up this repository on a fresh Debian machine with Python 3.11; safe to run again.
 #   1. Debian's dataset-fashion-mnist (the real data every learning claim here uses)
-#   2. .venv/ with torch 2.14.1 + torchvision 0.29.1, JAX/Flax/optax/Orbax/TFDS (CPU builds) and
-#      this project (editable, with test tools)
+#   2. .venv/ with torch 2.14.1 + torchvision 0.29.1, JAX/Flax/optax/Orbax/TFDS (CPU builds),
+#      matplotlib and tensorboard, and this project (editable, with test tools: pytest,
+#      hypothesis, torch-lr-finder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -32,9 +32,42 @@ def make_scheduler(opt: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: 
         div_factor=recipe.onecycle_div_factor, final_div_factor=recipe.onecycle_final_div_factor)
 
 
-def for_recipe(model: torch.nn.Module, recipe: Recipe, steps_per_epoch: int, world_size: int):
+class TableScheduler:
+    """Sets the rate and momentum of step t from tables (float64, as computed in
+    framework_free): the LR range test's schedule. Stepped after each optimizer step; past the
+    end of the tables it keeps their last values."""
+
+    def __init__(self, opt: torch.optim.Optimizer, lr, momentum):
+        self.opt, self.lr, self.momentum = opt, list(map(float, lr)), list(map(float, momentum))
+        self.count = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        k = min(self.count, len(self.lr) - 1)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr[k]
+            if "momentum" in group:
+                group["momentum"] = self.momentum[k]
+
+    def step(self) -> None:
+        self.count += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+        self._apply()
+
+
+def for_recipe(model: torch.nn.Module, recipe: Recipe, steps_per_epoch: int, world_size: int,
+               tables=None):
     """(optimizer, scheduler, when) for a recipe; `when` is "epoch" or "step": call
-    scheduler.step() after each epoch's evaluation, or after each optimizer step."""
+    scheduler.step() after each epoch's evaluation, or after each optimizer step. `tables`
+    (lr per step, momentum per step) replace the recipe's schedule (the LR range test)."""
     opt = make_optimizer(model, recipe, world_size)
+    if tables is not None:
+        return opt, TableScheduler(opt, *tables), "step"
     sched = make_scheduler(opt, recipe, steps_per_epoch, world_size)
     return opt, sched, "epoch" if stepped_per_epoch(recipe) else "step"

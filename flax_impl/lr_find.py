@@ -1,0 +1,38 @@
+"""LR range test with JAX/Flax: ``python -m flax_impl.lr_find --recipe NAME [flags] [k=v ...]``.
+
+The test itself (schedule, smoothing, stopping, suggestion, files) is
+`framework_free.lr_find`; this is JAX's backend for it, the trainer's own with the range test's
+rates in place of the recipe's schedule (float32 tables, as in training).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import configs
+from flax_impl import checkpoints
+from flax_impl.train import FlaxBackend, pick_devices
+from framework_free import lr_find
+
+PROG = "python -m flax_impl.lr_find"
+
+
+def factory(recipe, device: str = "auto"):
+    """make(checkpoint_dir, train, tables) -> FlaxBackend on the devices `device` picks."""
+    devices = pick_devices(device)
+    return lambda ckpt_dir, train, tables: FlaxBackend(recipe, ckpt_dir, devices, train, tables)
+
+
+def main(argv: list[str] | None = None) -> int:
+    checkpoints.quiet_closed_loop_errors()
+    return lr_find.main(argv, PROG, "flax_impl", configs, factory)
+
+
+if __name__ == "__main__":
+    code = main()
+    if code:  # as flax_impl.train: skip a teardown that prints Orbax thread noise after an error
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
