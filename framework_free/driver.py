@@ -179,9 +179,11 @@ class Run:
                 self._resume(*found)
         self.record.start(b.libraries(), b.device_name())
         self.record.rewind(self.global_step)
+        events = self.record.workdir / "tensorboard"
         if recipe.tensorboard:  # event files rewound to the same step as the record
-            self.sinks.append(TensorBoardSink(self.record.workdir / "tensorboard",
-                                              self.global_step, b.is_main))
+            self.sinks.append(TensorBoardSink(events, self.global_step, b.is_main))
+        elif resuming and events.is_dir():  # off for now: still drop the discarded steps
+            TensorBoardSink(events, self.global_step, b.is_main).close()
 
     # --- checkpoints -------------------------------------------------------------------------
     def meta(self) -> dict:

@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -45,7 +46,7 @@ import numpy as np
 from framework_free import console
 from framework_free.cli import RecipeBook
 from framework_free.errors import UserError, report
-from framework_free.recipe import SIZES, Recipe, apply_overrides, resume_differences
+from framework_free.recipe import SIZES, Recipe, apply_overrides, resume_differences, world_lr
 
 STEP_MODES = ("exp", "linear")
 # recipe keys a range test does not use (its own schedule replaces them): a run folder whose
@@ -136,7 +137,7 @@ class Curve:
 
 def _trimmed(smoothed: Sequence[float], skip_start: int, skip_end: int) -> np.ndarray:
     """The points a suggestion may pick: skipped at both ends, cut at a non-finite value."""
-    losses = np.asarray(smoothed[skip_start:len(smoothed) - skip_end], np.float64)
+    losses = np.asarray(smoothed[skip_start:max(len(smoothed) - skip_end, 0)], np.float64)
     finite = np.isfinite(losses)
     return losses if finite.all() else losses[: int(np.argmin(finite))]
 
@@ -202,7 +203,8 @@ def _run(b, recipe: Recipe, t: RangeTest, lrs: np.ndarray) -> dict:
     curve = Curve(t)
     if b.is_main:
         console.say(f"LR range test of {recipe.recipe} ({recipe.model}) on {b.describe()}: "
-                    f"{t.num_iter} steps of batch {recipe.batch_size}, lr {t.start_lr:g} -> "
+                    f"{t.num_iter} steps of batch {recipe.batch_size * b.replicas}, "
+                    f"lr {t.start_lr:g} -> "
                     f"{t.end_lr:g} ({t.step_mode})")
     bar = console.progress(t.num_iter, 0, "lr range test", b.is_main)
     t0 = time.perf_counter()
@@ -219,12 +221,19 @@ def _run(b, recipe: Recipe, t: RangeTest, lrs: np.ndarray) -> dict:
     bar.close()
     lr, index = curve.suggestion()
     low = lowest(curve.lrs, curve.smoothed, t.skip_start, t.skip_end)
+    # the rates above are applied as they are; training scales the recipe's lr with the world
+    # size when lr_reference_world_size is set, so the override that trains at rate r is
+    # r * reference / replicas
+    scale = (recipe.lr_reference_world_size / b.replicas if recipe.lr_reference_world_size
+             else 1.0)
     return {"recipe": recipe.recipe, "model": recipe.model, "batch_size": recipe.batch_size,
+            "replicas": b.replicas, "global_batch": recipe.batch_size * b.replicas,
+            "suggested_override": None if lr is None else lr * scale,
             "options": dataclasses.asdict(t), "lr": curve.lrs, "loss_raw": curve.raw,
             "loss_smoothed": curve.smoothed, "steps_run": len(curve.raw),
             "stopped_early": curve.stopped, "suggested_lr": lr, "suggested_index": index,
             "lowest_loss_lr": low,
-            "recipe_lr": recipe.lr, "seconds": time.perf_counter() - t0,
+            "recipe_lr": world_lr(recipe, b.replicas), "seconds": time.perf_counter() - t0,
             "device": b.describe(), "config": recipe.to_dict()}
 
 
@@ -233,12 +242,16 @@ def write(result: dict, out: Path, framework: str) -> None:
     from framework_free import plot
     from framework_free.records import atomic_write_text
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "lr_find.json", json.dumps({"framework": framework, **result},
-                                                       indent=1) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "lr_find.json", json.dumps({"framework": framework, **result},
+                                                           indent=1) + "\n")
+    except OSError as err:
+        raise UserError(f"cannot write {out / 'lr_find.json'}: {err.strerror or err}; free "
+                        "space or pass another --workdir") from None
     o = result["options"]
     title = (f"{result['recipe']} ({result['model']}), {framework}: LR range test, "
-             f"batch {result['batch_size']}")
+             f"batch {result['global_batch']}")
     plot.lr_find_png(result["lr"], result["loss_smoothed"], out / "lr_find.png", title,
                      suggestion=result["suggested_lr"], raw_losses=result["loss_raw"],
                      skip_start=o["skip_start"], skip_end=o["skip_end"],
@@ -297,9 +310,21 @@ def parse(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook):
     else:
         suffix = "" if args.size == "full" else f"-{args.size}"
         out = Path("runs") / stack / f"{recipe.recipe}{suffix}-lr_find"
+    _check_writable(out)
+    return recipe, t, out, args.device
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the test, not after it: the folder (or its nearest existing parent) must be
+    a folder this process may write in."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; move it aside or pass another --workdir")
-    return recipe, t, out, args.device
+    here = out
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir() or not os.access(here, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the results into {out}: {here} is not a writable "
+                        "folder; pass --workdir with a folder you can write to")
 
 
 def _check_run(workdir: Path, recipe: Recipe) -> None:
@@ -311,7 +336,8 @@ def _check_run(workdir: Path, recipe: Recipe) -> None:
         return
     try:
         saved = json.loads(config.read_text())["recipe"]
-    except (OSError, ValueError, KeyError, TypeError):
+        saved.get("recipe")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{config} is unreadable; pass another --workdir") from None
     if saved.get("recipe") != recipe.recipe:
         raise UserError(f"workdir {workdir} holds a run of recipe {saved.get('recipe')!r}, not "
@@ -336,9 +362,16 @@ def suggestion_lines(result: dict, train_prog: str) -> list[str]:
                      "lower --skip-start/--skip-end")
         return lines
     lines.append(f"suggested lr {lr:.3g} (steepest descent of the smoothed loss; the recipe "
-                 f"uses lr={result['recipe_lr']:g}); the smoothed loss is lowest at lr "
-                 f"{result['lowest_loss_lr']:.3g}")
-    lines.append(f"to train with it: {train_prog} --recipe {result['recipe']} lr={lr:.3g}")
+                 f"trains at lr {result['recipe_lr']:.3g} here); the smoothed loss is lowest at "
+                 f"lr {result['lowest_loss_lr']:.3g}")
+    override = result["suggested_override"]
+    note = ""
+    if override != lr:
+        ref = result["config"]["lr_reference_world_size"]
+        note = (f" (the recipe's lr is the rate at {ref} replicas and scales with their number: "
+                f"{override:.3g} x {result['replicas']} / {ref} = {lr:.3g})")
+    lines.append(f"to train with it: {train_prog} --recipe {result['recipe']} "
+                 f"lr={override:.3g}{note}")
     return lines
 
 
@@ -357,3 +390,6 @@ def main(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook,
         return 0
     except UserError as err:
         return report(err, prog)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing written", file=sys.stderr)
+        return 130

@@ -139,9 +139,19 @@ class RunRecord:
                           json.dumps(environment(libraries, device), indent=2) + "\n")
 
     def rewind(self, step: int) -> None:
-        """Drop metric lines written after `step` (the checkpoint a resumed run continues from)."""
+        """Drop what was written after `step` (the checkpoint a resumed run continues from):
+        metric lines, and the confusion files of an epoch that is done again; redraw the
+        curves from what is left."""
         if not self.writer or not self.metrics_path.exists():
             return
+        confusion = self.workdir / "confusion.json"
+        try:
+            stale = json.loads(confusion.read_text())["step"] > step
+        except (OSError, ValueError, KeyError, TypeError):
+            stale = confusion.exists()  # unreadable: cut short by a crash
+        if stale:
+            for name in ("confusion.json", "confusion.png"):
+                (self.workdir / name).unlink(missing_ok=True)
         kept = []
         for line in self.metrics_path.read_text().splitlines():
             try:
@@ -150,6 +160,8 @@ class RunRecord:
             except ValueError:
                 continue  # a line cut short by a crash
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+        if step:
+            self.plot()
 
     def log(self, **metrics) -> None:
         if not self.writer:

@@ -65,7 +65,8 @@ def evaluate(model: nn.Module, batches, dist: Dist, amp_dtype, device, num_class
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
         sums[1] += (pred == y).sum()
         sums[2] += y.numel()
-        pairs += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
+        # index_put_ rather than bincount, which waits for the GPU to size its output
+        pairs.index_put_((y * num_classes + pred,), torch.ones_like(y), accumulate=True)
     # float64 carries integer counts exactly up to 2**53
     pairs = dist.all_sum(pairs.double()).round().long()
     return (*dist.all_sum(sums).tolist(),

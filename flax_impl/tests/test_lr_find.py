@@ -28,3 +28,24 @@ def test_command_writes_the_curve_and_suggests(fashion_dir, tmp_path, capsys):
     assert (r["suggested_lr"], r["suggested_index"]) == lr_find.suggest(r["lr"], r["loss_smoothed"],
                                                                         2, 2)
     assert f"lr={r['suggested_lr']:.3g}" in capsys.readouterr().out
+
+
+def test_the_backend_trains_at_the_tests_rates(fashion_dir, tmp_path):
+    """The rates reach the optimizer through FlaxBackend: at rate 0 a step leaves every
+    parameter as it was (weight decay is scaled by the rate too), where the recipe's own
+    schedule (0.1 at step 0) would move them."""
+    import jax
+
+    from torch_ref.tests.test_train import recipe_for
+
+    recipe = recipe_for("fashion_mnist", fashion_dir)
+    make = flax_lr_find.factory(recipe, "cpu")
+    zero = make(tmp_path / "a", True, (np.zeros(3), np.full(3, recipe.momentum)))
+    own = make(tmp_path / "b", True, None)
+    for b in (zero, own):
+        before = jax.device_get(b.state.params)
+        b.fetch([b.train_step(next(iter(b.batches(0, 0))))])
+        moved = [float(np.max(np.abs(x - y))) for x, y in zip(
+            jax.tree_util.tree_leaves(jax.device_get(b.state.params)),
+            jax.tree_util.tree_leaves(before))]
+        assert (max(moved) == 0) == (b is zero), max(moved)

@@ -120,9 +120,10 @@ class FakeBackend:
         pass
 
 
-def run_two(workdir, stop_after_step=None, **kw):
+def run_two(workdir, stop_after_step=None, recipe_changes=None, **kw):
     """Both ranks' train_and_evaluate, each in a thread; their results (or exceptions)."""
-    recipe = get_config("fashion_mnist", "smoke").replace(epochs=4, log_every_steps=3)
+    recipe = get_config("fashion_mnist", "smoke").replace(epochs=4, log_every_steps=3,
+                                                          **(recipe_changes or {}))
     exchange = Exchange(2)
     out = [None, None]
 
@@ -184,6 +185,31 @@ def test_a_crash_rewinds_the_record_and_the_tensorboard_files(tmp_path):
     # only the main process writes: one event file for the two "processes"
     assert len(list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert testing.tensorboard_scalars(tmp_path / "crashed") == want
+
+
+def test_a_resume_with_tensorboard_off_still_drops_the_discarded_steps(tmp_path):
+    """Otherwise a later resume with it on again would keep the dead process's steps 9..."""
+    run_two(tmp_path / "w", crash_at=10)
+    assert [s for s, _ in testing.tensorboard_scalars(tmp_path / "w")["LR"]] == [3, 6, 9]
+    out = run_two(tmp_path / "w", recipe_changes={"tensorboard": False})
+    assert all(isinstance(r, dict) for r in out), out
+    assert [s for s, _ in testing.tensorboard_scalars(tmp_path / "w")["LR"]] == [3, 6]
+
+
+def test_a_rewind_drops_the_confusion_files_of_a_discarded_epoch(tmp_path):
+    from framework_free.records import RunRecord
+
+    rec = RunRecord(tmp_path, "fake", get_config("fashion_mnist", "smoke"), writer=True)
+    rec.log(step=4, epoch=1, test_acc=0.5, train_loss=1.0, test_loss=1.0, train_acc=0.5)
+    rec.log(step=8, epoch=2, test_acc=0.6, train_loss=1.0, test_loss=1.0, train_acc=0.5)
+    for name in ("confusion.json", "confusion.png"):
+        (tmp_path / name).write_text(json.dumps({"step": 8}))
+    rec.rewind(8)  # the checkpoint holds epoch 2: its matrix stays
+    assert (tmp_path / "confusion.json").exists() and (tmp_path / "confusion.png").exists()
+    rec.rewind(4)  # epoch 2 is done again: its files go, the curves show epoch 1 only
+    assert not (tmp_path / "confusion.json").exists()
+    assert not (tmp_path / "confusion.png").exists()
+    assert [m["step"] for m in rec.read_metrics()] == [4] and (tmp_path / "curves.png").exists()
 
 
 def test_tolerated_non_finite_steps_are_left_out_and_a_longer_streak_stops(tmp_path):

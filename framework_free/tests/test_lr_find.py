@@ -87,3 +87,24 @@ def test_lowest_point_over_the_same_points():
     assert lr_find.lowest(lrs, losses, 0, 0) == lrs[5]  # the NaN cuts the tail off
     assert lr_find.lowest(lrs, losses, 0, 3) == lrs[3]  # skip_end leaves 0.5 out
     assert lr_find.lowest(lrs, losses, 8, 0) is None
+
+
+def test_the_override_undoes_the_recipes_world_size_scaling():
+    """imagenet's lr is the rate at 4 replicas (lr x world / 4): a rate found on 1 replica is
+    trained with lr = rate x 4."""
+    result = {"suggested_lr": 0.2, "suggested_override": 0.8, "stopped_early": None,
+              "recipe": "imagenet", "recipe_lr": 0.025, "lowest_loss_lr": 0.3, "replicas": 1,
+              "config": {"lr_reference_world_size": 4}, "options": {}, "steps_run": 200}
+    lines = lr_find.suggestion_lines(result, "python -m torch_ref.train")
+    assert "to train with it: python -m torch_ref.train --recipe imagenet lr=0.8 " in lines[-1]
+    assert "0.8 x 1 / 4 = 0.2" in lines[-1]
+
+
+def test_an_unwritable_output_folder_is_refused_before_the_test(tmp_path, capsys):
+    """A results folder under a regular file (root, as CI runs, may write anywhere else)."""
+    (tmp_path / "notes.txt").write_text("x")
+    code = lr_find.main(["--recipe", "fashion_mnist", "--workdir", str(tmp_path / "notes.txt" /
+                                                                      "run")],
+                        "prog", "stack", configs, lambda *_: None)
+    assert code == 2 and "is not a writable folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "x"
