@@ -12,6 +12,7 @@ renames it when complete, so a checkpoint cut short by a crash is never offered 
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -97,6 +98,17 @@ class Checkpoints:
             m.wait_until_finished()
             m.close()
         self._managers.clear()
+
+
+def exit_with(code: int):
+    """The end of a flax_impl command: after an error, skip the interpreter's teardown, where
+    Orbax/TensorStore threads print tracebacks about a closed event loop (nothing is pending:
+    saves are synchronous)."""
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def quiet_closed_loop_errors() -> None:

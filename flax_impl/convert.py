@@ -108,3 +108,50 @@ def flax_to_torch(variables) -> "collections.OrderedDict":
 
 
 __all__ = ["torch_to_flax", "flax_to_torch"]
+
+
+def read_orbax(step_dir) -> tuple[dict, dict]:
+    """(meta, variables) of a flax_impl checkpoint step folder (RUN/checkpoints/best/1234):
+    the run driver's record and {"params", "batch_stats"} as NumPy, without a template."""
+    from pathlib import Path
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    from framework_free.errors import UserError
+
+    p = Path(step_dir).absolute()
+    manager = ocp.CheckpointManager(p.parent, item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(
+                                        create=False, enable_async_checkpointing=False))
+    try:
+        meta = dict(manager.restore(int(p.name), args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"])
+        state = manager.restore(int(p.name), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+    except Exception as err:  # truncated files, foreign trees
+        raise UserError(f"checkpoint {p} cannot be read ({type(err).__name__}); pass another "
+                        "--checkpoint") from None
+    finally:
+        manager.close()
+    variables = {k: jax.tree_util.tree_map(np.asarray, state[k]) for k in ("params", "batch_stats")}
+    return meta, variables
+
+
+def read_torch(path) -> dict:
+    """A torch_ref checkpoint file (torch imported here, lazily): the driver's record with the
+    model's state_dict under "model_state"; a one-line UserError if it is not one."""
+    import torch
+
+    from framework_free.errors import UserError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}") from None
+    except Exception as err:  # truncated zip, bad pickle, foreign content
+        raise UserError(f"{path} is truncated, corrupt or not a torch_ref checkpoint "
+                        f"({type(err).__name__}); pass another --checkpoint") from None
+    if not isinstance(state, dict) or not str(state.get("format", "")).startswith("torch_ref/"):
+        raise UserError(f"{path} is not a torch_ref checkpoint; pass another --checkpoint")
+    return state

@@ -7,9 +7,6 @@ rates in place of the recipe's schedule (float32 tables, as in training).
 
 from __future__ import annotations
 
-import os
-import sys
-
 import configs
 from flax_impl import checkpoints
 from flax_impl.train import FlaxBackend, pick_devices
@@ -30,9 +27,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if code:  # as flax_impl.train: skip a teardown that prints Orbax thread noise after an error
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    checkpoints.exit_with(main())

@@ -176,6 +176,19 @@ class FlaxBackend:
         return meta, str(where)
 
     def restore_for_eval(self, path, check):
+        if path and Path(path).is_file():  # a torch_ref checkpoint file: converted
+            from flax_impl import convert
+            from framework_free import predict
+
+            state = convert.read_torch(path)
+            predict.check_model(state, self.recipe, path)
+            print(f"note: {path} is a torch_ref checkpoint; converted to Flax with "
+                  "flax_impl.convert", file=sys.stderr)
+            v = convert.torch_to_flax(state["model_state"])
+            self.state = self.steps.replicate(self.state.replace(params=v["params"],
+                                                                 batch_stats=v["batch_stats"]))
+            return ({k: state[k] for k in ("epoch", "global_step")},
+                    f"{path} (converted from torch_ref)")
         self.state, meta, where = self.ckpt.restore_for_eval(self.state, path, check)
         return meta, str(where)
 
@@ -212,14 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if code:
-        # After an error, skip the interpreter's teardown: Orbax/TensorStore threads otherwise
-        # print tracebacks about a closed event loop. Nothing is pending: saves are synchronous.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    checkpoints.exit_with(main())
 
 
 __all__ = ["train_and_evaluate", "evaluate_checkpoint", "backend_factory", "FlaxBackend", "main",

@@ -183,6 +183,17 @@ class TorchBackend:
         return state, str(path)
 
     def restore_for_eval(self, path, check):
+        if path and Path(path).is_dir():  # a flax_impl step folder: converted
+            from flax_impl import convert
+            from framework_free import predict
+
+            _, folder = predict.find_checkpoint(self.ckpt_dir.parent, path)
+            meta, variables = convert.read_orbax(folder)
+            predict.check_model(meta, self.recipe, str(folder))
+            print(f"note: {folder} is a flax_impl checkpoint; converted to torch with "
+                  "flax_impl.convert", file=sys.stderr)
+            self.model.load_state_dict(convert.flax_to_torch(variables))
+            return meta, f"{folder} (converted from flax_impl)"
         path = Path(path) if path else checkpoints.default_for_eval(self.ckpt_dir)
         return self._load(path, check), str(path)
 

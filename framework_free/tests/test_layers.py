@@ -1,5 +1,7 @@
-"""Layers point down only: framework_free imports neither framework nor what sits above it,
-torch_ref never imports JAX, flax_impl imports torch only in its weight conversion, lazily."""
+"""Layers point down only: framework_free imports neither framework nor what sits above it;
+the stacks cross only through the weight conversion, lazily: flax_impl imports torch only in
+`flax_impl.convert`, and torch_ref imports JAX only through `flax_impl.convert` (to read the other
+stack's checkpoints), inside functions."""
 
 import ast
 import subprocess
@@ -38,8 +40,13 @@ def sources(package: str) -> list[Path]:
                                              ("torch_ref", JAX | {"flax_impl"}),
                                              ("flax_impl", {"torch_ref"})])
 def test_no_import_points_up_or_across(package, banned):
+    def allowed(p: Path, name: str, line: int, top: bool) -> bool:
+        text = p.read_text().splitlines()[line - 1].strip()
+        return (package == "torch_ref" and name == "flax_impl" and not top
+                and text == "from flax_impl import convert")
+
     bad = [f"{p.name}:{line} imports {name}" for p in sources(package)
-           for name, line, _ in imports(p) if name in banned]
+           for name, line, top in imports(p) if name in banned and not allowed(p, name, line, top)]
     assert not bad, bad
 
 

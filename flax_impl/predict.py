@@ -1,0 +1,68 @@
+"""Predict with JAX/Flax: ``python -m flax_impl.predict --workdir RUN [--checkpoint PATH]
+[--top K] [--json] IMAGE...`` (the command is `framework_free.predict`'s).
+
+A torch_ref checkpoint (a run of the other stack, or --checkpoint naming a .pt file) is read with
+torch and converted by `flax_impl.convert.torch_to_flax`. The model computes in float32.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_impl import augment, checkpoints, convert
+from flax_impl.models import build_model
+from flax_impl.train import pick_devices
+from framework_free import predict
+from framework_free.recipe import Recipe
+
+PROG = "python -m flax_impl.predict"
+
+
+def load_variables(recipe: Recipe, checkpoint: str | None, workdir: Path):
+    """({"params", "batch_stats"}, description) from a checkpoint of either stack."""
+    kind, path = predict.find_checkpoint(workdir, checkpoint)
+    if kind == "flax_impl":
+        meta, variables = convert.read_orbax(path)
+        predict.check_model(meta, recipe, str(path))
+        return variables, str(path)
+    state = convert.read_torch(path)
+    predict.check_model(state, recipe, str(path))
+    print(f"note: {path} is a torch_ref checkpoint; converted to Flax with flax_impl.convert",
+          file=sys.stderr)
+    return convert.torch_to_flax(state["model_state"]), f"{path} (a torch_ref checkpoint, converted)"
+
+
+def logits_fn(variables, recipe: Recipe, device: str = "auto"):
+    """uint8 NHWC images -> float32 logits, normalised as the evaluation does."""
+    target = pick_devices(device)[0]
+    model = build_model(recipe, jnp.float32)
+    variables = jax.device_put(variables, target)
+
+    @jax.jit
+    def apply(v, images):
+        x = augment.to_float_normalized(images, tuple(recipe.mean), tuple(recipe.std), None,
+                                        jnp.float32)
+        return model.apply(v, x, train=False)
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return np.asarray(apply(variables, jax.device_put(images, target)), np.float32)
+
+    return run
+
+
+def load(recipe: Recipe, checkpoint: str | None, workdir: Path, device: str = "auto"):
+    variables, where = load_variables(recipe, checkpoint, workdir)
+    return logits_fn(variables, recipe, device), where
+
+
+def main(argv: list[str] | None = None) -> int:
+    return predict.main(argv, PROG, load)
+
+
+if __name__ == "__main__":
+    checkpoints.exit_with(main())

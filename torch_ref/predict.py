@@ -1,0 +1,70 @@
+"""Predict with PyTorch: ``python -m torch_ref.predict --workdir RUN [--checkpoint PATH]
+[--top K] [--json] IMAGE...`` (the command is `framework_free.predict`'s).
+
+A flax_impl checkpoint (a run of the other stack, or --checkpoint naming one) is read with Orbax
+and converted by `flax_impl.convert.flax_to_torch` (JAX is imported for that only).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from framework_free import predict
+from framework_free.recipe import Recipe
+from torch_ref import augment, checkpoints, distributed
+from torch_ref.models import build_model
+
+PROG = "python -m torch_ref.predict"
+
+
+def load_model(recipe: Recipe, checkpoint: str | None, workdir: Path, device: str = "auto"):
+    """(eval-mode model on its device, description) from a checkpoint of either stack."""
+    kind, path = predict.find_checkpoint(workdir, checkpoint)
+    if kind == "torch_ref":
+        state = checkpoints.load(path)
+        predict.check_model(state, recipe, str(path))
+        weights, note = state["model_state"], ""
+    else:
+        from flax_impl import convert
+
+        meta, variables = convert.read_orbax(path)
+        predict.check_model(meta, recipe, str(path))
+        weights, note = convert.flax_to_torch(variables), " (a flax_impl checkpoint, converted)"
+        print(f"note: {path} is a flax_impl checkpoint; converted to torch with "
+              "flax_impl.convert", file=sys.stderr)
+    model = build_model(recipe)
+    model.load_state_dict(weights)
+    model = model.to(distributed.pick_device(device)).eval()
+    return model, f"{path}{note}"
+
+
+def logits_fn(model: torch.nn.Module, recipe: Recipe):
+    """uint8 NHWC images -> float32 logits, normalised as the evaluation does."""
+    device = next(model.parameters()).device
+    mean = torch.tensor(recipe.mean, device=device)
+    std = torch.tensor(recipe.std, device=device)
+
+    @torch.no_grad()
+    def run(images: np.ndarray) -> np.ndarray:
+        x = augment.to_float_normalized(torch.from_numpy(images).to(device), mean, std,
+                                        recipe.channels_last)
+        return model(x).float().cpu().numpy()
+
+    return run
+
+
+def load(recipe: Recipe, checkpoint: str | None, workdir: Path, device: str = "auto"):
+    model, where = load_model(recipe, checkpoint, workdir, device)
+    return logits_fn(model, recipe), where
+
+
+def main(argv: list[str] | None = None) -> int:
+    return predict.main(argv, PROG, load)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
