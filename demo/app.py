@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -17,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from framework_free import predict  # noqa: E402
+from framework_free.cli import Parser  # noqa: E402
 from framework_free.datasets import class_names  # noqa: E402
 from framework_free.errors import UserError, report  # noqa: E402
 
@@ -113,10 +113,6 @@ def port_free(host: str, port: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise UserError(f"{message} (see --help)")
-
     p = Parser(prog=PROG, allow_abbrev=False, description="The Gradio demo of a trained run.")
     p.add_argument("--workdir", required=True, help="the training run's folder")
     p.add_argument("--checkpoint", help="a checkpoint of either stack (default: the run's best)")

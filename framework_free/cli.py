@@ -28,13 +28,15 @@ class RecipeBook(Protocol):
         ...
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are a UserError: one line, exit 2 (every command here uses it)."""
+
     def error(self, message):  # argparse prints usage + message; we want one line
         raise UserError(f"{message} (see --help)")
 
 
 def build_parser(prog: str, recipes: Sequence[str]) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, allow_abbrev=False,
+    p = Parser(prog=prog, allow_abbrev=False,
                 description="Train a ResNet recipe from configs/ (see README.md).",
                 epilog="overrides: key=value words, e.g. epochs=5 lr=0.05; --list-keys lists them")
     p.add_argument("--recipe", help=f"one of: {', '.join(recipes)}")

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from framework_free import console
-from framework_free.cli import RecipeBook
+from framework_free.cli import Parser, RecipeBook
 from framework_free.errors import UserError, report
 from framework_free.recipe import SIZES, Recipe, apply_overrides, resume_differences, world_lr
 
@@ -261,14 +261,9 @@ def write(result: dict, out: Path, framework: str) -> None:
 # --- the command line -----------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser(prog: str, recipes: Sequence[str]) -> argparse.ArgumentParser:
     d = RangeTest()
-    p = _Parser(prog=prog, allow_abbrev=False,
+    p = Parser(prog=prog, allow_abbrev=False,
                 description="LR range test: train a recipe's model while the rate rises "
                             "exponentially, plot the loss, suggest a rate (see README.md).",
                 epilog="overrides: key=value words change the recipe, e.g. batch_size=64")

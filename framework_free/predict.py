@@ -16,7 +16,6 @@ those `--eval-only` computes. Output: per image the top-K classes with names and
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from framework_free.cli import Parser
 from framework_free.errors import UserError, report
 from framework_free.recipe import Recipe, make_recipe
 
@@ -92,8 +92,6 @@ def load_image(path: str, recipe: Recipe) -> np.ndarray:
     """One image file as the recipe's evaluation input: uint8 (size, size, channels)."""
     from PIL import Image, UnidentifiedImageError
 
-    from framework_free import pil_transforms
-
     try:
         with open(path, "rb") as fh:
             img = Image.open(fh)
@@ -131,11 +129,7 @@ def top_k(logits: np.ndarray, names: Sequence[str], k: int) -> list[dict]:
     return [{"class": int(i), "name": names[i], "prob": float(p[i])} for i in order]
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise UserError(f"{message} (see --help)")
-
+def build_parser(prog: str) -> Parser:
     p = Parser(prog=prog, allow_abbrev=False,
                description="Classify image files with a trained run (see README.md).")
     p.add_argument("--workdir", required=True, help="the training run's folder")

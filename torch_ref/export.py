@@ -12,7 +12,6 @@ checked: onnxruntime runs it on a seeded batch and its logits must equal torch's
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from framework_free import predict
+from framework_free.cli import Parser
 from framework_free.datasets import class_names
 from framework_free.errors import UserError, report
 from torch_ref import predict as torch_predict
@@ -93,10 +93,6 @@ def export(recipe, checkpoint: str | None, workdir: Path, out: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise UserError(f"{message} (see --help)")
-
     p = Parser(prog=PROG, allow_abbrev=False, description="Export a trained run to ONNX.")
     p.add_argument("--workdir", required=True, help="the training run's folder")
     p.add_argument("--out", required=True, help="the .onnx file to write")
