@@ -12,6 +12,7 @@ renames it when complete, so a checkpoint cut short by a crash is never offered 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from framework_free.errors import UserError
+from framework_free import preemption
+from framework_free.errors import UnusableCheckpoint, UserError
 
 KEEP_LAST = 2
 FORMAT = "flax_impl/2"  # 2: TrainState without its unused rng
@@ -44,13 +46,14 @@ class Checkpoints:
         kinds = ("best", "last") if best else ("last",)  # best first: see flax_impl.train.run
         for kind in kinds:
             manager = self._manager(kind)
+            manager.reload()  # a resume may have moved an unreadable step folder away
             if step in manager.all_steps():  # written before a crash; the redo is identical
                 manager.delete(step)
+            preemption.pause("write")  # tests: a signal lands as the write begins
             manager.save(step, args=args, force=True)
 
     def _restore(self, kind: str, step: int, template, check):
         where = self.root / kind / str(step)
-        fix = f"delete {where} to fall back to an earlier checkpoint, or pass another --workdir"
         manager = self._manager(kind)
 
         def read(args):
@@ -59,8 +62,8 @@ class Checkpoints:
             except Exception as err:  # truncated files, foreign trees, wrong shapes
                 first = str(err).split("See full TensorStore details")[0].strip()
                 first = first.splitlines()[0][:200] if first else ""
-                raise UserError(f"checkpoint {where} cannot be restored ({type(err).__name__}: "
-                                f"{first}); {fix}") from None
+                raise UnusableCheckpoint(f"checkpoint {where} cannot be restored "
+                                         f"({type(err).__name__}: {first})") from None
 
         # the small JSON item first: a checkpoint of another run is named as such, not as a
         # tree that fails to match
@@ -69,20 +72,29 @@ class Checkpoints:
         state = read(ocp.args.Composite(state=ocp.args.StandardRestore(template)))["state"]
         return state, meta, where
 
-    def restore_latest(self, template, check):
-        """(state, meta, path) of the latest complete checkpoint, or None if there is none;
-        check(meta, where) runs before the arrays are read."""
-        step = self._manager("last").latest_step()
-        if step is None:
-            return None
-        return self._restore("last", step, template, check)
+    def resume_candidates(self) -> list[str]:
+        """Newest first: the complete `last` steps, then the best one."""
+        found = []
+        for kind in ("last", "best"):
+            if (self.root / kind).is_dir():
+                found += [str(self.root / kind / str(step))
+                          for step in sorted(self._manager(kind).all_steps(), reverse=True)]
+        return found
+
+    def restore(self, template, where: str, check):
+        """(state, meta) of the checkpoint folder `where` (root/kind/step); check(meta, where)
+        runs before the arrays are read."""
+        p = Path(where)
+        state, meta, _ = self._restore(p.parent.name, int(p.name), template, check)
+        return state, meta
 
     def restore_for_eval(self, template, path: str | None, check):
         if path is not None:
             p = Path(path).absolute()
-            if not p.is_dir() or not p.name.isdigit():
-                raise UserError(f"--checkpoint {path} is not an Orbax step folder such as "
-                                "WORKDIR/checkpoints/best/1234")
+            if not p.is_dir() or not p.name.isdigit() or not any(p.iterdir()):
+                raise UserError(f"--checkpoint {path} is not a flax_impl checkpoint (an Orbax "
+                                "step folder such as WORKDIR/checkpoints/best/1234) nor a "
+                                "torch_ref .pt file; pass one of those")
             self.root = p.parent.parent
             self._managers.clear()
             return self._restore(p.parent.name, int(p.name), template, check)
@@ -118,6 +130,10 @@ def quiet_closed_loop_errors() -> None:
     def closed_loop(exc) -> bool:
         return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
 
+    # Orbax's writer threads log a failure (a full disk) with its traceback, then the save
+    # re-raises it in the caller, where the command reports it in one line: drop the log record
+    logging.getLogger("absl").addFilter(
+        lambda record: "_SignalingThread.run() raised an exception" not in record.getMessage())
     thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
     threading.excepthook = lambda a: None if closed_loop(a.exc_value) else thread_hook(a)
     sys.unraisablehook = lambda a: None if closed_loop(a.exc_value) else unraisable_hook(a)

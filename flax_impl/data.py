@@ -19,6 +19,7 @@ ones too.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import queue
 import threading
 
@@ -40,13 +41,22 @@ def _pad(array: np.ndarray, rows: int) -> np.ndarray:
 
 
 class _Rows:
-    """Which rows of each global batch this process feeds (all of them on one process)."""
+    """Which rows of each global batch this process feeds (all of them on one process).
 
-    def __init__(self, global_batch: int, process_index: int, process_count: int):
+    A batch is padded to the global batch size, or, when the data has fewer examples than
+    that, to the number of examples rounded up to a multiple of `multiple` (the devices the
+    batch splits over): a batch larger than the set is the set, as in torch_ref."""
+
+    def __init__(self, global_batch: int, process_index: int, process_count: int,
+                 num_examples: int | None = None, multiple: int = 1):
         if global_batch % process_count:
             raise UserError(f"the global batch of {global_batch} does not split over "
                             f"{process_count} processes; change batch_size")
-        self.per_process = global_batch // process_count
+        rows = global_batch
+        if num_examples is not None and num_examples < global_batch:
+            m = math.lcm(multiple, process_count)
+            rows = min(global_batch, max(1, -(-num_examples // m)) * m)
+        self.per_process = rows // process_count
         self.start = process_index * self.per_process
 
     def take(self, values: np.ndarray) -> np.ndarray:
@@ -62,11 +72,13 @@ class InMemoryTrain:
     """Training batches over an in-memory split whose arrays the trainer puts on the devices."""
 
     def __init__(self, split: readers.ArraySplit, recipe: Recipe, global_batch: int,
-                 process_index: int = 0, process_count: int = 1, mix_groups: int = 1):
+                 process_index: int = 0, process_count: int = 1, mix_groups: int = 1,
+                 pad_multiple: int = 1):
         self.recipe, self.global_batch = recipe, global_batch
         self.arrays = (split.images, split.labels.astype(np.int32))
         self.num_examples = len(split)
-        self.rows = _Rows(global_batch, process_index, process_count)
+        self.rows = _Rows(global_batch, process_index, process_count, self.num_examples,
+                          pad_multiple)
         self.plan = sampling.TrainPlan(recipe, self.num_examples, global_batch,
                                        mix_groups=mix_groups)
         self.steps = self.plan.steps
@@ -95,10 +107,11 @@ class InMemoryEval:
     """Exact eval: the test split in order, the last batch padded and masked."""
 
     def __init__(self, split: readers.ArraySplit, recipe: Recipe, global_batch: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, pad_multiple: int = 1):
         self.arrays = (split.images, split.labels.astype(np.int32))
         self.num_examples, self.global_batch = len(split), global_batch
-        self.rows = _Rows(global_batch, process_index, process_count)
+        self.rows = _Rows(global_batch, process_index, process_count, self.num_examples,
+                          pad_multiple)
 
     def __iter__(self):
         for start in range(0, self.num_examples, self.global_batch):
@@ -147,8 +160,9 @@ class ImageFiles:
             return pil_transforms.load_image(self.paths[i], self.channels)
         except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError too
             raise CorruptData(f"image file {self.paths[i]} is corrupt or not an image "
-                              f"({type(err).__name__}); remove or replace it, then rerun the "
-                              "same command (a checkpoint of the last completed step was "
+                              f"({type(err).__name__}); replace it with a good copy "
+                              "(removing it changes the training set, which a resumed run "
+                              "refuses), then rerun the same command (a checkpoint of the last completed step was "
                               "written; the run resumes there)") from None
 
 
@@ -156,11 +170,12 @@ class _Images:
     """Images decoded by a pool of threads (PIL releases the GIL while it decodes and resizes)."""
 
     def __init__(self, images, recipe: Recipe, global_batch: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, pad_multiple: int = 1):
         self.images, self.labels = images, images.labels
         self.recipe, self.global_batch = recipe, global_batch
         self.num_examples = len(images)
-        self.rows = _Rows(global_batch, process_index, process_count)
+        self.rows = _Rows(global_batch, process_index, process_count, self.num_examples,
+                          pad_multiple)
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, recipe.num_workers))
         self.arrays = None  # nothing held on the devices: batches carry their images
 
@@ -258,11 +273,12 @@ def _imagenet_images(recipe: Recipe, train: bool):
 
 
 def build_train(recipe: Recipe, global_batch: int, process_index: int = 0,
-                process_count: int = 1, mix_groups: int = 1):
+                process_count: int = 1, mix_groups: int = 1, pad_multiple: int = 1):
     """Training batches for a recipe; UserError when the data is not there. `mix_groups`: the
     data-parallel replicas whose shares MixUp/CutMix partners stay within (as torch_ref's DDP
-    processes)."""
-    where = dict(process_index=process_index, process_count=process_count, mix_groups=mix_groups)
+    processes); `pad_multiple`: the devices a batch splits over."""
+    where = dict(process_index=process_index, process_count=process_count, mix_groups=mix_groups,
+                 pad_multiple=pad_multiple)
     if recipe.dataset == "imagenet":
         return ImagesTrain(_imagenet_images(recipe, True), recipe, global_batch, **where)
     return InMemoryTrain(load_in_memory(recipe, True), recipe, global_batch, **where)
@@ -280,9 +296,11 @@ def regulariser_rows(rows: "_Rows | None", d) -> dict:
             "mix_kind": take(np.full(n, d.kind, np.int32)), "box": take(np.tile(d.box, (n, 1)))}
 
 
-def build_eval(recipe: Recipe, global_batch: int, process_index: int = 0, process_count: int = 1):
+def build_eval(recipe: Recipe, global_batch: int, process_index: int = 0, process_count: int = 1,
+               pad_multiple: int = 1):
     """Test batches for a recipe, every image exactly once."""
-    where = dict(process_index=process_index, process_count=process_count)
+    where = dict(process_index=process_index, process_count=process_count,
+                 pad_multiple=pad_multiple)
     if recipe.dataset == "imagenet":
         return ImagesEval(_imagenet_images(recipe, False), recipe, global_batch, **where)
     return InMemoryEval(load_in_memory(recipe, False), recipe, global_batch, **where)

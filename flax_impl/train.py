@@ -75,11 +75,12 @@ class FlaxBackend:
                                 f"{len(self.devices)} devices; make {name} a multiple of "
                                 f"{len(self.devices)}")
         where = (jax.process_index(), self.num_processes)
-        self.train_batches = (data.build_train(recipe, batch, *where, mix_groups=self.replicas)
-                              if train else None)
+        pad = len(self.devices)  # a batch larger than the data is padded only to the data
+        self.train_batches = (data.build_train(recipe, batch, *where, mix_groups=self.replicas,
+                                               pad_multiple=pad) if train else None)
         self.steps_per_epoch = self.train_batches.steps if train else 1
         self.num_train = self.train_batches.num_examples if train else 0
-        self.eval_batches = data.build_eval(recipe, eval_batch, *where)
+        self.eval_batches = data.build_eval(recipe, eval_batch, *where, pad_multiple=pad)
         self.num_eval = self.eval_batches.num_examples
         self.model = build_model(recipe, self.dtype)
         tx, _, _ = optim.for_recipe(recipe, self.steps_per_epoch, self.replicas, tables=tables)
@@ -142,9 +143,13 @@ class FlaxBackend:
 
         return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
-    def evaluate(self) -> tuple:
-        out = jax.device_get([self.steps.evaluate(self.state, batch, self.eval_source)
-                              for batch in self.eval_batches])
+    def evaluate(self, between=None) -> tuple:
+        out = []
+        for batch in self.eval_batches:
+            if between is not None:
+                between()
+            out.append(self.steps.evaluate(self.state, batch, self.eval_source))
+        out = jax.device_get(out)
         c = self.recipe.num_classes
         confusion = np.zeros((c, c), np.int64)
         for m in out:
@@ -168,12 +173,15 @@ class FlaxBackend:
     def save(self, meta: dict, best: bool) -> None:
         self.ckpt.save(meta["global_step"], self.state, meta, best=best)
 
-    def restore_latest(self, check):
-        found = self.ckpt.restore_latest(self.state, check)
-        if found is None:
-            return None
-        self.state, meta, where = found
-        return meta, str(where)
+    def resume_candidates(self) -> list[str]:
+        return self.ckpt.resume_candidates()
+
+    def restore(self, where: str, check) -> dict:
+        self.state, meta = self.ckpt.restore(self.state, where, check)
+        return meta
+
+    def checkpoint_bytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.state))
 
     def restore_for_eval(self, path, check):
         if path and Path(path).is_file():  # a torch_ref checkpoint file: converted
@@ -206,7 +214,7 @@ def train_and_evaluate(recipe: Recipe, workdir: str | Path, devices=None,
                        stop_after_step: int | None = None) -> dict:
     """framework_free.driver.train_and_evaluate with this stack (resumes; may raise Preempted)."""
     return driver.train_and_evaluate(backend_factory(recipe, devices), recipe, workdir, STACK,
-                                     stop_after_step)
+                                     stop_after_step, jax.process_index() == 0)
 
 
 def evaluate_checkpoint(recipe: Recipe, workdir: str | Path, path: str | None = None,

@@ -57,7 +57,9 @@ def build_parser(prog: str, recipes: Sequence[str]) -> argparse.ArgumentParser:
 def parse(argv: list[str] | None, prog: str, stack: str,
           recipes: RecipeBook) -> tuple[argparse.Namespace, Recipe | None]:
     """Parse the command line into (args, recipe); recipe is None for --list-keys."""
-    args = build_parser(prog, recipes.RECIPES).parse_args(sys.argv[1:] if argv is None else argv)
+    # intermixed: key=value words may sit before, between or after the flags
+    args = build_parser(prog, recipes.RECIPES).parse_intermixed_args(
+        sys.argv[1:] if argv is None else argv)
     if args.list_keys:
         return args, None
     if not args.recipe:
@@ -69,6 +71,9 @@ def parse(argv: list[str] | None, prog: str, stack: str,
         recipe = recipe.replace(data_dir=args.data_dir)
     if args.checkpoint and not args.eval_only:
         raise UserError("--checkpoint is for --eval-only; training resumes from --workdir")
+    if args.workdir is not None and not args.workdir.strip():
+        raise UserError("--workdir is empty; pass the run folder (or leave the flag out for "
+                        "runs/<stack>/<recipe>)")
     if args.workdir is None:
         suffix = "" if args.size == "full" else f"-{args.size}"
         args.workdir = str(Path("runs") / stack / f"{recipe.recipe}{suffix}")

@@ -27,6 +27,8 @@ class with `log_step(metrics)` and `log_epoch(metrics)` (and optionally `close()
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,9 +36,10 @@ from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
-from framework_free import cli, console, plot, schedules
-from framework_free.errors import CorruptData, UserError, report
-from framework_free.preemption import EXIT_PREEMPTED, Preempted, StopOnSignal
+from framework_free import cli, console, plot, preemption, schedules
+from framework_free.errors import (CorruptData, UnusableCheckpoint, UserError, file_system_error,
+                                   report)
+from framework_free.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, StopOnSignal
 from framework_free.recipe import Recipe
 from framework_free.records import RunRecord
 from framework_free.tensorboard import TensorBoardSink
@@ -46,6 +49,15 @@ STOP_CHECK_EVERY = 10  # with several processes, they agree on stopping every th
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class WrongRun(UserError):
+    """A checkpoint of another run (recipe, model, framework, format): never fallen back from."""
+
+
+class _EvalStopped(Exception):
+    """A stop request arrived during evaluation (one process): the epoch is evaluated again on
+    resume, from a checkpoint taken after its last training step."""
 
 
 class Backend(Protocol):
@@ -93,9 +105,11 @@ class Backend(Protocol):
     def any_process(self, flag: bool) -> bool:
         """True on every process if `flag` is True on any (every process calls it)."""
 
-    def evaluate(self) -> tuple[float, float, float, np.ndarray]:
+    def evaluate(self, between: Callable[[], None] | None = None
+                 ) -> tuple[float, float, float, np.ndarray]:
         """(loss sum, correct, count, confusion) over the whole test split, every image once;
-        confusion[true, predicted] counts images (num_classes x num_classes integers)."""
+        confusion[true, predicted] counts images (num_classes x num_classes integers). Calls
+        `between()` (if given) before each batch; it may raise to abandon the evaluation."""
 
     def end_epoch(self) -> None:
         """After an epoch's evaluation (torch: the per-epoch scheduler step)."""
@@ -103,9 +117,16 @@ class Backend(Protocol):
     def save(self, meta: dict, best: bool) -> None:
         """Write the arrays with `meta` (JSON-able) as `last`, and as `best` first if `best`."""
 
-    def restore_latest(self, check: Callable[[dict, str], None]) -> tuple[dict, str] | None:
-        """Load the latest `last` checkpoint, calling check(meta, where) before the arrays;
-        (meta, where) or None when there is none."""
+    def resume_candidates(self) -> list[str]:
+        """The checkpoints a run may resume from, newest first: the `last` one, the one before
+        it, then the best (each a complete state; an older one only redoes steps)."""
+
+    def restore(self, where: str, check: Callable[[dict, str], None]) -> dict:
+        """Load the training state of checkpoint `where`, calling check(meta, where) before the
+        arrays; its meta. UnusableCheckpoint when it cannot be read."""
+
+    def checkpoint_bytes(self) -> int:
+        """About how large one checkpoint is (for the message when a disk is full)."""
 
     def restore_for_eval(self, path: str | None,
                          check: Callable[[dict, str], None]) -> tuple[dict, str]:
@@ -137,7 +158,7 @@ def identity_check(recipe: Recipe, backend: Backend) -> Callable[[dict, str], No
     def check(meta: dict, where: str) -> None:
         have = {k: meta.get(k) for k in want}
         if have["framework"] == want["framework"] and have["format"] != want["format"]:
-            raise UserError(f"checkpoint {where} has format {have['format']}, this version of "
+            raise WrongRun(f"checkpoint {where} has format {have['format']}, this version of "
                             f"{want['framework']} reads {want['format']}; finish that run with "
                             "the version that wrote it, or pass another --workdir")
         if have != want:
@@ -145,7 +166,7 @@ def identity_check(recipe: Recipe, backend: Backend) -> Callable[[dict, str], No
                 return (f"{d['framework']} {d['recipe']}/{d['model']} ({d['num_classes']} classes, "
                         f"{d['in_channels']} channels, format {d['format']})")
 
-            raise UserError(f"checkpoint {where} belongs to {say(have)}, this run is "
+            raise WrongRun(f"checkpoint {where} belongs to {say(have)}, this run is "
                             f"{say(want)}; pass the --recipe and overrides it was trained with, "
                             "or another --workdir")
     return check
@@ -154,11 +175,27 @@ def identity_check(recipe: Recipe, backend: Backend) -> Callable[[dict, str], No
 class Run:
     """One run in one workdir: `run()` trains to the recipe's last epoch or raises."""
 
-    def __init__(self, make: Factory, recipe: Recipe, workdir: str | Path, framework: str):
+    def __init__(self, make: Factory, recipe: Recipe, workdir: str | Path, framework: str,
+                 main_process: bool = True):
         self.recipe = recipe
         self.record = RunRecord(workdir, framework, recipe, writer=False)
+        # one run per workdir (the main process holds it), before anything is read or cleaned
+        self.lock = self.record.lock() if main_process else None
+        try:
+            self._start(make, recipe)
+        except BaseException:
+            self.release(tidy=True)
+            raise
+
+    def release(self, tidy: bool = False) -> None:
+        if self.lock is not None:
+            self.lock.release(tidy)
+            self.lock = None
+
+    def _start(self, make: Factory, recipe: Recipe) -> None:
         resuming = self.record.check()  # before any data is read: a wrong workdir fails fast
         self.backend = b = make(self.record.checkpoint_dir, True)
+        preemption.announce(b.is_main)
         self.record.writer = b.is_main
         self.steps_per_epoch = b.steps_per_epoch
         self.lr_table, momentum = schedules.for_recipe(recipe, b.steps_per_epoch, b.replicas)
@@ -170,13 +207,10 @@ class Run:
         self.epoch_sums = np.zeros(3)  # loss sum, correct, count of this epoch so far
         self.window = np.zeros(3)  # loss sum, correct and count since the last log line
         self.nonfinite_streak = 0
-        self.stop_requested = False
         self.stop_after_step: int | None = None  # tests: behave as if signalled after this step
         self._check = identity_check(recipe, b)
         if resuming:
-            found = b.restore_latest(self._check)
-            if found is not None:
-                self._resume(*found)
+            self._resume_latest()
         self.record.start(b.libraries(), b.device_name())
         self.record.rewind(self.global_step)
         events = self.record.workdir / "tensorboard"
@@ -193,9 +227,67 @@ class Run:
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "best_acc": self.best_acc,
                 "epoch_sums": self.backend.all_sum(self.epoch_sums).tolist(),
-                "window": self.window.tolist()}
+                "window": self.window.tolist(), "data": self.data_sizes()}
+
+    def data_sizes(self) -> dict:
+        """What a resumed run must find again: the number of images and the steps they make
+        (the schedule is laid out over them)."""
+        b = self.backend
+        return {"num_train": b.num_train, "num_eval": b.num_eval,
+                "steps_per_epoch": b.steps_per_epoch}
+
+    def _resume_latest(self) -> None:
+        """Resume from the newest checkpoint that loads. Those newer that cannot be read are
+        moved to checkpoints/unusable/ (kept, not deleted) and the steps since the one used are
+        redone, identically. A record with results and no usable checkpoint is refused, never
+        started over (and then nothing is moved)."""
+        b = self.backend
+        unreadable = []
+        for where in b.resume_candidates():
+            try:
+                meta = b.restore(where, self._check)
+            except WrongRun:
+                raise
+            except UnusableCheckpoint as err:
+                unreadable.append((where, err))
+                continue
+            for bad, err in unreadable:
+                if b.is_main:
+                    console.say(f"note: {err}; moved to {self._set_aside(bad)}")
+            self._resume(meta, where)
+            return
+        epochs = self.record.epochs_recorded()
+        if unreadable or epochs:
+            w = self.record.workdir
+            what = f"{epochs} recorded epoch(s)" if epochs else "a record"
+            why = f" ({unreadable[0][1]}; {len(unreadable)} unreadable)" if unreadable else ""
+            raise UserError(f"workdir {w} holds {what} but no usable checkpoint{why}, so it is "
+                            f"not started over; move it aside (mv {w} {w}.old), which keeps its "
+                            "results, to train afresh, or pass another --workdir")
+
+    def _set_aside(self, where: str) -> str:
+        """Move an unreadable checkpoint into checkpoints/unusable/ (main process)."""
+        src = Path(where)
+        folder = self.record.checkpoint_dir / "unusable"
+        dest = folder / "-".join(src.relative_to(self.record.checkpoint_dir).parts)
+        if self.backend.is_main and src.exists():
+            folder.mkdir(exist_ok=True)
+            if dest.exists():
+                dest = dest.with_name(f"{dest.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(src), str(dest))
+        return str(dest)
 
     def _resume(self, meta: dict, where: str) -> None:
+        saved, now = meta.get("data"), self.data_sizes()
+        if saved is not None and saved != now:  # older checkpoints did not record it
+            def say(d):
+                return (f"{d['num_train']} training / {d['num_eval']} test images, "
+                        f"{d['steps_per_epoch']} steps per epoch")
+
+            raise UserError(f"the data of this run ({self.recipe.data_dir}) has {say(now)}; "
+                            f"checkpoint {where} was trained on {say(saved)}. Pass the "
+                            "--data-dir it was trained with (an image removed or added "
+                            "changes the schedule), or pass another --workdir for a new run")
         self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
         self.global_step, self.best_acc = meta["global_step"], meta["best_acc"]
         sums = np.asarray(meta["epoch_sums"], np.float64)
@@ -212,18 +304,32 @@ class Run:
                         f"{self.global_step})")
 
     def save(self, best: bool = False) -> None:
-        self.backend.save(self.meta(), best)
+        meta = self.meta()
+        try:
+            self.backend.save(meta, best)
+        except Exception as err:
+            found = file_system_error(err, getattr(self.backend, "checkpoint_bytes", int)(),
+                                      where=self.record.checkpoint_dir)
+            if found is None:
+                raise
+            raise found from None
 
     # --- stopping ----------------------------------------------------------------------------
+    @property
+    def stop_requested(self) -> bool:
+        return preemption.requested() is not None
+
     def _stop_flag(self) -> bool:
         if self.stop_after_step is not None and self.global_step >= self.stop_after_step:
-            self.stop_requested = True
+            return True
         return self.stop_requested
 
-    def _should_stop(self) -> bool:
-        """Between two steps: do all processes agree to stop now?"""
+    def _should_stop(self, at_boundary: bool = False) -> bool:
+        """Between two steps (or, `at_boundary`, at a point every process reaches at once): do
+        all processes agree to stop now?"""
         flag = self._stop_flag()
-        if self.backend.num_processes > 1 and self.global_step % STOP_CHECK_EVERY:
+        if (self.backend.num_processes > 1 and not at_boundary
+                and self.global_step % STOP_CHECK_EVERY):
             return False
         return self.backend.any_process(flag)
 
@@ -243,8 +349,9 @@ class Run:
                     raise NonFiniteLoss(
                         f"the training loss became NaN or inf at global step {first + k} (epoch "
                         f"{self.epoch + 1}); the last good checkpoint in "
-                        f"{self.record.checkpoint_dir} is kept. Lower lr, or use amp=off if "
-                        "mixed precision overflowed, then rerun")
+                        f"{self.record.checkpoint_dir} is kept. Start a new run with a lower "
+                        "lr (or amp=off if mixed precision overflowed) in another --workdir: "
+                        "a run resumes only with the settings it started with")
                 continue
             self.nonfinite_streak = 0
             self.epoch_sums += (loss * count, correct, count)
@@ -277,6 +384,7 @@ class Run:
         try:
             for batch in b.batches(self.epoch, self.step_in_epoch):
                 pending.append(b.train_step(batch))
+                preemption.pause("step")
                 if self.global_step == 0 and b.is_main:
                     first = b.fetch(pending[-1:])[0, 0]
                     console.say(console.first_batch_line(first, r.num_classes))
@@ -303,6 +411,9 @@ class Run:
         seen += self._drain(pending)
         bar.close()
         train_time = time.perf_counter() - t0
+        if self.step_in_epoch == self.steps_per_epoch and self._should_stop(at_boundary=True):
+            self.save()  # the epoch's training is done; its evaluation is done on resume
+            raise Preempted(self.global_step)
         loss_sum, correct, count, seen = map(float, b.all_sum(np.append(self.epoch_sums, seen)))
         metrics = {"step": self.global_step, "epoch": self.epoch + 1,
                    "train_loss": loss_sum / count if count else float("nan"),
@@ -310,14 +421,25 @@ class Run:
                    "lr": float(self.lr_table[self.global_step - 1])}
         if self.momentum_table is not None:
             metrics["momentum"] = float(self.momentum_table[self.global_step - 1])
-        metrics.update(self.evaluate())
+        try:
+            metrics.update(self.evaluate())
+        except _EvalStopped:
+            self.save()
+            raise Preempted(self.global_step) from None
         b.end_epoch()  # after eval: a failed eval must not step a scheduler twice
         metrics["epoch_time"] = time.perf_counter() - t0
         metrics["train_images_per_s"] = seen / max(train_time, 1e-9)
         return metrics
 
     def evaluate(self) -> dict:
-        return test_metrics(self.backend)
+        return test_metrics(self.backend, self._between_eval_batches)
+
+    def _between_eval_batches(self) -> None:
+        """A stop request abandons the evaluation when this process alone evaluates; with
+        several processes, which must agree on it, the evaluation finishes first."""
+        preemption.pause("eval")
+        if self.backend.num_processes == 1 and self._stop_flag():
+            raise _EvalStopped
 
     def describe(self) -> str:
         r, b = self.recipe, self.backend
@@ -331,6 +453,8 @@ class Run:
         r = self.recipe
         if self.backend.is_main:
             console.say(self.describe())
+        if self.epoch < r.epochs and self._should_stop(at_boundary=True):
+            raise Preempted(self.global_step, saved=False)  # before the first step: no new state
         last: dict = {}
         while self.epoch < r.epochs:
             metrics = self.run_epoch()
@@ -370,10 +494,10 @@ def per_class(confusion: np.ndarray) -> list:
 # --- entry points -------------------------------------------------------------------------------
 
 
-def test_metrics(backend: Backend) -> dict:
+def test_metrics(backend: Backend, between: Callable[[], None] | None = None) -> dict:
     """Loss and accuracy over the whole test split, each image counted once, and the confusion
     matrix (key "confusion", an integer array: not for the JSON record as it is)."""
-    loss_sum, correct, count, confusion = backend.evaluate()
+    loss_sum, correct, count, confusion = backend.evaluate(between)
     # cannot happen unless sharding is broken
     if int(count) != backend.num_eval or int(confusion.sum()) != backend.num_eval:
         raise RuntimeError(f"evaluated {int(count)} images ({int(confusion.sum())} in the "
@@ -386,21 +510,25 @@ def test_metrics(backend: Backend) -> dict:
 
 
 def train_and_evaluate(make: Factory, recipe: Recipe, workdir: str | Path, framework: str,
-                       stop_after_step: int | None = None) -> dict:
+                       stop_after_step: int | None = None, main_process: bool = True) -> dict:
     """Train `recipe` in `workdir` (resuming what is there) and return the last metrics.
 
     Raises `Preempted` after writing a checkpoint when SIGTERM/SIGINT arrives (or, for tests,
     after global step `stop_after_step`); calling again with the same arguments resumes.
+    `main_process`: this process holds the workdir's lock (the one that will write).
     """
-    run = Run(make, recipe, workdir, framework)
-    run.stop_after_step = stop_after_step
-    try:
-        with StopOnSignal(run, announce=run.backend.is_main):
+    with StopOnSignal():
+        run = Run(make, recipe, workdir, framework, main_process)
+        run.stop_after_step = stop_after_step
+        try:
             return run.run()
-    finally:
-        for sink in run.sinks:
-            getattr(sink, "close", lambda: None)()
-        run.backend.close()
+        finally:
+            try:
+                for sink in run.sinks:
+                    getattr(sink, "close", lambda: None)()
+                run.backend.close()
+            finally:
+                run.release()
 
 
 def evaluate_checkpoint(make: Factory, recipe: Recipe, workdir: str | Path,
@@ -423,20 +551,43 @@ def main(argv: list[str] | None, prog: str, framework: str, recipes: cli.RecipeB
          train: Callable[[Recipe, str, str], Any],
          evaluate: Callable[[Recipe, str, str | None, str], Any]) -> int:
     """The command line of both stacks: parse, then train(recipe, workdir, device) or
-    evaluate(recipe, workdir, checkpoint, device); user mistakes are one line and exit 2."""
-    try:
-        args, recipe = cli.parse(argv, prog, framework, recipes)
-        if recipe is None:
-            cli.print_keys()
+    evaluate(recipe, workdir, checkpoint, device); user mistakes are one line and exit 2.
+
+    SIGTERM/SIGINT are handled from the start: a stop request during start-up ends the command
+    before it trains (exit 75); a second SIGINT quits at once (exit 130), one line either way."""
+    preemption.reset()
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: one line, not one per process
+    with StopOnSignal():
+        try:
+            args, recipe = cli.parse(argv, prog, framework, recipes)
+            preemption.pause("start")
+            if recipe is None:
+                cli.print_keys()
+                return 0
+            if args.eval_only:
+                evaluate(recipe, args.workdir, args.checkpoint, args.device)
+            else:
+                train(recipe, args.workdir, args.device)
             return 0
-        if args.eval_only:
-            evaluate(recipe, args.workdir, args.checkpoint, args.device)
-        else:
-            train(recipe, args.workdir, args.device)
-        return 0
-    except UserError as err:
-        return report(err, prog)
-    except Preempted as stop:
-        print(f"stopped after global step {stop}; checkpoint written, run the same command to "
-              f"resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
-        return EXIT_PREEMPTED
+        except UserError as err:
+            return report(err, prog)
+        except Preempted as stop:
+            if main_rank and stop.saved:
+                print(f"stopped after global step {stop}; checkpoint written, run the same "
+                      f"command to resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+            elif main_rank:
+                print(f"stopped before training (at global step {stop}, nothing new to save); "
+                      f"run the same command to continue (exit code {EXIT_PREEMPTED})",
+                      file=sys.stderr)
+            return EXIT_PREEMPTED
+        except KeyboardInterrupt:
+            if main_rank:
+                print(f"{prog}: interrupted at once (second SIGINT); checkpoints on disk are "
+                      "intact, run the same command to resume from the last one",
+                      file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except OSError as err:  # a write of the record, the plots or the event files
+            found = file_system_error(err)
+            if found is None:
+                raise
+            return report(found, prog)

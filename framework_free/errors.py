@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -29,3 +30,66 @@ def report(err: BaseException, prog: str) -> int:
 class CorruptData(UserError):
     """A data file that cannot be decoded. The run driver writes a checkpoint of the last completed
     step before it stops with it, so fixing the file and rerunning the command loses nothing."""
+
+
+class UnusableCheckpoint(UserError):
+    """A checkpoint that cannot be read (truncated, corrupt, not a checkpoint). Resuming falls
+    back to the one before it; evaluating it reports this line."""
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_BAD_PLACE = {errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
+FILE_SYSTEM_ERRNOS = _NO_SPACE | _NOT_ALLOWED | _BAD_PLACE
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def _free_space(path: str) -> str:
+    """ "12.0 MB free" on the file system of `path` (or its nearest existing parent)."""
+    import shutil
+
+    p = os.path.abspath(path)
+    while p and not os.path.exists(p):
+        p = os.path.dirname(p)
+    try:
+        return f"{_megabytes(shutil.disk_usage(p).free)} free"
+    except OSError:
+        return "free space unknown"
+
+
+def file_system_error(err: BaseException, need_bytes: int | None = None,
+                      resumable: bool = True, where=None) -> UserError | None:
+    """A failed write as the one line a user needs: which path, why, what is needed and that
+    nothing was lost (the previous checkpoint and record stay; writes are atomic). None when
+    `err` is not a file-system error of the kinds users cause (full disk, no permission, a
+    read-only file system, a path under a file); those are programming errors and keep their
+    traceback. Errors that libraries wrap (Orbax, TensorStore) are recognised by their text;
+    `where` names the place when the error does not."""
+    code, path, why = getattr(err, "errno", None), getattr(err, "filename", None), None
+    path = path or (str(where) if where is not None else None)
+    if code in FILE_SYSTEM_ERRNOS:
+        why = os.strerror(code)
+    else:
+        text = str(err)
+        for c in sorted(FILE_SYSTEM_ERRNOS):
+            if os.strerror(c) in text:
+                code, why = c, os.strerror(c)
+                break
+        if code not in FILE_SYSTEM_ERRNOS:
+            return None
+    where = f" {path}" if path else ""
+    after = ("the last checkpoint and the record are intact: rerun the same command to resume"
+             if resumable else "nothing was overwritten")
+    if code in _NO_SPACE:
+        need = f", a checkpoint needs about {_megabytes(need_bytes)}" if need_bytes else ""
+        place = path or os.getcwd()
+        return UserError(f"cannot write{where}: {why} ({_free_space(place)}{need}); free space "
+                         f"or pass another --workdir; {after}")
+    if code in _NOT_ALLOWED:
+        return UserError(f"cannot write{where}: {why}; make it writable or pass another "
+                         f"--workdir; {after}")
+    return UserError(f"cannot write{where}: {why} (a part of the path is a file, or the path is "
+                     f"too long); pass another --workdir; {after}")

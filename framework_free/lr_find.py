@@ -287,7 +287,8 @@ def build_parser(prog: str, recipes: Sequence[str]) -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook):
     """(recipe, range test, output folder), every check done before anything is read."""
-    args = build_parser(prog, recipes.RECIPES).parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(prog, recipes.RECIPES).parse_intermixed_args(argv)
     if not args.recipe:
         raise UserError(f"--recipe is required; choose one of: {', '.join(recipes.RECIPES)}")
     t = RangeTest(args.start_lr, args.end_lr, args.num_iter, args.step_mode, args.smooth_f,

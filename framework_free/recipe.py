@@ -185,6 +185,8 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
             near = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
             raise UserError(f"unknown override key {key!r}{hint}; see --list-keys for the keys")
+        if key in changes:
+            raise UserError(f"override {key} is given twice; give it once")
         try:
             changes[key] = parse_value(key, text.strip())
         except ValueError as err:

@@ -14,6 +14,8 @@ with a one-line error when it does not (another recipe, another framework, chang
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import platform
@@ -24,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from framework_free import preemption
 from framework_free.errors import UserError
 from framework_free.recipe import Recipe, resume_differences
 
@@ -60,12 +63,15 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        preemption.pause("write")  # tests: a signal lands inside the write
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.filename is None:  # say which file could not be
+            raise OSError(err.errno, err.strerror, str(path)) from None  # written
         raise
     fsync_dir(path.parent)
 
@@ -108,6 +114,13 @@ class RunRecord:
         if self.workdir.exists() and not self.workdir.is_dir():
             raise UserError(f"workdir {self.workdir} is a file; pass --workdir with a folder")
         if not self.config_path.exists():
+            held = self.results()
+            if held:
+                raise UserError(
+                    f"workdir {self.workdir} holds results of a run ({', '.join(held)}) but no "
+                    "config.json, so it cannot be resumed safely and is not started over; move "
+                    f"it aside (mv {self.workdir} {self.workdir}.old), which keeps those "
+                    "results, or pass another --workdir")
             return False
         try:
             saved = json.loads(self.config_path.read_text())
@@ -128,6 +141,38 @@ class RunRecord:
             raise UserError(f"workdir {self.workdir} holds a {self.recipe.recipe} run with other "
                             f"settings ({shown}); rerun with the same overrides to resume, or {fix}")
         return True
+
+    def results(self) -> list[str]:
+        """What in the workdir a fresh start would destroy: a record with lines, checkpoints."""
+        held = []
+        try:
+            if self.metrics_path.stat().st_size > 0:
+                held.append("metrics.jsonl")
+        except OSError:
+            pass
+        if self.checkpoint_dir.is_dir() and any(p.is_file()
+                                                for p in self.checkpoint_dir.rglob("*")):
+            held.append("checkpoints/")
+        return held
+
+    def epochs_recorded(self) -> int:
+        """Epoch lines in metrics.jsonl (lines cut short by a crash are skipped)."""
+        try:
+            lines = self.metrics_path.read_text().splitlines()
+        except OSError:
+            return 0
+        count = 0
+        for line in lines:
+            try:
+                count += "state_digest" in json.loads(line)
+            except ValueError:
+                continue
+        return count
+
+    def lock(self) -> "WorkdirLock":
+        """Hold the workdir for this run (see WorkdirLock); UserError if another run holds it
+        or the folder cannot be made."""
+        return WorkdirLock(self.workdir)
 
     def start(self, libraries: dict[str, str], device: str) -> None:
         if not self.writer:
@@ -214,3 +259,61 @@ class RunRecord:
         if not self.metrics_path.exists():
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+
+class WorkdirLock:
+    """One run per workdir: an exclusive `flock` on WORKDIR/.lock, held while the run lives and
+    released by the operating system when its process ends, however it ends (so a crash never
+    leaves a stale lock). The file says who holds it: pid, host and start time. Local file
+    systems and NFS (Linux emulates flock with NFS locks) honour it; a file system without locks
+    refuses it with one line."""
+
+    NAME = ".lock"
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / self.NAME
+        if workdir.exists() and not workdir.is_dir():
+            raise UserError(f"workdir {workdir} is a file; pass --workdir with a folder")
+        self.fd = None
+        self.created = next((p for p in reversed([workdir, *workdir.parents])
+                             if not p.exists()), None)  # the first folder this makes
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as err:
+            raise UserError(f"cannot use {workdir} as a run folder ({err.strerror}); pass a "
+                            "--workdir you can write to") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UserError(
+                    f"workdir {workdir} is in use by another run ({holder}); wait for it to "
+                    "finish, or stop it (kill -TERM PID writes a checkpoint; the same command "
+                    "then resumes it), or pass another --workdir") from None
+            raise UserError(f"cannot lock {self.path} ({err.strerror}); the file system of "
+                            f"{workdir} does not support locks: pass a --workdir on a local "
+                            "disk") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
+
+    def release(self, tidy: bool = False) -> None:
+        """Drop the lock. `tidy` (a start that failed): remove the folders this lock made if
+        nothing else was written in them, so that a mistake leaves no trace."""
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+            if tidy and self.created is not None:
+                workdir = self.path.parent
+                if [p.name for p in workdir.iterdir()] == [self.NAME]:
+                    self.path.unlink()
+                    for folder in [workdir, *workdir.parents]:
+                        try:
+                            folder.rmdir()
+                        except OSError:
+                            break
+                        if folder == self.created:
+                            break

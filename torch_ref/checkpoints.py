@@ -6,25 +6,54 @@ accuracy, the epoch's sums), the model's state_dict (never the DDP wrapper's), a
 scheduler and GradScaler states. Writes are atomic (`framework_free.records.atomic_write`): a
 crash leaves the previous file intact.
 
-    WORKDIR/checkpoints/last.pt   the latest (epoch ends, periodic saves, the one written on stop)
-    WORKDIR/checkpoints/best.pt   the one with the best test accuracy so far
+    WORKDIR/checkpoints/last.pt       the latest (epoch ends, periodic saves, the one written on stop)
+    WORKDIR/checkpoints/previous.pt   the `last` before it: resuming falls back to it when last.pt
+                                      cannot be read
+    WORKDIR/checkpoints/best.pt       the one with the best test accuracy so far
 """
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 
 import torch
 
-from framework_free.errors import UserError
-from framework_free.records import atomic_write
+from framework_free.errors import UnusableCheckpoint, UserError
+from framework_free.records import atomic_write, fsync_dir
 
 FORMAT = "torch_ref/1"
-LAST, BEST = "last.pt", "best.pt"
+LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"
 
 
 def save(path: Path, state: dict) -> None:
-    atomic_write(path, lambda fh: torch.save(state, fh))
+    """Serialise in memory, then write: torch's zip writer reports a full disk as an unrelated
+    RuntimeError, a plain write as the OSError (ENOSPC) it is."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
+
+
+def save_last(folder: Path, state: dict) -> None:
+    """Write last.pt, keeping the one it replaces as previous.pt. The new file is complete
+    before either rename, so a crash or a full disk leaves last.pt (or, between the two
+    renames, previous.pt) holding the latest complete state."""
+    last, previous = folder / LAST, folder / PREVIOUS
+    if not last.exists():
+        save(last, state)
+        return
+    staged = folder / "last.pt.new"
+    save(staged, state)
+    os.replace(last, previous)
+    os.replace(staged, last)
+    fsync_dir(folder)
+
+
+def resume_candidates(folder: Path) -> list[Path]:
+    """Newest first (those that exist): a staged last a crash left before its renames, last,
+    previous, best."""
+    return [folder / n for n in ("last.pt.new", LAST, PREVIOUS, BEST) if (folder / n).exists()]
 
 
 def remove_partial_writes(folder: Path) -> int:
@@ -38,17 +67,19 @@ def remove_partial_writes(folder: Path) -> int:
 
 
 def load(path: Path, map_location="cpu") -> dict:
-    """Read a checkpoint; UserError (naming the fix) if it is truncated, corrupt or not ours."""
-    fix = f"delete {path} to start over, or pass another --workdir"
+    """Read a checkpoint; UnusableCheckpoint if it is truncated, corrupt or not ours."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}; train first or pass --checkpoint") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a torch_ref checkpoint file such as "
+                        "WORKDIR/checkpoints/best.pt") from None
     except Exception as err:  # truncated zip, bad pickle, foreign content
-        raise UserError(f"checkpoint {path} is truncated, corrupt or not a torch_ref checkpoint "
-                        f"({type(err).__name__}); {fix}") from None
+        raise UnusableCheckpoint(f"checkpoint {path} is truncated, corrupt or not a torch_ref "
+                                 f"checkpoint ({type(err).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{path} is not a {FORMAT} checkpoint; {fix}")
+        raise UnusableCheckpoint(f"{path} is not a {FORMAT} checkpoint")
     return state
 
 

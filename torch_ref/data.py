@@ -23,7 +23,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from framework_free import datasets, pil_transforms, readers, sampling
+from framework_free import datasets, pil_transforms, preemption, readers, sampling
 from framework_free.datasets import load_split, resolve_data_dir
 from framework_free.errors import CorruptData, UserError
 from framework_free.recipe import Recipe
@@ -209,8 +209,9 @@ class FolderImages(torch.utils.data.Dataset):
         bad = labels[labels < 0]
         if len(bad):
             path = self.paths[-int(bad[0]) - 1]
-            raise CorruptData(f"image file {path} is corrupt or not an image; remove or replace "
-                              "it, then rerun the same command (a checkpoint of the last "
+            raise CorruptData(f"image file {path} is corrupt or not an image; replace it with "
+                              "a good copy (removing it changes the training set, which a "
+                              "resumed run refuses), then rerun the same command (a checkpoint of the last "
                               "completed step was written; the run resumes there)")
 
 
@@ -251,6 +252,7 @@ class LoaderTrain:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=workers,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0,
+            worker_init_fn=preemption.quiet_worker,  # the trainer handles the job's signals
             generator=torch.Generator().manual_seed(recipe.seed))  # leave torch's RNG alone
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -282,7 +284,7 @@ class LoaderEval:
         self.loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(dataset, range(start, stop)),
             batch_size=recipe.eval_batch_size, shuffle=False, num_workers=recipe.num_workers,
-            pin_memory=torch.device(device).type == "cuda")
+            pin_memory=torch.device(device).type == "cuda", worker_init_fn=preemption.quiet_worker)
 
     def __iter__(self):
         r = self.recipe

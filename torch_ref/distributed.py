@@ -53,6 +53,11 @@ class Dist:
             tdist.destroy_process_group()
 
 
+def rank_from_environment() -> int:
+    """This process's rank as torchrun describes it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def from_environment(device_type: str) -> Dist:
     """Join the process group torchrun describes, or return a single-process Dist."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -52,13 +52,17 @@ def train_step(forward: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, dist: Dist, amp_dtype, device, num_classes: int) -> tuple:
+def evaluate(model: nn.Module, batches, dist: Dist, amp_dtype, device, num_classes: int,
+             between=None) -> tuple:
     """(loss sum, correct, count, confusion) over the whole test split, summed over processes;
-    confusion[true, predicted] counts images (int64, num_classes x num_classes)."""
+    confusion[true, predicted] counts images (int64, num_classes x num_classes). `between()`
+    runs before each batch (the driver's stop check)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     pairs = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     for x, y in batches:
+        if between is not None:
+            between()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
         pred = logits.argmax(1)

@@ -136,9 +136,9 @@ class TorchBackend:
     def any_process(self, flag: bool) -> bool:
         return bool(self.all_sum(np.array([float(flag)]))[0] > 0)
 
-    def evaluate(self) -> tuple:
+    def evaluate(self, between=None) -> tuple:
         return steps.evaluate(self.model, self.eval_batches, self.dist, self.amp_dtype,
-                              self.device, self.recipe.num_classes)
+                              self.device, self.recipe.num_classes, between)
 
     def end_epoch(self) -> None:
         if self.scheduler_steps == "epoch":
@@ -163,8 +163,14 @@ class TorchBackend:
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
             if best:  # best before last: see framework_free.driver.Run.run
                 checkpoints.save(self.ckpt_dir / checkpoints.BEST, state)
-            checkpoints.save(self.ckpt_dir / checkpoints.LAST, state)
+            checkpoints.save_last(self.ckpt_dir, state)
         self.dist.barrier()
+
+    def checkpoint_bytes(self) -> int:
+        tensors = list(self.model.state_dict().values()) + [
+            b for s in self.optimizer.state_dict()["state"].values() for b in s.values()
+            if torch.is_tensor(b)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def _load(self, path: Path, check) -> dict:
         state = checkpoints.load(path, map_location=self.device)
@@ -172,15 +178,15 @@ class TorchBackend:
         self.model.load_state_dict(state["model_state"])
         return state
 
-    def restore_latest(self, check):
-        path = self.ckpt_dir / checkpoints.LAST
-        if not path.exists():
-            return None
-        state = self._load(path, check)
+    def resume_candidates(self) -> list[str]:
+        return [str(p) for p in checkpoints.resume_candidates(self.ckpt_dir)]
+
+    def restore(self, where: str, check) -> dict:
+        state = self._load(Path(where), check)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        return state, str(path)
+        return state
 
     def restore_for_eval(self, path, check):
         if path and Path(path).is_dir():  # a flax_impl step folder: converted
@@ -211,7 +217,7 @@ def train_and_evaluate(recipe: Recipe, workdir: str | Path, device: str = "auto"
                        stop_after_step: int | None = None) -> dict:
     """framework_free.driver.train_and_evaluate with this stack (resumes; may raise Preempted)."""
     return driver.train_and_evaluate(backend_factory(recipe, device), recipe, workdir, STACK,
-                                     stop_after_step)
+                                     stop_after_step, distributed.rank_from_environment() == 0)
 
 
 def evaluate_checkpoint(recipe: Recipe, workdir: str | Path, path: str | None = None,

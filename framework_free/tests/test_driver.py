@@ -85,7 +85,7 @@ class FakeBackend:
     def any_process(self, flag):
         return bool(self.all_sum([float(flag)])[0] > 0)
 
-    def evaluate(self):
+    def evaluate(self, between=None):
         confusion = np.zeros((10, 10), np.int64)  # fashion_mnist's 10 classes: 5 right of 10
         confusion[0, 0], confusion[0, 1] = 5, 5
         return 10 * abs(self.w), 5.0, 10.0, confusion
@@ -104,14 +104,14 @@ class FakeBackend:
                 (self.ckpt_dir / f"{name}.json").write_text(text)
         self.exchange.barrier.wait()
 
-    def restore_latest(self, check):
-        path = self.ckpt_dir / "last.json"
-        if not path.exists():
-            return None
-        saved = json.loads(path.read_text())
-        check(saved["meta"], str(path))
+    def resume_candidates(self):
+        return [str(self.ckpt_dir / "last.json")] if (self.ckpt_dir / "last.json").exists() else []
+
+    def restore(self, where, check):
+        saved = json.loads(Path(where).read_text())
+        check(saved["meta"], where)
         self.w = saved["w"]
-        return saved["meta"], str(path)
+        return saved["meta"]
 
     def restore_for_eval(self, path, check):
         raise NotImplementedError
@@ -130,7 +130,8 @@ def run_two(workdir, stop_after_step=None, recipe_changes=None, **kw):
     def one(rank):
         make = lambda ckpt_dir, train: FakeBackend(ckpt_dir, rank, exchange, **kw)  # noqa: E731
         try:
-            out[rank] = driver.train_and_evaluate(make, recipe, workdir, "fake", stop_after_step)
+            out[rank] = driver.train_and_evaluate(make, recipe, workdir, "fake", stop_after_step,
+                                                  main_process=rank == 0)
         except Exception as err:  # noqa: BLE001 - handed to the test
             out[rank] = err
 
