@@ -130,10 +130,12 @@ def quiet_closed_loop_errors() -> None:
     def closed_loop(exc) -> bool:
         return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
 
-    # Orbax's writer threads log a failure (a full disk) with its traceback, then the save
-    # re-raises it in the caller, where the command reports it in one line: drop the log record
+    # Orbax logs a failure (a full disk in a writer thread, an unreadable metadata file) with
+    # its traceback and then raises it to the caller, where the command reports it in one line
+    # (or, resuming, falls back to an earlier checkpoint): drop Orbax's own error records
     logging.getLogger("absl").addFilter(
-        lambda record: "_SignalingThread.run() raised an exception" not in record.getMessage())
+        lambda record: not (record.levelno >= logging.ERROR
+                            and f"{os.sep}orbax{os.sep}" in record.pathname))
     thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
     threading.excepthook = lambda a: None if closed_loop(a.exc_value) else thread_hook(a)
     sys.unraisablehook = lambda a: None if closed_loop(a.exc_value) else unraisable_hook(a)

@@ -536,7 +536,13 @@ def evaluate_checkpoint(make: Factory, recipe: Recipe, workdir: str | Path,
     """--eval-only: evaluate `path`, or the workdir's best checkpoint (else its last)."""
     backend = make(Path(workdir) / "checkpoints", False)
     try:
-        meta, where = backend.restore_for_eval(path, identity_check(recipe, backend))
+        try:
+            meta, where = backend.restore_for_eval(path, identity_check(recipe, backend))
+        except UnusableCheckpoint as err:
+            if "--checkpoint" in str(err):
+                raise
+            raise UserError(f"{err}; pass --checkpoint with a complete checkpoint (a run keeps "
+                            "best, last and the one before last)") from None
         metrics = test_metrics(backend)
         if backend.is_main:
             console.say(f"{where}: test loss {metrics['test_loss']:.4f} acc "

@@ -102,7 +102,10 @@ def _trained_workdir(stack, tmp_path, name="w"):
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_truncated_checkpoint_is_refused_and_kept(stack, tmp_path):
+def test_evaluating_what_is_not_a_checkpoint_is_one_line(stack, tmp_path):
+    """--eval-only --checkpoint with a truncated checkpoint, a run folder or a text file: one
+    line that says what was expected, never advice to delete anything, nothing changed.
+    (Resuming from a truncated checkpoint falls back to the one before it: test_workdir.py.)"""
     cmd = _trained_workdir(stack, tmp_path)
     ckpts = tmp_path / "w" / "checkpoints"
     if stack == "torch_ref":
@@ -112,11 +115,17 @@ def test_truncated_checkpoint_is_refused_and_kept(stack, tmp_path):
         victim = max((p for p in last.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     size = victim.stat().st_size
-    proc = subprocess.run(cmd, env=chaos._env(), cwd=chaos.REPO, capture_output=True, text=True,
-                          timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "checkpoint" in lines[0] and ("truncated" in lines[0] or "cannot be restored" in lines[0])
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    checkpoint = victim if stack == "torch_ref" else last
+    for path in (checkpoint, tmp_path / "w", text):
+        proc = _cli(stack, ["--recipe", "fashion_mnist", "--size", "smoke", "--data-dir",
+                            str(tmp_path / "data"), "--workdir", str(tmp_path / "w"),
+                            "--eval-only", "--checkpoint", str(path)], tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and "delete" not in proc.stderr, proc.stderr
+        assert str(path) in lines[0]
     assert victim.stat().st_size == size  # nothing overwritten
 
 
