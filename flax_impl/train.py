@@ -4,7 +4,8 @@ The loop, its cadences, records and checkpoint contents are the run driver's
 (`framework_free.driver`), as for torch_ref; this module is JAX's side of it, `FlaxBackend`. One
 process drives every local device: the step (flax_impl.steps) is jitted over a `Mesh` of them,
 the state replicated and each global batch split over the mesh, so BatchNorm's statistics are
-over the global batch. Several hosts: call `jax.distributed.initialize()` first (see README).
+over the global batch. Several hosts: `--coordinator-address`, `--num-processes`, `--process-id`
+or `--distributed auto` (flax_impl.multihost; see README).
 
 `batch_size` means what it means for torch_ref: per accelerator, so the global batch is
 batch_size x the number of GPUs/TPUs; on CPUs it is batch_size per process, split over the CPU
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 
 import configs
-from flax_impl import checkpoints, cpu_setup, data, optim, steps
+from flax_impl import checkpoints, cpu_setup, data, multihost, optim, steps
 from flax_impl.models import build_model
 from framework_free import driver
 from framework_free.driver import NonFiniteLoss
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         argv, PROG, STACK, configs,
         lambda recipe, workdir, device: train_and_evaluate(recipe, workdir, pick_devices(device)),
         lambda recipe, workdir, path, device: evaluate_checkpoint(recipe, workdir, path,
-                                                                  pick_devices(device)))
+                                                                  pick_devices(device)),
+        flags=multihost.add_flags, setup=multihost.initialize, peer_lost=multihost.peer_lost)
 
 
 if __name__ == "__main__":

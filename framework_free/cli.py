@@ -54,11 +54,15 @@ def build_parser(prog: str, recipes: Sequence[str]) -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str] | None, prog: str, stack: str,
-          recipes: RecipeBook) -> tuple[argparse.Namespace, Recipe | None]:
-    """Parse the command line into (args, recipe); recipe is None for --list-keys."""
+def parse(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook,
+          flags=None) -> tuple[argparse.Namespace, Recipe | None]:
+    """Parse the command line into (args, recipe); recipe is None for --list-keys. `flags`:
+    adds a stack's own flags to the parser."""
+    parser = build_parser(prog, recipes.RECIPES)
+    if flags is not None:
+        flags(parser)
     # intermixed: key=value words may sit before, between or after the flags
-    args = build_parser(prog, recipes.RECIPES).parse_intermixed_args(
+    args = parser.parse_intermixed_args(
         sys.argv[1:] if argv is None else argv)
     if args.list_keys:
         return args, None

@@ -39,7 +39,8 @@ import numpy as np
 from framework_free import cli, console, plot, preemption, schedules
 from framework_free.errors import (CorruptData, UnusableCheckpoint, UserError, file_system_error,
                                    report)
-from framework_free.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, StopOnSignal
+from framework_free.preemption import (EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_PREEMPTED,
+                                      Preempted, StopOnSignal)
 from framework_free.recipe import Recipe
 from framework_free.records import RunRecord
 from framework_free.tensorboard import TensorBoardSink
@@ -555,17 +556,23 @@ def evaluate_checkpoint(make: Factory, recipe: Recipe, workdir: str | Path,
 
 def main(argv: list[str] | None, prog: str, framework: str, recipes: cli.RecipeBook,
          train: Callable[[Recipe, str, str], Any],
-         evaluate: Callable[[Recipe, str, str | None, str], Any]) -> int:
+         evaluate: Callable[[Recipe, str, str | None, str], Any], flags=None, setup=None,
+         peer_lost: Callable[[BaseException], str | None] | None = None) -> int:
     """The command line of both stacks: parse, then train(recipe, workdir, device) or
     evaluate(recipe, workdir, checkpoint, device); user mistakes are one line and exit 2.
 
     SIGTERM/SIGINT are handled from the start: a stop request during start-up ends the command
-    before it trains (exit 75); a second SIGINT quits at once (exit 130), one line either way."""
+    before it trains (exit 75); a second SIGINT quits at once (exit 130), one line either way.
+    A stack may add `flags(parser)`, a `setup(args)` run right after parsing (flax_impl: join
+    the other processes) and `peer_lost(err)`: the line that says another process of the run
+    died, upon which this one exits at once with EXIT_PEER_LOST."""
     preemption.reset()
     main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: one line, not one per process
     with StopOnSignal():
         try:
-            args, recipe = cli.parse(argv, prog, framework, recipes)
+            args, recipe = cli.parse(argv, prog, framework, recipes, flags)
+            if setup is not None and recipe is not None:
+                setup(args)
             preemption.pause("start")
             if recipe is None:
                 cli.print_keys()
@@ -592,8 +599,14 @@ def main(argv: list[str] | None, prog: str, framework: str, recipes: cli.RecipeB
                       "intact, run the same command to resume from the last one",
                       file=sys.stderr)
             return EXIT_INTERRUPTED
-        except OSError as err:  # a write of the record, the plots or the event files
-            found = file_system_error(err)
-            if found is None:
+        except Exception as err:
+            found = file_system_error(err)  # a write of the record, plots or event files
+            if found is not None:
+                return report(found, prog)
+            line = peer_lost(err) if peer_lost is not None else None
+            if line is None:
                 raise
-            return report(found, prog)
+            # at once: a clean shutdown would wait on the dead process (barriers, teardown)
+            print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(EXIT_PEER_LOST)

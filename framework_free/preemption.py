@@ -27,6 +27,7 @@ import time
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped after writing a checkpoint; rerun to resume
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: a second Ctrl-C, quit at once
+EXIT_PEER_LOST = 76  # EX_PROTOCOL: another process of the run died; start all again to resume
 
 _state: dict = {"signal": None, "announce": True, "counts": {}}
 

@@ -80,3 +80,21 @@ def pick_device(requested: str = "auto") -> torch.device:
         from framework_free.errors import UserError
         raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket Timeout",
+        "timed out", "NCCL communicator was aborted", "recvBytes", "sendBytes")
+
+
+def peer_lost(err: BaseException) -> str | None:
+    """The line to print when `err` means another process of this run died, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2 or not isinstance(err, RuntimeError):  # DistBackendError is a RuntimeError
+        return None
+    text = str(err)
+    if not any(word in text for word in LOST):
+        return None
+    first = text.strip().splitlines()[0][:160]
+    return (f"rank {os.environ.get('RANK', '?')} of {world}: another process of this run "
+            f"stopped answering ({first}); stopping too. Start the run again with the same "
+            "command to resume from the last checkpoint")

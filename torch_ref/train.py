@@ -227,7 +227,8 @@ def evaluate_checkpoint(recipe: Recipe, workdir: str | Path, path: str | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return driver.main(argv, PROG, STACK, configs, train_and_evaluate, evaluate_checkpoint)
+    return driver.main(argv, PROG, STACK, configs, train_and_evaluate, evaluate_checkpoint,
+                       peer_lost=distributed.peer_lost)
 
 
 if __name__ == "__main__":
