@@ -9,8 +9,9 @@ stops the run before it trains instead of killing it. A second SIGINT quits at o
 checkpoint on disk stays intact.
 
 Tests and the chaos tool make the moment of a signal deterministic with a pause point: with
-``TRAINER_PAUSE_AT=POINT:N`` and ``TRAINER_PAUSE_FILE=PATH`` in the environment, the N-th time the
-trainer reaches POINT it writes its pid to PATH and waits (up to a minute) until a signal
+``TRAINER_PAUSE_AT=POINT:N`` (or ``POINT:N@R``: only the process of rank R) and
+``TRAINER_PAUSE_FILE=PATH`` in the environment, the N-th time the trainer reaches POINT it writes
+its pid to PATH and waits (up to a minute) until a signal
 arrives, then carries on. The points: ``start`` (the command has parsed its arguments, nothing is
 built), ``step`` (an optimizer step was issued, before the trainer looks at the stop flag),
 ``write`` (inside an atomic write: the temporary file is complete, not yet renamed; for Orbax,
@@ -124,6 +125,9 @@ def pause(point: str) -> None:
     """Wait here for a signal when the environment asks for it (tests; see the module text)."""
     want = os.environ.get("TRAINER_PAUSE_AT")
     if not want or threading.current_thread() is not threading.main_thread():
+        return
+    want, _, rank = want.partition("@")  # "@R": only the process of rank R (torchrun's RANK)
+    if rank and rank != os.environ.get("RANK", "0"):
         return
     name, _, nth = want.partition(":")
     if name != point:

@@ -130,7 +130,9 @@ class TorchBackend:
     def all_sum(self, values: np.ndarray) -> np.ndarray:
         if not self.dist.enabled:
             return np.asarray(values, np.float64)
-        t = torch.as_tensor(np.asarray(values, np.float64), device=self.device)
+        # a copy: all_reduce works in place, and torch.as_tensor would share the caller's array
+        # (the driver's running sums, which a checkpoint's meta reads mid-epoch)
+        t = torch.tensor(np.array(values, np.float64), device=self.device)
         return self.dist.all_sum(t).cpu().numpy()
 
     def any_process(self, flag: bool) -> bool:
