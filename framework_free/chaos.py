@@ -1,6 +1,7 @@
 """Kill a training run anywhere, again and again, and check nothing is lost.
 
     python -m framework_free.chaos [--stack torch_ref|flax_impl|both] [--kills 20] [--seed 0]
+                                   [--no-group-stops]
 
 For each stack: an uninterrupted reference run of a short recipe (generated Fashion-MNIST-shaped
 IDX files, 3 epochs, a checkpoint every 2 steps, so there are many writes to land in), then the
@@ -12,8 +13,15 @@ moments almost never land in a write, which takes milliseconds. Every run leaves
 (SHA-256 of parameters, statistics and optimizer state) in its metrics; the killed-and-resumed run
 must end with the same digests, epoch by epoch, and the same metrics as the reference, bit for bit
 (CPU, deterministic). Each stack's line says where its kills landed (`where_killed`): before the
-first checkpoint, outside a write, or inside a write. Exit code 0 when every stack passes, 1
-otherwise.
+first checkpoint, outside a write, or inside a write.
+
+Then the group stops: a scheduler's SIGTERM (or a terminal's SIGINT) reaches every process of the
+job at once, the trainer and its data-loading workers. On an ImageNet-layout folder of real JPEGs
+with num_workers=2 (torch_ref: DataLoader worker processes; flax_impl: decoding threads), the run
+is paused at each of the trainer's pause points (framework_free.preemption: start-up, a step,
+inside a checkpoint write, between evaluation batches), its whole process group is signalled
+there, and it must exit 75 with one line and resume to the uninterrupted run's records. Exit code
+0 when every stack passes everything, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -156,12 +164,97 @@ def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=prin
     return result
 
 
+# --- group stops at the trainer's pause points ----------------------------------------------
+
+IMAGE_OVERRIDES = ["model=resnet18", "num_classes=3", "image_size=32", "eval_resize=36",
+                   "batch_size=4", "eval_batch_size=4", "epochs=2", "train_subset=0",
+                   "eval_subset=0", "num_workers=2", "log_every_steps=1",
+                   "checkpoint_every_steps=2"]
+# (pause point, signal): write:3 is the first checkpoint's write (config.json and
+# environment.json are the first two atomic writes of a run)
+STOPS = [("start", signal.SIGTERM), ("step:3", signal.SIGTERM), ("write:3", signal.SIGTERM),
+         ("eval:2", signal.SIGINT)]
+
+
+def image_command(stack: str, data_dir: Path, workdir: Path) -> list[str]:
+    return [sys.executable, "-m", f"{stack}.train", "--recipe", "imagenet", "--size", "smoke",
+            "--data-dir", str(data_dir), "--workdir", str(workdir), "--device", "cpu",
+            *IMAGE_OVERRIDES]
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (its data-loading workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def paused(cmd: list[str], point: str, flag: Path, timeout: float = 300) -> subprocess.Popen:
+    """Start `cmd` in a process group of its own, and return once the trainer waits at its pause
+    `point` (framework_free.preemption.pause)."""
+    env = dict(_env(), TRAINER_PAUSE_AT=point, TRAINER_PAUSE_FILE=str(flag))
+    flag.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not flag.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            raise RuntimeError(f"the run never reached {point}: {err[-2000:]}")
+        time.sleep(0.02)
+    return proc
+
+
+def group_stop(cmd: list[str], point: str, sig: int, flag: Path,
+               workers_first: bool = False) -> tuple[int, str]:
+    """Pause the run at `point`, signal its whole process group (with `workers_first`, each
+    worker alone first, then the group); (exit code, stderr)."""
+    proc = paused(cmd, point, flag)
+    if workers_first:
+        for pid in children(proc.pid):
+            os.kill(pid, sig)
+        time.sleep(0.5)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def check_group_stops(stack: str, root: Path, stops=STOPS, log=print) -> dict:
+    """Each stop in `stops` on a fresh run: exit 75 with one line, then the rerun's records equal
+    the uninterrupted run's."""
+    data_dir = testing.write_image_folder(root / "images", classes=3, per_class=(8, 4))
+    run_once(image_command(stack, data_dir, root / f"{stack}-images-reference"), None)
+    reference = epoch_records(root / f"{stack}-images-reference")
+    results = {}
+    for point, sig in stops:
+        workdir = root / f"{stack}-stop-{point.replace(':', '-')}"
+        cmd = image_command(stack, data_dir, workdir)
+        code, err = group_stop(cmd, point, sig, root / "paused")
+        one_line = len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        run_once(cmd, None)
+        results[point] = (code == 75 and one_line and epoch_records(workdir) == reference)
+    result = {"stack": stack, "group_stops": results, "identical": all(results.values())}
+    log(json.dumps(result))
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m framework_free.chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stack", choices=("torch_ref", "flax_impl", "both"), default="both")
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-group-stops", action="store_true",
+                        help="only the SIGKILLs, not the group SIGTERM/SIGINT at pause points")
     args = parser.parse_args(argv)
     stacks = ["torch_ref", "flax_impl"] if args.stack == "both" else [args.stack]
     rng = random.Random(args.seed)
@@ -169,6 +262,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         for stack in stacks:
             ok &= check_stack(stack, args.kills, Path(tmp), rng)["identical"]
+            if not args.no_group_stops:
+                ok &= check_group_stops(stack, Path(tmp))["identical"]
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -135,3 +135,27 @@ def test_bf16_compute(fashion_dir, tmp_path):
                                   "batch_stats": backend.state.batch_stats},
                                  jnp.zeros((2, 28, 28, 1)), train=False)
     assert logits.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["memory", "images"])
+def test_a_batch_larger_than_the_data_is_the_data(fashion_dir, imagefolder_dir, kind):
+    """batch_size 100,000 over a few dozen images: padded to the images (rounded up to the
+    devices), not to 100,000 rows (which once asked for 183 GB); the plan and its single step
+    are the same as with the batch the data fills."""
+    if kind == "memory":
+        r = recipe_for("fashion_mnist", fashion_dir)
+    else:
+        r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
+                       "image_size=32", "eval_resize=36", "drop_last=false")
+    train, evals = data.build_train(r, 100_000, pad_multiple=8), data.build_eval(r, 100_000,
+                                                                                pad_multiple=8)
+    n, m = train.num_examples, evals.num_examples
+    first = next(iter(train.epoch(0)))
+    rows = -(-n // 8) * 8
+    assert train.steps == 1 and len(first["mask"]) == rows and first["mask"].sum() == n
+    batches = list(evals)
+    assert len(batches) == 1 and len(batches[0]["mask"]) == -(-m // 8) * 8
+    assert batches[0]["mask"].sum() == m
+    exact = data.build_train(r, rows, pad_multiple=8)
+    same = next(iter(exact.epoch(0)))
+    assert all(np.array_equal(first[k], same[k]) for k in first)

@@ -41,6 +41,8 @@ OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:
     (["--recipe", "imagenet", "--data-dir", "no/such/folder"], "no train/ folder"),
     (["--recipe", "cifar10"], "could not be downloaded"),
     (["--recipe", "fashion_mnist", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--recipe", "fashion_mnist", "epochs=1", "epochs=2"], "override epochs is given twice"),
+    (["--recipe", "fashion_mnist", "--workdir", ""], "--workdir is empty"),
 ])
 def test_user_mistakes(tmp_path, args, needle, stack):
     proc = run_cli(args, tmp_path, OFFLINE, stack)
@@ -125,3 +127,13 @@ def test_workdir_of_another_recipe_is_refused(tmp_path, fashion_dir, cifar_dir):
     assert sorted(p.name for p in (tmp_path / "w").rglob("*")) == before
 
 
+
+
+def test_overrides_may_sit_between_and_after_flags():
+    import configs
+    from framework_free import cli
+
+    args, recipe = cli.parse(["epochs=3", "--recipe", "fashion_mnist", "lr=0.05", "--size",
+                              "smoke", "batch_size=8", "--workdir", "w"], "prog", "torch_ref",
+                             configs)
+    assert (recipe.epochs, recipe.lr, recipe.batch_size, args.workdir) == (3, 0.05, 8, "w")

@@ -219,6 +219,8 @@ def test_tolerated_non_finite_steps_are_left_out_and_a_longer_streak_stops(tmp_p
     stopped = run_two(tmp_path / "diverged", nan_steps={5, 6, 7}, allowed=2)
     assert all(isinstance(r, driver.NonFiniteLoss) for r in stopped)
     assert "NaN or inf at global step 7 (epoch 2)" in str(stopped[0])
+    # the advice is one a resume would not refuse: a lower lr is a new run, elsewhere
+    assert "lower lr" in str(stopped[0]) and "in another --workdir" in str(stopped[0])
 
 
 def test_corrupt_data_keeps_the_last_completed_step(tmp_path):

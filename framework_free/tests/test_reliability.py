@@ -247,3 +247,11 @@ def test_fuzz_overrides_valid_accepted_invalid_refused(good, bad):
     if bad:
         with pytest.raises(UserError):
             apply_overrides(base, good + bad)
+
+
+def test_chaos_group_stops_report_each_point(tmp_path):
+    """The chaos tool's group stops (python -m framework_free.chaos runs all four points on both
+    stacks): here one point, inside the first checkpoint write, on torch_ref's worker processes."""
+    result = chaos.check_group_stops("torch_ref", tmp_path, [("write:3", signal.SIGTERM)],
+                                     log=lambda _: None)
+    assert result["group_stops"] == {"write:3": True} and result["identical"], result
