@@ -15,6 +15,11 @@ GPU/TPU); there is no fp16 loss scaling here.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop request while the libraries load is honoured, not a traceback
+    from framework_free import preemption as _early
+
+    _early.install_early()
+
 import hashlib
 import os
 import sys

@@ -566,7 +566,6 @@ def main(argv: list[str] | None, prog: str, framework: str, recipes: cli.RecipeB
     A stack may add `flags(parser)`, a `setup(args)` run right after parsing (flax_impl: join
     the other processes) and `peer_lost(err)`: the line that says another process of the run
     died, upon which this one exits at once with EXIT_PEER_LOST."""
-    preemption.reset()
     main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: one line, not one per process
     with StopOnSignal():
         try:

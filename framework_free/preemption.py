@@ -100,6 +100,14 @@ class StopOnSignal:
 WORKER_GRACE_S = 60.0  # a signalled worker keeps serving this long, then exits by itself
 
 
+def install_early() -> None:
+    """The command's first act (before torch or JAX load, seconds): SIGTERM/SIGINT already mark
+    a stop request, which the trainer honours once it starts (exit 75, nothing trained)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _handle)
+
+
 def quiet_worker(_worker_id: int = 0) -> None:
     """A data-loading worker's signal handling: SIGINT and SIGTERM are the trainer's (its
     parent's) to act on for the whole job. A worker ignores SIGINT; after a SIGTERM it keeps

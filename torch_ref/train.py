@@ -8,6 +8,11 @@ every global batch, rank 0 alone prints and writes.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop request while the libraries load is honoured, not a traceback
+    from framework_free import preemption as _early
+
+    _early.install_early()
+
 import hashlib
 import sys
 from pathlib import Path
