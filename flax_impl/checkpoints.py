@@ -59,6 +59,8 @@ class Checkpoints:
         def read(args):
             try:
                 return manager.restore(step, args=args)
+            except (OSError, MemoryError):
+                raise  # the disk or the memory, not the checkpoint: never a reason to fall back
             except Exception as err:  # truncated files, foreign trees, wrong shapes
                 first = str(err).split("See full TensorStore details")[0].strip()
                 first = first.splitlines()[0][:200] if first else ""

@@ -100,18 +100,22 @@ def initialize(args: argparse.Namespace) -> None:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot start several processes ({first}); check the coordinator "
                         "address, process count and id") from None
+    # the rank as torchrun would name it: process 0 alone prints errors and stop lines
+    os.environ["RANK"] = str(jax.process_index())
 
 
 LOST = ("Gloo", "Connection reset by peer", "Connection closed by peer", "heartbeat",
-        "DEADLINE_EXCEEDED", "UNAVAILABLE", "Socket closed")
+        "coordination service", "Socket closed")
 
 
 def peer_lost(err: BaseException) -> str | None:
     """The line to print when `err` means another process of this run died, else None."""
+    from jax._src import distributed  # whether this process joined others (no backend call)
+
+    if distributed.global_state.client is None:
+        return None
     import jax
 
-    if jax.process_count() < 2:
-        return None
     text = str(err)
     if not any(word in text for word in LOST):
         return None

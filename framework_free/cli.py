@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from framework_free.errors import UserError
-from framework_free.recipe import SIZES, Recipe, apply_overrides, keys_help
+from framework_free.recipe import SIZES, Recipe, apply_overrides, given_once, keys_help
 
 
 class RecipeBook(Protocol):
@@ -68,7 +68,8 @@ def parse(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook,
         return args, None
     if not args.recipe:
         raise UserError(f"--recipe is required; choose one of: {', '.join(recipes.RECIPES)}")
-    recipe = apply_overrides(recipes.get_config(args.recipe, args.size), args.overrides)
+    recipe = apply_overrides(recipes.get_config(args.recipe, args.size),
+                             given_once(args.overrides))
     if args.data_dir is not None:
         if not args.data_dir.strip():
             raise UserError("--data-dir is empty; pass the folder that holds the dataset")

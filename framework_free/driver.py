@@ -209,6 +209,7 @@ class Run:
         self.window = np.zeros(3)  # loss sum, correct and count since the last log line
         self.nonfinite_streak = 0
         self.stop_after_step: int | None = None  # tests: behave as if signalled after this step
+        self.have_checkpoint = False  # one to resume from exists (for the full-disk message)
         self._check = identity_check(recipe, b)
         if resuming:
             self._resume_latest()
@@ -252,13 +253,19 @@ class Run:
             except UnusableCheckpoint as err:
                 unreadable.append((where, err))
                 continue
+            self._resume(meta, where)  # its checks first: a refused resume moves nothing
+            if unreadable:
+                b.any_process(False)  # every process has read its checkpoint before any move
             for bad, err in unreadable:
                 if b.is_main:
                     console.say(f"note: {err}; moved to {self._set_aside(bad)}")
-            self._resume(meta, where)
+            self.have_checkpoint = True
             return
+        # one epoch recorded without a checkpoint is what a failed first save leaves (the
+        # epoch's line is written before it; checkpoint_every_steps=0 saves first there): that
+        # epoch is redone. Two or more mean checkpoints existed and were lost.
         epochs = self.record.epochs_recorded()
-        if unreadable or epochs:
+        if unreadable or epochs >= 2:
             w = self.record.workdir
             what = f"{epochs} recorded epoch(s)" if epochs else "a record"
             why = f" ({unreadable[0][1]}; {len(unreadable)} unreadable)" if unreadable else ""
@@ -280,15 +287,21 @@ class Run:
 
     def _resume(self, meta: dict, where: str) -> None:
         saved, now = meta.get("data"), self.data_sizes()
-        if saved is not None and saved != now:  # older checkpoints did not record it
+        images = ("num_train", "num_eval")
+        if saved is not None and any(saved[k] != now[k] for k in images):
             def say(d):
-                return (f"{d['num_train']} training / {d['num_eval']} test images, "
-                        f"{d['steps_per_epoch']} steps per epoch")
+                return f"{d['num_train']} training / {d['num_eval']} test images"
 
             raise UserError(f"the data of this run ({self.recipe.data_dir}) has {say(now)}; "
                             f"checkpoint {where} was trained on {say(saved)}. Pass the "
                             "--data-dir it was trained with (an image removed or added "
                             "changes the schedule), or pass another --workdir for a new run")
+        if saved is not None and saved["steps_per_epoch"] != now["steps_per_epoch"]:
+            raise UserError(f"checkpoint {where} was trained with {saved['steps_per_epoch']} "
+                            f"steps per epoch, this run makes {now['steps_per_epoch']} of the "
+                            "same images: its global batch differs (batch_size x processes or "
+                            "devices). Resume with the processes and devices it was trained "
+                            "on, or pass another --workdir for a new run")
         self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
         self.global_step, self.best_acc = meta["global_step"], meta["best_acc"]
         sums = np.asarray(meta["epoch_sums"], np.float64)
@@ -310,10 +323,12 @@ class Run:
             self.backend.save(meta, best)
         except Exception as err:
             found = file_system_error(err, getattr(self.backend, "checkpoint_bytes", int)(),
+                                      resumable=self.have_checkpoint,
                                       where=self.record.checkpoint_dir)
             if found is None:
                 raise
             raise found from None
+        self.have_checkpoint = True
 
     # --- stopping ----------------------------------------------------------------------------
     @property
@@ -405,9 +420,12 @@ class Run:
                         seen += self._drain(pending)
                         self.save()
         except CorruptData:
-            # the data failed between two steps: the state is that of the last completed step
-            self._drain(pending)
-            self.save()
+            # the data failed between two steps: the state is that of the last completed step.
+            # With several processes only this one knows: a save (its collectives) would wait on
+            # the others forever, so it stops and the run resumes from its last checkpoint
+            if b.num_processes == 1:
+                self._drain(pending)
+                self.save()
             raise
         seen += self._drain(pending)
         bar.close()
@@ -544,7 +562,13 @@ def evaluate_checkpoint(make: Factory, recipe: Recipe, workdir: str | Path,
                 raise
             raise UserError(f"{err}; pass --checkpoint with a complete checkpoint (a run keeps "
                             "best, last and the one before last)") from None
-        metrics = test_metrics(backend)
+
+        def between() -> None:  # a stop request ends an evaluation at once: nothing to save
+            preemption.pause("eval")
+            if preemption.requested() and backend.num_processes == 1:
+                raise Preempted(meta.get("global_step", 0), saved=False, doing="evaluating")
+
+        metrics = test_metrics(backend, between)
         if backend.is_main:
             console.say(f"{where}: test loss {metrics['test_loss']:.4f} acc "
                         f"{100 * metrics['test_acc']:.2f}% on {metrics['test_count']} images "
@@ -566,12 +590,15 @@ def main(argv: list[str] | None, prog: str, framework: str, recipes: cli.RecipeB
     A stack may add `flags(parser)`, a `setup(args)` run right after parsing (flax_impl: join
     the other processes) and `peer_lost(err)`: the line that says another process of the run
     died, upon which this one exits at once with EXIT_PEER_LOST."""
-    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: one line, not one per process
+    def main_rank() -> bool:  # torchrun (and flax_impl's processes): one line, not one each
+        return os.environ.get("RANK", "0") == "0"
+
     with StopOnSignal():
         try:
             args, recipe = cli.parse(argv, prog, framework, recipes, flags)
             if setup is not None and recipe is not None:
                 setup(args)
+                preemption.install_early()  # setup may have put its own handlers in (JAX's)
             preemption.pause("start")
             if recipe is None:
                 cli.print_keys()
@@ -584,16 +611,19 @@ def main(argv: list[str] | None, prog: str, framework: str, recipes: cli.RecipeB
         except UserError as err:
             return report(err, prog)
         except Preempted as stop:
-            if main_rank and stop.saved:
+            if main_rank() and stop.saved:
                 print(f"stopped after global step {stop}; checkpoint written, run the same "
                       f"command to resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
-            elif main_rank:
+            elif main_rank() and stop.doing == "evaluating":
+                print(f"stopped while evaluating; nothing was written, run the same command "
+                      f"to evaluate again (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+            elif main_rank():
                 print(f"stopped before training (at global step {stop}, nothing new to save); "
                       f"run the same command to continue (exit code {EXIT_PREEMPTED})",
                       file=sys.stderr)
             return EXIT_PREEMPTED
         except KeyboardInterrupt:
-            if main_rank:
+            if main_rank():
                 print(f"{prog}: interrupted at once (second SIGINT); checkpoints on disk are "
                       "intact, run the same command to resume from the last one",
                       file=sys.stderr)

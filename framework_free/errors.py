@@ -82,7 +82,8 @@ def file_system_error(err: BaseException, need_bytes: int | None = None,
             return None
     where = f" {path}" if path else ""
     after = ("the last checkpoint and the record are intact: rerun the same command to resume"
-             if resumable else "nothing was overwritten")
+             if resumable else "no checkpoint was written yet: rerun the same command to start "
+             "again")
     if code in _NO_SPACE:
         need = f", a checkpoint needs about {_megabytes(need_bytes)}" if need_bytes else ""
         place = path or os.getcwd()

@@ -46,7 +46,8 @@ import numpy as np
 from framework_free import console
 from framework_free.cli import Parser, RecipeBook
 from framework_free.errors import UserError, report
-from framework_free.recipe import SIZES, Recipe, apply_overrides, resume_differences, world_lr
+from framework_free.recipe import (SIZES, Recipe, apply_overrides, given_once, resume_differences,
+                                    world_lr)
 
 STEP_MODES = ("exp", "linear")
 # recipe keys a range test does not use (its own schedule replaces them): a run folder whose
@@ -293,7 +294,8 @@ def parse(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook):
         raise UserError(f"--recipe is required; choose one of: {', '.join(recipes.RECIPES)}")
     t = RangeTest(args.start_lr, args.end_lr, args.num_iter, args.step_mode, args.smooth_f,
                   args.diverge_th, args.skip_start, args.skip_end).check()
-    recipe = apply_overrides(recipes.get_config(args.recipe, args.size), args.overrides)
+    recipe = apply_overrides(recipes.get_config(args.recipe, args.size),
+                             given_once(args.overrides))
     if args.data_dir is not None:
         if not args.data_dir.strip():
             raise UserError("--data-dir is empty; pass the folder that holds the dataset")

@@ -37,9 +37,9 @@ class Preempted(Exception):
     """A stop was requested (SIGTERM, SIGINT). `saved`: a checkpoint of the current step was
     written (False when the run stopped before its first step: nothing new to save)."""
 
-    def __init__(self, global_step: int, saved: bool = True):
+    def __init__(self, global_step: int, saved: bool = True, doing: str = "training"):
         super().__init__(global_step)
-        self.global_step, self.saved = global_step, saved
+        self.global_step, self.saved, self.doing = global_step, saved, doing
 
     def __str__(self):
         return str(self.global_step)
@@ -97,7 +97,7 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-WORKER_GRACE_S = 60.0  # a signalled worker keeps serving this long, then exits by itself
+HELD_FDS: set = set()  # descriptors a forked worker must not keep open (the workdir lock)
 
 
 def install_early() -> None:
@@ -109,21 +109,19 @@ def install_early() -> None:
 
 
 def quiet_worker(_worker_id: int = 0) -> None:
-    """A data-loading worker's signal handling: SIGINT and SIGTERM are the trainer's (its
-    parent's) to act on for the whole job. A worker ignores SIGINT; after a SIGTERM it keeps
-    serving batches while the trainer finishes its step and writes its checkpoint (the trainer
-    then ends it the usual way), and exits by itself WORKER_GRACE_S later, so that a SIGTERM
-    meant for the worker alone (a library stopping it) still ends it."""
+    """A data-loading worker's set-up (each loader's worker_init_fn): SIGINT and SIGTERM are the
+    trainer's (its parent's) to act on for the whole job, so a worker ignores both and keeps
+    serving batches while the trainer finishes its step and writes its checkpoint; the trainer
+    then ends it, with SIGKILL when it must force it (torch_ref.data's worker context), and a
+    worker whose trainer is gone exits by itself (torch's watchdog). It also closes its copy of
+    the workdir lock, so that the lock goes with the trainer."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _worker_terminated)
-
-
-def _worker_terminated(signum, frame):
-    if _state.get("worker_timer") is None:
-        timer = threading.Timer(WORKER_GRACE_S, os._exit, args=(128 + signum,))
-        timer.daemon = True
-        timer.start()
-        _state["worker_timer"] = timer
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for fd in list(HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 PAUSE_WAIT_S = 60.0  # a pause ends by itself after this long: a test that forgot it cannot hang

@@ -170,6 +170,18 @@ def parse_value(key: str, text: str):
     raise TypeError(f"field {key} has unsupported type {tp}")  # a bug in the schema, not the user's
 
 
+def given_once(overrides: list[str]) -> list[str]:
+    """A command line's overrides, refused when a key is given twice (the later one would
+    silently win). Programs that layer overrides call apply_overrides directly: last wins."""
+    seen = set()
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().replace("-", "_")
+        if "=" in item and key in seen:
+            raise UserError(f"override {key} is given twice; give it once")
+        seen.add(key)
+    return overrides
+
+
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """Apply ``key=value`` strings. Unknown keys, unparsable values and bad ranges are errors."""
     names = [f.name for f in dataclasses.fields(Recipe)]
@@ -185,8 +197,6 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
             near = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
             raise UserError(f"unknown override key {key!r}{hint}; see --list-keys for the keys")
-        if key in changes:
-            raise UserError(f"override {key} is given twice; give it once")
         try:
             changes[key] = parse_value(key, text.strip())
         except ValueError as err:

@@ -296,6 +296,7 @@ class WorkdirLock:
             raise UserError(f"cannot lock {self.path} ({err.strerror}); the file system of "
                             f"{workdir} does not support locks: pass a --workdir on a local "
                             "disk") from None
+        preemption.HELD_FDS.add(self.fd)  # forked data-loading workers close their copy
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
@@ -303,17 +304,21 @@ class WorkdirLock:
     def release(self, tidy: bool = False) -> None:
         """Drop the lock. `tidy` (a start that failed): remove the folders this lock made if
         nothing else was written in them, so that a mistake leaves no trace."""
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the lock
-            self.fd = None
-            if tidy and self.created is not None:
-                workdir = self.path.parent
-                if [p.name for p in workdir.iterdir()] == [self.NAME]:
-                    self.path.unlink()
-                    for folder in [workdir, *workdir.parents]:
-                        try:
-                            folder.rmdir()
-                        except OSError:
-                            break
-                        if folder == self.created:
-                            break
+        if self.fd is None:
+            return
+        workdir = self.path.parent
+        tidy = (tidy and self.created is not None
+                and [p.name for p in workdir.iterdir()] == [self.NAME])
+        if tidy:
+            self.path.unlink()  # while still held: no other start can lock it in between
+        preemption.HELD_FDS.discard(self.fd)
+        os.close(self.fd)  # closing the descriptor drops the lock
+        self.fd = None
+        if tidy:
+            for folder in [workdir, *workdir.parents]:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                if folder == self.created:
+                    break

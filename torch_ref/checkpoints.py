@@ -39,13 +39,10 @@ def save_last(folder: Path, state: dict) -> None:
     """Write last.pt, keeping the one it replaces as previous.pt. The new file is complete
     before either rename, so a crash or a full disk leaves last.pt (or, between the two
     renames, previous.pt) holding the latest complete state."""
-    last, previous = folder / LAST, folder / PREVIOUS
-    if not last.exists():
-        save(last, state)
-        return
-    staged = folder / "last.pt.new"
-    save(staged, state)
-    os.replace(last, previous)
+    last, previous, staged = folder / LAST, folder / PREVIOUS, folder / "last.pt.new"
+    save(staged, state)  # a staged file older than this one (a crash's) is replaced here
+    if last.exists():
+        os.replace(last, previous)
     os.replace(staged, last)
     fsync_dir(folder)
 
@@ -75,6 +72,8 @@ def load(path: Path, map_location="cpu") -> dict:
     except IsADirectoryError:
         raise UserError(f"{path} is a folder, not a torch_ref checkpoint file such as "
                         "WORKDIR/checkpoints/best.pt") from None
+    except (OSError, MemoryError, torch.OutOfMemoryError):
+        raise  # the disk or the memory, not the file: never a reason to fall back
     except Exception as err:  # truncated zip, bad pickle, foreign content
         raise UnusableCheckpoint(f"checkpoint {path} is truncated, corrupt or not a torch_ref "
                                  f"checkpoint ({type(err).__name__})") from None

@@ -17,6 +17,8 @@ resumed run continues exactly, and both evaluate every test image exactly once.
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context as mp_context
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -240,6 +242,37 @@ class PlanSampler(torch.utils.data.Sampler):
                    for k in range(sl.start, sl.stop)]
 
 
+class _KillOnTerminate:
+    def terminate(self):
+        self.kill()
+
+
+# module-level, so that spawn and forkserver can pickle them
+class _ForkWorker(_KillOnTerminate, mp_context.ForkProcess):
+    pass
+
+
+class _SpawnWorker(_KillOnTerminate, mp_context.SpawnProcess):
+    pass
+
+
+class _ForkServerWorker(_KillOnTerminate, mp_context.ForkServerProcess):
+    pass
+
+
+_WORKERS = {"fork": _ForkWorker, "spawn": _SpawnWorker, "forkserver": _ForkServerWorker}
+
+
+def worker_context():
+    """The platform's default multiprocessing context, with one change: ending a worker by
+    force (torch's shutdown of a worker that does not stop by itself, multiprocessing's at exit)
+    is SIGKILL, since workers ignore SIGTERM (framework_free.preemption.quiet_worker)."""
+    method = multiprocessing.get_start_method()
+    context = type(multiprocessing.get_context(method))()
+    context.Process = _WORKERS[method]
+    return context
+
+
 class LoaderTrain:
     def __init__(self, dataset, recipe: Recipe, device, dist: Dist):
         self.plan = sampling.TrainPlan(recipe, len(dataset), recipe.batch_size, dist.world_size,
@@ -253,6 +286,7 @@ class LoaderTrain:
             dataset, batch_sampler=self.sampler, num_workers=workers,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0,
             worker_init_fn=preemption.quiet_worker,  # the trainer handles the job's signals
+            multiprocessing_context=worker_context() if workers > 0 else None,
             generator=torch.Generator().manual_seed(recipe.seed))  # leave torch's RNG alone
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -284,7 +318,8 @@ class LoaderEval:
         self.loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(dataset, range(start, stop)),
             batch_size=recipe.eval_batch_size, shuffle=False, num_workers=recipe.num_workers,
-            pin_memory=torch.device(device).type == "cuda", worker_init_fn=preemption.quiet_worker)
+            pin_memory=torch.device(device).type == "cuda", worker_init_fn=preemption.quiet_worker,
+            multiprocessing_context=worker_context() if recipe.num_workers > 0 else None)
 
     def __iter__(self):
         r = self.recipe

@@ -90,9 +90,11 @@ def peer_lost(err: BaseException) -> str | None:
     """The line to print when `err` means another process of this run died, else None."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2 or not isinstance(err, RuntimeError):  # DistBackendError is a RuntimeError
-        return None
+        return None  # (the process group may be torn down already: the run's `finally`)
     text = str(err)
-    if not any(word in text for word in LOST):
+    collective = isinstance(err, getattr(tdist, "DistError", ())) or any(
+        name in text for name in ("gloo", "NCCL", "c10d", "ProcessGroup"))
+    if not collective or not any(word in text for word in LOST):
         return None
     first = text.strip().splitlines()[0][:160]
     return (f"rank {os.environ.get('RANK', '?')} of {world}: another process of this run "

@@ -224,9 +224,20 @@ def test_tolerated_non_finite_steps_are_left_out_and_a_longer_streak_stops(tmp_p
 
 
 def test_corrupt_data_keeps_the_last_completed_step(tmp_path):
+    """One process: a checkpoint of the last completed step. Several: the process that read
+    the file cannot know whether the others did, and a save's collectives would wait on them
+    forever, so it stops without one and the run resumes from its last checkpoint (the end of
+    epoch 1 here)."""
     out = run_two(tmp_path / "run", corrupt_at=(1, 2))
     assert all(isinstance(r, CorruptData) for r in out), out
     meta = json.loads((tmp_path / "run" / "checkpoints" / "last.json").read_text())["meta"]
+    assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (1, 0, 4)
+    recipe = get_config("fashion_mnist", "smoke").replace(epochs=4, log_every_steps=3)
+    make = lambda ckpt_dir, train: FakeBackend(ckpt_dir, 0, Exchange(1),  # noqa: E731
+                                               corrupt_at=(1, 2))
+    with pytest.raises(CorruptData):
+        driver.train_and_evaluate(make, recipe, tmp_path / "one", "fake")
+    meta = json.loads((tmp_path / "one" / "checkpoints" / "last.json").read_text())["meta"]
     assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (1, 2, 6)
 
 

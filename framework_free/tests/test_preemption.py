@@ -5,6 +5,7 @@ framework_free.chaos): the run waits at a known place, the test signals its proc
 there, and the run must exit 75 with one line and resume to the records of an uninterrupted
 run, bit for bit. `python -m framework_free.chaos` runs every point on both stacks."""
 
+import fcntl
 import signal
 
 import pytest
@@ -93,3 +94,29 @@ def test_a_second_ctrl_c_quits_at_once_and_the_rerun_still_ends_right(images, tm
     assert proc.returncode in (EXIT_INTERRUPTED, EXIT_PREEMPTED) and one_line(err), err
     chaos.run_once(cmd, None)
     assert chaos.epoch_records(tmp_path / "run") == reference("flax_impl", images)
+
+
+def test_the_lock_goes_with_a_killed_trainer_though_its_workers_linger(images, tmp_path):
+    """SIGKILL of the trainer alone: its DataLoader workers outlive it for a few seconds (until
+    torch's watchdog sees the trainer gone), but they closed their copy of the workdir lock, so
+    the rerun at once is not refused, and it ends where an uninterrupted run does."""
+    cmd = chaos.image_command("torch_ref", images, tmp_path / "run")
+    proc = chaos.paused(cmd, "step:3", tmp_path / "paused")
+    workers = chaos.children(proc.pid)
+    assert workers
+    for pid in workers:  # the workers stay: as if the trainer died first
+        chaos.os.kill(pid, signal.SIGSTOP)
+    try:
+        proc.kill()
+        proc.wait(timeout=60)  # (its pipes stay open in the stopped workers)
+        with open(tmp_path / "run" / ".lock", "rb") as fh:  # free now, workers or not
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        for pid in workers:
+            try:
+                chaos.os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    chaos.run_once(cmd, None)  # raises if refused
+    assert chaos.epoch_records(tmp_path / "run") == reference("torch_ref", images)

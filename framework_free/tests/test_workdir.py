@@ -169,18 +169,45 @@ def _root_only():
         pytest.skip("mounting a tmpfs and chattr +i need root (CI runs as root)")
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 5 MB tmpfs: room for the record and about two ResNet-20 checkpoints (2.2 MB each)."""
+def mount_tmpfs(mount: Path, size: str) -> None:
     _root_only()
-    mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 5 MB tmpfs: room for the record and about two ResNet-20 checkpoints (2.2 MB each)."""
+    mount_tmpfs(tmp_path / "disk", "5m")
+    yield tmp_path / "disk"
+    subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_a_full_disk_at_the_first_checkpoint_starts_again(stack, data, tmp_path):
+    """checkpoint_every_steps=0: the first checkpoint is written after epoch 1's line. A 2 MB
+    tmpfs cannot hold it: the line says no checkpoint exists yet, and the rerun (moved to a
+    larger disk) trains from the start, not refused, to the uninterrupted run's records."""
+    mount_tmpfs(tmp_path / "disk", "2m")
+    try:
+        w = tmp_path / "disk" / "w"
+        cmd = [a if a != "checkpoint_every_steps=2" else "checkpoint_every_steps=0"
+               for a in chaos.command(stack, data, w)]
+        line = one_line(run(cmd), "No space left on device")
+        assert "no checkpoint was written yet: rerun the same command to start again" in line
+        moved = tmp_path / "moved"
+        shutil.copytree(w, moved, symlinks=True)
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
+    (moved / ".lock").unlink(missing_ok=True)
+    cmd = [str(moved) if a == str(w) else a for a in cmd]
+    proc = run(cmd)
+    assert proc.returncode == 0 and "resumed from" not in proc.stdout, proc.stderr
+    _, reference = finished(stack, data, tmp_path, "reference")  # the same run, undisturbed
+    assert chaos.epoch_records(moved) == chaos.epoch_records(reference)
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -199,8 +226,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_after_space_is_freed(stack,
     (moved / ".lock").unlink(missing_ok=True)
     proc = run(chaos.command(stack, data, moved))
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr
-    reference = tmp_path / "reference"
-    chaos.run_once(chaos.command(stack, data, reference), None)
+    _, reference = finished(stack, data, tmp_path, "reference")  # the same run, undisturbed
     assert chaos.epoch_records(moved) == chaos.epoch_records(reference)
     assert chaos.epoch_records(moved)[:len(kept)] == kept
 
