@@ -46,9 +46,11 @@ def small_fashion(tmp_path_factory):
 
 def run_torchrun(workdir, data_dir, extra=()):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    changed = {x.split("=")[0] for x in extra}  # the command line takes each key once
+    overrides = [x for x in OVERRIDES if x.split("=")[0] not in changed] + list(extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
            "--standalone", "-m", "torch_ref.train", "--recipe", "fashion_mnist", "--size",
-           "smoke", "--data-dir", str(data_dir), "--workdir", str(workdir), *OVERRIDES, *extra]
+           "smoke", "--data-dir", str(data_dir), "--workdir", str(workdir), *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -49,7 +49,7 @@ def test_fashion_mnist_runs_and_records(fashion_dir, tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["framework"] == "torch_ref" and config["recipe"]["epochs"] == 2
     assert (tmp_path / "run" / "environment.json").exists()
-    assert {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
+    assert {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()} == {"last.pt", "previous.pt", "best.pt"}
 
 
 def records(workdir):
