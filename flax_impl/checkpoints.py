@@ -138,6 +138,11 @@ def quiet_closed_loop_errors() -> None:
     logging.getLogger("absl").addFilter(
         lambda record: not (record.levelno >= logging.ERROR
                             and f"{os.sep}orbax{os.sep}" in record.pathname))
+    # and a second failing write of the same save surfaces as an unretrieved asyncio task
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not ("Task exception was never retrieved" in record.getMessage()
+                            and "orbax" in str(record.__dict__.get("future", ""))
+                            + record.getMessage()))
     thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
     threading.excepthook = lambda a: None if closed_loop(a.exc_value) else thread_hook(a)
     sys.unraisablehook = lambda a: None if closed_loop(a.exc_value) else unraisable_hook(a)

@@ -6,10 +6,13 @@
     WORKDIR/curves.png         loss and accuracy per epoch (framework_free.plot), after each epoch
     WORKDIR/confusion.json     the best epoch's confusion matrix, per-class test accuracy and the
     WORKDIR/confusion.png      most frequent confusions, with class names; and its picture
-    WORKDIR/checkpoints/       each stack's checkpoints (torch: last.pt, best.pt)
+    WORKDIR/checkpoints/       each stack's checkpoints (torch: last.pt, previous.pt, best.pt;
+                               unusable/: unreadable ones a resume moved aside)
+    WORKDIR/.lock              held (flock) by the run that owns the workdir; names its pid
 
 Starting a run in a workdir that already holds one resumes it when the recipe agrees, and refuses
-with a one-line error when it does not (another recipe, another framework, changed numbers).
+with a one-line error when it does not (another recipe, another framework, changed numbers), when
+another run holds it, or when it holds results without the config to resume them.
 """
 
 from __future__ import annotations

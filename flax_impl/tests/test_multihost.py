@@ -4,6 +4,7 @@ device against 1 process x 2 devices, a dead peer, and the flags' mistakes."""
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,7 +51,14 @@ def run_two(workdir, data, env1=None):
     return procs, [p.communicate(timeout=600) for p in procs]
 
 
+_one: dict = {}
+
+
 def one_process(workdir, data):
+    """The one-process run (once per module: both tests compare with the same run)."""
+    if "run" in _one:
+        return shutil.copytree(_one["run"], workdir)
+    _one["run"] = workdir
     cmd = [sys.executable, "-m", "flax_impl.train", *COMMON, "--data-dir", str(data),
            "--workdir", str(workdir), f"batch_size={2 * B}", f"eval_batch_size={2 * E}"]
     env = {**chaos._env(), "FLAX_IMPL_CPU_DEVICES": "2"}

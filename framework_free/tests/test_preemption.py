@@ -41,10 +41,9 @@ def one_line(err):
 # Fashion-MNIST is test_reliability's)
 CASES = [  # stack, pause point, signal, whether each worker is signalled alone first
     ("torch_ref", "step:3", signal.SIGTERM, True),
-    ("torch_ref", "write:3", signal.SIGTERM, False),
     ("torch_ref", "eval:2", signal.SIGINT, False),
     ("flax_impl", "eval:2", signal.SIGTERM, False),
-]
+]  # inside a checkpoint write: test_reliability's chaos group stop (write:3)
 
 
 @pytest.mark.parametrize("stack,point,sig,workers_first", CASES,
@@ -82,10 +81,11 @@ def test_a_stop_during_start_up_ends_the_run_before_it_trains(stack, images, tmp
 
 
 def test_a_second_ctrl_c_quits_at_once_and_the_rerun_still_ends_right(images, tmp_path):
-    """flax_impl, where a Ctrl-C once crashed the interpreter: exit 130 (or 75 when the stop
-    was done before the second signal landed), one line, and the rerun ends where an
-    uninterrupted run does."""
-    cmd = chaos.image_command("flax_impl", images, tmp_path / "run")
+    """Exit 130 (or 75 when the stop was done before the second signal landed), one line, and
+    the rerun ends where an uninterrupted run does. The handler is framework_free's, the same in
+    both stacks (flax_impl's interpreter once crashed here: it now never reaches its teardown);
+    torch_ref's worker processes make it the harder case."""
+    cmd = chaos.image_command("torch_ref", images, tmp_path / "run")
     proc = chaos.paused(cmd, "step:4", tmp_path / "paused")
     chaos.os.killpg(proc.pid, signal.SIGINT)
     chaos.time.sleep(0.05)
@@ -93,7 +93,7 @@ def test_a_second_ctrl_c_quits_at_once_and_the_rerun_still_ends_right(images, tm
     _, err = proc.communicate(timeout=300)
     assert proc.returncode in (EXIT_INTERRUPTED, EXIT_PREEMPTED) and one_line(err), err
     chaos.run_once(cmd, None)
-    assert chaos.epoch_records(tmp_path / "run") == reference("flax_impl", images)
+    assert chaos.epoch_records(tmp_path / "run") == reference("torch_ref", images)
 
 
 def test_the_lock_goes_with_a_killed_trainer_though_its_workers_linger(images, tmp_path):
