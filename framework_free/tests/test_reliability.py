@@ -255,3 +255,18 @@ def test_chaos_group_stops_report_each_point(tmp_path):
     result = chaos.check_group_stops("torch_ref", tmp_path, [("write:3", signal.SIGTERM)],
                                      log=lambda _: None)
     assert result["group_stops"] == {"write:3": True} and result["identical"], result
+
+
+def test_a_stop_during_eval_only_ends_it_at_once(tmp_path):
+    """--eval-only honours SIGTERM too: it stops before the next evaluation batch (exit 75, one
+    line) instead of saying it will stop and evaluating on; it writes nothing."""
+    _trained_workdir("torch_ref", tmp_path)
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("*") if p.is_file())
+    cmd = [sys.executable, "-m", "torch_ref.train", "--recipe", "fashion_mnist", "--size",
+           "smoke", "--data-dir", str(tmp_path / "data"), "--workdir", str(tmp_path / "w"),
+           "--device", "cpu", "--eval-only"]
+    code, err = chaos.group_stop(cmd, "eval:1", signal.SIGTERM, tmp_path / "paused")
+    assert code == EXIT_PREEMPTED and "stopped while evaluating" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("*") if p.is_file())
+    assert after == before
