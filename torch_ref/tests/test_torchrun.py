@@ -2,7 +2,6 @@
 resumes to the records of an uninterrupted run, epoch metrics included (every rank's partial sums
 are saved), and a dead peer ends the others at once with one line; the rerun resumes."""
 
-import json
 import os
 import signal
 import subprocess
@@ -43,14 +42,15 @@ def launch(workdir, data, env=None):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def epochs(workdir):
-    out = []
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if "state_digest" in m:
-            out.append({k: v for k, v in m.items() if k not in ("epoch_time",
-                                                                 "train_images_per_s")})
-    return out
+epochs = chaos.epoch_records
+
+
+def resumes_to(workdir, data, want):
+    """The same command again: it resumes and ends with the uninterrupted run's epoch lines."""
+    rerun = launch(workdir, data)
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0 and "resumed from" in out, err[-3000:]
+    assert epochs(workdir) == want
 
 
 def wait_for(flag, proc):
@@ -78,10 +78,7 @@ def test_a_job_stopped_mid_epoch_resumes_with_the_same_epoch_metrics(setup, tmp_
     out, err = proc.communicate(timeout=300)
     stops = [x for x in ours(err) if x.startswith("stopped after global step 10;")]
     assert len(stops) == 1, err[-3000:]  # rank 0 alone, at the first agreed point (step 10)
-    rerun = launch(tmp_path / "run", data)
-    out, err = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0 and "resumed from" in out, err[-3000:]
-    assert epochs(tmp_path / "run") == want  # weights, digests and epoch 1's train loss/acc
+    resumes_to(tmp_path / "run", data, want)  # weights, digests, epoch 1's loss/acc
 
 
 def test_a_dead_peer_ends_the_other_at_once_and_the_rerun_resumes(setup, tmp_path):
@@ -98,7 +95,4 @@ def test_a_dead_peer_ends_the_other_at_once_and_the_rerun_resumes(setup, tmp_pat
     lost = [x for x in ours(err) if "another process of this run stopped answering" in x]
     assert len(lost) == 1 and "rank 0 of 2" in lost[0], err[-3000:]
     assert f"exitcode  : {EXIT_PEER_LOST}" in err or "Signals.SIGTERM" in err, err[-3000:]
-    rerun = launch(tmp_path / "run", data)
-    out, err = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0 and "resumed from" in out, err[-3000:]
-    assert epochs(tmp_path / "run") == want
+    resumes_to(tmp_path / "run", data, want)
