@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -59,8 +62,27 @@ def test_examples(recipe, folder: Path) -> list[str]:
     return paths
 
 
-def build(workdir: str | Path, checkpoint: str | None = None):
-    """The gr.Blocks of a run (both stacks loaded from one checkpoint)."""
+def image_file_input(gr):
+    """A gr.Image that hands the function the uploaded file's path, undecoded. Gradio's own
+    preprocessing opens every upload with PIL first (and turns it by its EXIF orientation), so
+    a file PIL refuses would end in Gradio's generic error, never reaching `classify`: here
+    the upload goes through predict's own decoding, with predict's one-line reasons."""
+
+    class ImageFile(gr.Image):
+        is_template = True  # the browser draws it with gr.Image's own component
+
+        def preprocess(self, payload):
+            if payload is not None and payload.path and not (payload.url or "").startswith(
+                    "data:"):
+                return str(payload.path)
+            return super().preprocess(payload)  # None, or an inline (base64) image
+
+    return ImageFile
+
+
+def build(workdir: str | Path, checkpoint: str | None = None, max_pixels: int | None = None):
+    """The gr.Blocks of a run (both stacks loaded from one checkpoint); `max_pixels`: the
+    uploads' pixel limit (default the run's max_image_pixels)."""
     import gradio as gr
 
     from flax_impl import predict as flax_predict
@@ -71,12 +93,18 @@ def build(workdir: str | Path, checkpoint: str | None = None):
     torch_fn, where = torch_predict.load(recipe, checkpoint, workdir, "cpu")
     flax_fn, _ = flax_predict.load(recipe, checkpoint, workdir, "cpu")
     names = class_names(recipe)
-    examples = test_examples(recipe, Path(tempfile.mkdtemp(prefix="demo-examples-")))
+    folder = tempfile.mkdtemp(prefix="demo-examples-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # gone when the demo stops
+    examples = test_examples(recipe, Path(folder))
 
-    def classify(image):
+    def classify(image: str | None):
         if image is None:
             return None, None, "upload an image or click an example"
-        x = predict.prepare(image, recipe)[None]
+        try:
+            x = predict.load_image(image, recipe, max_pixels)[None]
+        except UserError as err:  # the page and API clients get predict's line, not a trace
+            raise gr.Error(str(err).replace(image, Path(image).name),
+                           print_exception=False) from None
         t, f = torch_fn(x)[0], flax_fn(x)[0]
         labels = [{n["name"]: n["prob"] for n in predict.top_k(z, names, 5)} for z in (t, f)]
         gap = float(np.abs(t - f).max())
@@ -89,7 +117,7 @@ def build(workdir: str | Path, checkpoint: str | None = None):
         gr.Markdown(f"## {recipe.recipe}: {recipe.model}, best test accuracy "
                     f"{best_accuracy(workdir)}\ncheckpoint `{where}`, served by both stacks")
         with gr.Row():
-            image = gr.Image(type="pil", label="image", elem_id="image")
+            image = image_file_input(gr)(type="filepath", label="image", elem_id="image")
             with gr.Column():
                 go = gr.Button("Classify", elem_id="classify")
                 parity = gr.Markdown(elem_id="parity")
@@ -118,13 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="a checkpoint of either stack (default: the run's best)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    predict.add_pixel_limit(p)
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
         if not 0 < args.port < 65536:
             raise UserError(f"--port {args.port} is not a port number (1-65535)")
         if not port_free(args.host, args.port):
             raise UserError(f"port {args.port} on {args.host} is in use; pass another --port")
-        page = build(args.workdir, args.checkpoint)
+        limit = predict.pixel_limit(args, predict.run_recipe(Path(args.workdir)))
+        # SIGTERM (a service manager, `kill`) stops it as Ctrl-C does: the server closes and
+        # the example files go
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        page = build(args.workdir, args.checkpoint, limit)
         print(f"demo on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
         page.launch(server_name=args.host, server_port=args.port, share=False, quiet=True,
                     footer_links=[], ssr_mode=False)

@@ -26,7 +26,7 @@ import threading
 import numpy as np
 
 from framework_free import datasets, pil_transforms, readers, sampling
-from framework_free.errors import CorruptData, UserError
+from framework_free.errors import UserError
 from framework_free.recipe import Recipe
 
 TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "fashion_mnist": "fashion_mnist",
@@ -147,23 +147,21 @@ class _Prefetch:
 
 
 class ImageFiles:
-    """Images by index from an ImageFolder listing (decoded with PIL)."""
+    """Images by index from an ImageFolder listing, decoded by `pil_transforms.open_image`: a
+    file that does not decode, for whatever reason, is CorruptData with its path and reason."""
 
-    def __init__(self, paths, labels, channels: int):
+    def __init__(self, paths, labels, channels: int, max_pixels: int):
         self.paths, self.labels, self.channels = paths, labels.astype(np.int32), channels
+        self.max_pixels = max_pixels
 
     def __len__(self):
         return len(self.paths)
 
     def image(self, i: int):
         try:
-            return pil_transforms.load_image(self.paths[i], self.channels)
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError too
-            raise CorruptData(f"image file {self.paths[i]} is corrupt or not an image "
-                              f"({type(err).__name__}); replace it with a good copy "
-                              "(removing it changes the training set, which a resumed run "
-                              "refuses), then rerun the same command (a checkpoint of the last completed step was "
-                              "written; the run resumes there)") from None
+            return pil_transforms.open_image(self.paths[i], self.channels, self.max_pixels)
+        except pil_transforms.BadImage as bad:
+            raise bad.as_corrupt_data() from None
 
 
 class _Images:
@@ -269,7 +267,7 @@ def _imagenet_images(recipe: Recipe, train: bool):
         return images
     root = datasets.ensure_present(recipe)
     paths, labels = datasets.imagenet_listing(recipe, root, train)
-    return ImageFiles(paths, labels, recipe.in_channels)
+    return ImageFiles(paths, labels, recipe.in_channels, recipe.max_image_pixels)
 
 
 def build_train(recipe: Recipe, global_batch: int, process_index: int = 0,

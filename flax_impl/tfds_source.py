@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from framework_free import readers
-from framework_free.errors import UserError
+from framework_free.errors import CorruptData, UserError
 
 SPLITS = {True: "train", False: "test"}
 IMAGENET_SPLITS = {True: "train", False: "validation"}
@@ -64,18 +64,29 @@ class ImageSource:
     """imagenet2012 from TFDS, one decoded image at a time (for the PIL pipeline)."""
 
     def __init__(self, data_dir: str, train: bool):
-        self.src = open_source("imagenet2012", data_dir, IMAGENET_SPLITS[train])
+        self.split, self.where = IMAGENET_SPLITS[train], data_dir or "~/tensorflow_datasets"
+        self.src = open_source("imagenet2012", data_dir, self.split)
 
     def __len__(self) -> int:
         return len(self.src)
 
+    def _record(self, i: int) -> dict:
+        """Record i, decoded by TFDS (with PIL); any failure is CorruptData naming it."""
+        try:
+            return self.src[i]
+        except Exception as err:  # whatever the decoder raises: a truncated JPEG, a bomb, ...
+            raise CorruptData(
+                f"record {i} of imagenet2012's {self.split} split in {self.where} does not "
+                f"decode ({type(err).__name__}: {' '.join(str(err).split())[:160]}); prepare "
+                "the data set again from good files and rerun the same command") from None
+
     def labels(self) -> np.ndarray:
-        return np.asarray([self.src[i]["label"] for i in range(len(self.src))], np.int64)
+        return np.asarray([self._record(i)["label"] for i in range(len(self.src))], np.int64)
 
     def image(self, i: int):
         from PIL import Image
 
-        return Image.fromarray(self.src[i]["image"])
+        return Image.fromarray(self._record(i)["image"])
 
 
 def _encode(image, fmt: str) -> bytes:

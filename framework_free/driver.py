@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Protocol
 import numpy as np
 
 from framework_free import cli, console, plot, preemption, schedules
-from framework_free.errors import (CorruptData, UnusableCheckpoint, UserError, file_system_error,
+from framework_free.errors import (DataFailure, UnusableCheckpoint, UserError, file_system_error,
                                    report)
 from framework_free.preemption import (EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_PREEMPTED,
                                       Preempted, StopOnSignal)
@@ -46,6 +46,7 @@ from framework_free.records import RunRecord
 from framework_free.tensorboard import TensorBoardSink
 
 STOP_CHECK_EVERY = 10  # with several processes, they agree on stopping every this many steps
+_END = object()  # the end of an epoch's batches
 
 
 class NonFiniteLoss(UserError):
@@ -210,6 +211,7 @@ class Run:
         self.nonfinite_streak = 0
         self.stop_after_step: int | None = None  # tests: behave as if signalled after this step
         self.have_checkpoint = False  # one to resume from exists (for the full-disk message)
+        self.saved_step: int | None = None  # the global step of the newest checkpoint
         self._check = identity_check(recipe, b)
         if resuming:
             self._resume_latest()
@@ -259,7 +261,7 @@ class Run:
             for bad, err in unreadable:
                 if b.is_main:
                     console.say(f"note: {err}; moved to {self._set_aside(bad)}")
-            self.have_checkpoint = True
+            self.have_checkpoint, self.saved_step = True, self.global_step
             return
         # one epoch recorded without a checkpoint is what a failed first save leaves (the
         # epoch's line is written before it; checkpoint_every_steps=0 saves first there): that
@@ -328,7 +330,26 @@ class Run:
             if found is None:
                 raise
             raise found from None
-        self.have_checkpoint = True
+        self.have_checkpoint, self.saved_step = True, self.global_step
+
+    def _kept(self) -> str:
+        """What is on disk to go back to, for the line that stops a run."""
+        if self.saved_step is None:
+            return f"no checkpoint was written yet (none in {self.record.checkpoint_dir})"
+        return (f"the last checkpoint, of global step {self.saved_step}, is kept in "
+                f"{self.record.checkpoint_dir}")
+
+    def _data_failed(self, err: DataFailure, pending: list) -> DataFailure:
+        """The data failed between two steps: checkpoint the last completed one and say so.
+        With several processes only this one knows: a save (its collectives) would wait on
+        the others forever, so it stops and the run resumes from its last checkpoint."""
+        if self.backend.num_processes > 1:
+            return err.outcome(f"this process stops without a new checkpoint (the others "
+                               f"would wait on it); {self._kept()}")
+        self._drain(pending)
+        self.save()
+        return err.outcome(f"a checkpoint of global step {self.global_step} was written: the "
+                           "run resumes there")
 
     # --- stopping ----------------------------------------------------------------------------
     @property
@@ -364,8 +385,7 @@ class Run:
                 if self.nonfinite_streak > self.backend.nonfinite_steps_allowed:
                     raise NonFiniteLoss(
                         f"the training loss became NaN or inf at global step {first + k} (epoch "
-                        f"{self.epoch + 1}); the last good checkpoint in "
-                        f"{self.record.checkpoint_dir} is kept. Start a new run with a lower "
+                        f"{self.epoch + 1}); {self._kept()}. Start a new run with a lower "
                         "lr (or amp=off if mixed precision overflowed) in another --workdir: "
                         "a run resumes only with the settings it started with")
                 continue
@@ -398,7 +418,13 @@ class Run:
         pending: list = []
         t0, seen = time.perf_counter(), 0.0
         try:
-            for batch in b.batches(self.epoch, self.step_in_epoch):
+            batches = iter(b.batches(self.epoch, self.step_in_epoch))
+            while True:
+                # a stop request while the data is late ends the wait (one process)
+                with preemption.waiting(b.num_processes == 1):
+                    batch = next(batches, _END)
+                if batch is _END:
+                    break
                 pending.append(b.train_step(batch))
                 preemption.pause("step")
                 if self.global_step == 0 and b.is_main:
@@ -419,14 +445,12 @@ class Run:
                             and self.global_step % r.checkpoint_every_steps == 0):
                         seen += self._drain(pending)
                         self.save()
-        except CorruptData:
-            # the data failed between two steps: the state is that of the last completed step.
-            # With several processes only this one knows: a save (its collectives) would wait on
-            # the others forever, so it stops and the run resumes from its last checkpoint
-            if b.num_processes == 1:
-                self._drain(pending)
-                self.save()
-            raise
+        except DataFailure as err:
+            raise self._data_failed(err, pending) from None
+        except preemption.StopWaiting:
+            self._drain(pending)
+            self.save()
+            raise Preempted(self.global_step) from None
         seen += self._drain(pending)
         bar.close()
         train_time = time.perf_counter() - t0
@@ -445,6 +469,8 @@ class Run:
         except _EvalStopped:
             self.save()
             raise Preempted(self.global_step) from None
+        except DataFailure as err:  # a test image: the epoch's training is kept, eval redone
+            raise self._data_failed(err, []) from None
         b.end_epoch()  # after eval: a failed eval must not step a scheduler twice
         metrics["epoch_time"] = time.perf_counter() - t0
         metrics["train_images_per_s"] = seen / max(train_time, 1e-9)

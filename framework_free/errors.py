@@ -1,4 +1,5 @@
-"""The user's mistakes: one exception type, one line of text, exit code 2."""
+"""The user's mistakes: one exception type, one line of text, exit code 2 (74 for a failed
+data-loading worker)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import os
 import sys
 
 EXIT_USAGE = 2  # bad command line, bad config, missing data: what argparse uses too
+EXIT_DATA_WORKER = 74  # EX_IOERR: a data-loading worker died or raised; rerun to resume
 
 
 class UserError(Exception):
     """A mistake the user can fix. The message says what is wrong and how to fix it.
 
-    Entry points catch it, print ``error: <message>`` on one line and exit with code 2.
+    Entry points catch it, print ``error: <message>`` on one line and exit with `exit_code`.
     """
+
+    exit_code = EXIT_USAGE
 
     def __init__(self, message: str):
         # One line, always: a message that spans lines would read as a traceback.
@@ -21,15 +25,33 @@ class UserError(Exception):
 
 
 def report(err: BaseException, prog: str) -> int:
-    """Print a user error on one line of stderr (rank 0 only under torchrun) and return 2."""
+    """Print a user error on one line of stderr (rank 0 only under torchrun) and return its
+    exit code (2 unless the error says otherwise)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{prog}: error: {err}", file=sys.stderr)
-    return EXIT_USAGE
+    return getattr(err, "exit_code", EXIT_USAGE)
 
 
-class CorruptData(UserError):
-    """A data file that cannot be decoded. The run driver writes a checkpoint of the last completed
-    step before it stops with it, so fixing the file and rerunning the command loses nothing."""
+class DataFailure(UserError):
+    """The data failed between two training steps (the state is that of the last completed
+    step). The run driver writes a checkpoint of it before it stops, and says so in the line
+    (`outcome`), so fixing the cause and rerunning the command loses nothing."""
+
+    def outcome(self, text: str) -> "DataFailure":
+        """The same error with what the driver did appended."""
+        out = type(self)(f"{self}; {text}")
+        out.__cause__ = self.__cause__
+        return out
+
+
+class CorruptData(DataFailure):
+    """A data file that cannot be decoded (for any reason its decoder gives): exit code 2."""
+
+
+class WorkerFailed(DataFailure):
+    """A data-loading worker process died (killed, out of memory) or raised: exit code 74."""
+
+    exit_code = EXIT_DATA_WORKER
 
 
 class UnusableCheckpoint(UserError):

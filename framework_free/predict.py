@@ -6,7 +6,9 @@
 The run folder says what the model is (its `config.json`, the resolved recipe); the checkpoint is
 the run's best (else its last) unless --checkpoint names one, of either stack: a checkpoint of
 the other framework is converted through `flax_impl.convert` (a note on stderr says so). Each
-image goes through the recipe's evaluation path: decoded with PIL, converted to the recipe's
+image goes through the recipe's evaluation path: decoded with PIL and turned upright by its EXIF
+orientation (`framework_free.pil_transforms.open_image`: 16-bit and float images scaled to 8
+bits, any file that does not decode one line), converted to the recipe's
 channels (grey "L" or "RGB"), then ImageNet's resize-256 + centre-crop-224 (`eval_resize`), and
 an image of another size than the model's input (Fashion-MNIST 28, CIFAR 32) resized to it first
 (PIL bilinear); a test image of the data set's own size is taken as it is, so its logits are
@@ -88,30 +90,35 @@ def check_model(meta: dict, recipe: Recipe, where: str) -> None:
                         "pass a checkpoint of this run, or the run it belongs to")
 
 
-def load_image(path: str, recipe: Recipe) -> np.ndarray:
-    """One image file as the recipe's evaluation input: uint8 (size, size, channels)."""
-    from PIL import Image, UnidentifiedImageError
+def load_image(path: str, recipe: Recipe, max_pixels: int | None = None) -> np.ndarray:
+    """One image file as the recipe's evaluation input: uint8 (size, size, channels). Turned
+    upright by its EXIF orientation (a phone photo), decoded by `pil_transforms.open_image`
+    (`max_pixels`: its pixel limit, default the run's `max_image_pixels`); any file that does
+    not decode is a UserError with the reason."""
+    from framework_free import pil_transforms
 
+    if not Path(path).exists():
+        raise UserError(f"no such image: {path}")
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a folder; pass image files")
+    limit = recipe.max_image_pixels if max_pixels is None else max_pixels
     try:
-        with open(path, "rb") as fh:
-            img = Image.open(fh)
-            img.load()
-    except FileNotFoundError:
-        raise UserError(f"no such image: {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder; pass image files") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise UserError(f"{path} is not an image PIL can read ({type(err).__name__})") from None
+        img = pil_transforms.open_image(path, recipe.in_channels, limit, exif=True)
+    except pil_transforms.BadImage as bad:
+        if bad.too_large:
+            raise UserError(f"{path} is refused: {bad.reason}; if the file is trusted, pass "
+                            f"--max-image-pixels {bad.pixels} (or 0 for no limit)") from None
+        raise UserError(f"{path} is not an image PIL can read ({bad.reason})") from None
     return prepare(img, recipe)
 
 
 def prepare(img, recipe: Recipe) -> np.ndarray:
-    """A PIL image as the recipe's evaluation input: uint8 (size, size, channels)."""
+    """A decoded PIL image as the recipe's evaluation input: uint8 (size, size, channels)."""
     from PIL import Image
 
     from framework_free import pil_transforms
 
-    img = img.convert("RGB" if recipe.in_channels == 3 else "L")
+    img = pil_transforms.to_channels(img, recipe.in_channels)
     size = recipe.image_size
     if recipe.eval_resize:  # ImageNet: Resize(256) + CenterCrop(224), as evaluation does
         return pil_transforms.eval_image(img, recipe.eval_resize, size, recipe.in_channels)
@@ -138,8 +145,25 @@ def build_parser(prog: str) -> Parser:
     p.add_argument("--top", type=int, default=5, help="how many classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_pixel_limit(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     return p
+
+
+def add_pixel_limit(p: Parser) -> None:
+    p.add_argument("--max-image-pixels", type=int, metavar="N", help="refuse images of more "
+                   "pixels, a guard against decompression bombs (default: the run's "
+                   "max_image_pixels, PIL's limit; 0 = no limit)")
+
+
+def pixel_limit(args, recipe: Recipe) -> int:
+    """--max-image-pixels, else the run's max_image_pixels; UserError when negative."""
+    if args.max_image_pixels is None:
+        return recipe.max_image_pixels
+    if args.max_image_pixels < 0:
+        raise UserError(f"--max-image-pixels must be 0 (no limit) or more, got "
+                        f"{args.max_image_pixels}")
+    return args.max_image_pixels
 
 
 def main(argv: list[str] | None, prog: str, load: Callable[..., tuple]) -> int:
@@ -154,7 +178,8 @@ def main(argv: list[str] | None, prog: str, load: Callable[..., tuple]) -> int:
         if not 1 <= args.top:
             raise UserError(f"--top must be at least 1, got {args.top}")
         k = min(args.top, recipe.num_classes)
-        images = np.stack([load_image(p, recipe) for p in args.images])
+        limit = pixel_limit(args, recipe)
+        images = np.stack([load_image(p, recipe, limit) for p in args.images])
         logits_fn, where = load(recipe, args.checkpoint, workdir, args.device)
         logits = logits_fn(images)
         names = class_names(recipe)

@@ -20,6 +20,7 @@ the moment before a checkpoint is handed to it) and ``eval`` (between two evalua
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -30,7 +31,14 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped after writing a checkpoint; rerun to
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: a second Ctrl-C, quit at once
 EXIT_PEER_LOST = 76  # EX_PROTOCOL: another process of the run died; start all again to resume
 
-_state: dict = {"signal": None, "announce": True, "counts": {}}
+_state: dict = {"signal": None, "announce": True, "counts": {}, "waiting": False}
+
+
+class StopWaiting(BaseException):
+    """Raised by the signal handler itself when a stop request arrives while the trainer waits
+    for its next batch (`waiting`): a slow, stalled or dead data-loading worker cannot hold the
+    stop back. Nothing is half-done then (the last step is complete, the batch is not used).
+    A BaseException, so that a library's ``except Exception`` around its wait cannot eat it."""
 
 
 class Preempted(Exception):
@@ -53,6 +61,7 @@ def requested() -> str | None:
 def reset() -> None:
     """Forget a stop request (a new run in the same process, e.g. tests)."""
     _state["signal"] = None
+    _state["waiting"] = False
     _state["counts"].clear()
 
 
@@ -76,6 +85,23 @@ def _handle(signum, frame):
     if first and _state["announce"]:
         print(f"{signal.Signals(signum).name}: stopping after this step and writing a "
               "checkpoint (SIGINT again to quit at once)", flush=True)
+    if first and _state["waiting"]:
+        _state["waiting"] = False
+        raise StopWaiting
+
+
+@contextlib.contextmanager
+def waiting(enabled: bool = True):
+    """While the trainer waits for data: a first stop request raises `StopWaiting` at once
+    instead of waiting for the batch (one process only: several must agree on stopping)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _state["waiting"] = True
+    try:
+        yield
+    finally:
+        _state["waiting"] = False
 
 
 class StopOnSignal:

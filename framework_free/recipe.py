@@ -21,6 +21,9 @@ from framework_free.model_table import CIFAR_MODELS, IMAGENET_MODELS
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "imagenet")
 SIZES = ("full", "smoke")
+# PIL refuses images of more pixels than this as decompression bombs (twice its warning
+# threshold, 89,478,485): the default of `max_image_pixels`
+PIL_PIXEL_LIMIT = 178_956_970
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Recipe:
     eval_resize: int = 0  # resize the short side to this before the centre crop; 0 = as is
     pipeline: Literal["fast", "dataloader"] = "fast"  # fast = in-memory uint8 + batched tensor ops
     num_workers: int = 4  # DataLoader workers (dataloader pipeline and ImageNet)
+    max_image_pixels: int = PIL_PIXEL_LIMIT  # larger image files are corrupt data; 0 = no limit
     # regularisers (framework_free.regularisers): batched on the device, never at eval
     cutout_holes: int = 0  # Cutout squares per training image; 0 = off
     cutout_length: int = 16  # side of each Cutout square, pixels
@@ -103,7 +107,7 @@ class Recipe:
 # is read and logged. Everything else shapes the numbers and must match the run in the workdir.
 RESUME_MAY_CHANGE = frozenset(
     {"data_dir", "data_source", "download", "num_workers", "log_every_steps", "checkpoint_every_steps",
-     "eval_batch_size", "tensorboard"}
+     "eval_batch_size", "tensorboard", "max_image_pixels"}
 )
 
 # What `size="smoke"` does to any recipe: a handful of steps on a data subset, same code paths.
@@ -214,7 +218,7 @@ def validate(r: Recipe) -> Recipe:
                  "eval_batch_size", "log_every_steps"):
         need(getattr(r, name) >= 1, f"{name} must be at least 1 (got {getattr(r, name)})")
     for name in ("crop_padding", "num_workers", "train_subset", "eval_subset", "eval_resize",
-                 "lr_reference_world_size", "checkpoint_every_steps", "seed"):
+                 "lr_reference_world_size", "checkpoint_every_steps", "seed", "max_image_pixels"):
         need(getattr(r, name) >= 0, f"{name} must be 0 or more (got {getattr(r, name)})")
     need(r.lr > 0, f"lr must be positive (got {r.lr})")
     need(0 <= r.momentum < 1, f"momentum must be in [0, 1) (got {r.momentum})")

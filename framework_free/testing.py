@@ -6,6 +6,8 @@ are for exercising pipelines, not for claims about accuracy (those use real Fash
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,36 @@ def write_image_folder(folder: str | Path, classes: int = 3, per_class: tuple[in
                 Image.fromarray(arr).save(d / f"img_{c}_{i}.JPEG", quality=90)
         seed += 1
     return folder
+
+
+def png_bytes(width: int, height: int, pixels: np.ndarray | None = None) -> bytes:
+    """A PNG file written by hand: 8-bit RGB header only when `pixels` is None (no pixel data:
+    a decompression bomb's header of any claimed size in 57 bytes; 16000 x 12000 is past PIL's
+    limit), else `pixels` (uint8 or uint16, H x W x 3) as 8- or 16-bit RGB, which PIL itself
+    cannot write."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    depth = 8 if pixels is None or pixels.dtype == np.uint8 else 16
+    body = b""
+    if pixels is not None:
+        rows = pixels.astype(">u2" if depth == 16 else np.uint8).reshape(height, -1)
+        body = chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + r.tobytes() for r in rows)))
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + body + chunk(b"IEND", b"")
+
+
+def sideways_jpeg(path: str | Path, upright: np.ndarray, quality: int = 95) -> None:
+    """`upright` (uint8 HW or HWC) stored as a phone stores a photo taken sideways: the pixels
+    turned 90 degrees counter-clockwise, with EXIF orientation 6 ("turn 90 degrees clockwise
+    to show") saying how to turn them back."""
+    from PIL import Image
+
+    img = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # counter-clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored rows are the picture's columns, right to left
+    img.save(path, quality=quality, exif=exif)
 
 
 def tensorboard_scalars(workdir: str | Path, skip: tuple[str, ...] = ("Throughput/", "Time/")):

@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context as mp_context
+import re
+import signal
+import weakref
+from multiprocessing import popen_fork, popen_forkserver, popen_spawn_posix
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -27,7 +31,7 @@ import torch
 
 from framework_free import datasets, pil_transforms, preemption, readers, sampling
 from framework_free.datasets import load_split, resolve_data_dir
-from framework_free.errors import CorruptData, UserError
+from framework_free.errors import UserError, WorkerFailed
 from framework_free.recipe import Recipe
 from torch_ref import augment
 from torch_ref.distributed import Dist
@@ -172,23 +176,39 @@ class ArrayImages(torch.utils.data.Dataset):
         return x, int(self.labels[i])
 
 
+class Undecodable(NamedTuple):
+    """What a worker hands back, in place of a batch, when one of its images does not decode
+    (`pil_transforms.BadImage`'s fields): the main process raises it between two steps."""
+
+    path: str
+    reason: str
+    pixels: int
+
+
+def collate(samples: list):
+    """torch's default_collate, except that a batch holding an undecodable image is that
+    image's `Undecodable` (the first one), so the worker's reason reaches the trainer."""
+    for s in samples:
+        if isinstance(s, Undecodable):
+            return s
+    return torch.utils.data.default_collate(samples)
+
+
 class FolderImages(torch.utils.data.Dataset):
     """An ImageFolder listing (framework_free.readers.list_image_folder) decoded with PIL and
     cropped by `framework_free.pil_transforms` (what flax_impl does): a training `Item` with
     RandomResizedCrop (+ flip) from the plan's per-image generator, a plain index with Resize +
     CenterCrop. Yields uint8 HWC; jitter and normalisation run batched on the device.
 
-    A file that does not decode comes back as a blank image with label -(index + 1), so that no
-    exception has to cross from a worker process; `check_labels` turns it into a CorruptData
-    error naming the file, in the main process, between two steps.
+    A file that does not decode, for whatever reason PIL gives (or over `max_image_pixels`),
+    comes back as an `Undecodable` (see `collate`): no exception has to cross from a worker
+    process, and the trainer stops with the file and the reason in one line, between two steps.
     """
 
     uint8_out = True
 
     def __init__(self, paths: list[str], labels: np.ndarray, recipe: Recipe):
         self.paths, self.labels, self.recipe = paths, labels, recipe
-        r = recipe
-        self.blank = torch.zeros(r.image_size, r.image_size, r.in_channels, dtype=torch.uint8)
 
     def __len__(self):
         return len(self.paths)
@@ -197,24 +217,15 @@ class FolderImages(torch.utils.data.Dataset):
         r = self.recipe
         i = item.index if isinstance(item, Item) else item
         try:
-            img = pil_transforms.load_image(self.paths[i], r.in_channels)
-        except (OSError, ValueError, SyntaxError):  # PIL's UnidentifiedImageError, bombs too
-            return self.blank, -(i + 1)
+            img = pil_transforms.open_image(self.paths[i], r.in_channels, r.max_image_pixels)
+        except pil_transforms.BadImage as bad:
+            return Undecodable(bad.path, bad.reason, bad.pixels)
         if isinstance(item, Item):
             rng = sampling.image_rng(r.seed, item.epoch, item.step, item.position)
             out = pil_transforms.train_image(img, rng, r.image_size, r.hflip, r.in_channels)
         else:
             out = pil_transforms.eval_image(img, r.eval_resize, r.image_size, r.in_channels)
         return torch.from_numpy(np.array(out)), int(self.labels[i])  # a writable copy
-
-    def check_labels(self, labels: torch.Tensor) -> None:
-        bad = labels[labels < 0]
-        if len(bad):
-            path = self.paths[-int(bad[0]) - 1]
-            raise CorruptData(f"image file {path} is corrupt or not an image; replace it with "
-                              "a good copy (removing it changes the training set, which a "
-                              "resumed run refuses), then rerun the same command (a checkpoint of the last "
-                              "completed step was written; the run resumes there)")
 
 
 class PlanSampler(torch.utils.data.Sampler):
@@ -242,22 +253,52 @@ class PlanSampler(torch.utils.data.Sampler):
                    for k in range(sl.start, sl.stop)]
 
 
+# DataLoader workers ignore SIGTERM (preemption.quiet_worker), so ending one by force must be
+# SIGKILL: torch's shutdown of a worker that does not stop by itself and multiprocessing's at
+# exit (which calls Popen.terminate directly, and would otherwise wait on it forever) both call
+# Popen.terminate. Every worker's Popen is remembered, to say how a dead one ended.
+_WORKERS_STARTED: "weakref.WeakSet" = weakref.WeakSet()
+
+
 class _KillOnTerminate:
     def terminate(self):
         self.kill()
 
 
+class _ForkPopen(_KillOnTerminate, popen_fork.Popen):
+    pass
+
+
+class _SpawnPopen(_KillOnTerminate, popen_spawn_posix.Popen):
+    pass
+
+
+class _ForkServerPopen(_KillOnTerminate, popen_forkserver.Popen):
+    pass
+
+
+def _started(popen):
+    _WORKERS_STARTED.add(popen)
+    return popen
+
+
 # module-level, so that spawn and forkserver can pickle them
-class _ForkWorker(_KillOnTerminate, mp_context.ForkProcess):
-    pass
+class _ForkWorker(mp_context.ForkProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _started(_ForkPopen(process_obj))
 
 
-class _SpawnWorker(_KillOnTerminate, mp_context.SpawnProcess):
-    pass
+class _SpawnWorker(mp_context.SpawnProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _started(_SpawnPopen(process_obj))
 
 
-class _ForkServerWorker(_KillOnTerminate, mp_context.ForkServerProcess):
-    pass
+class _ForkServerWorker(mp_context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _started(_ForkServerPopen(process_obj))
 
 
 _WORKERS = {"fork": _ForkWorker, "spawn": _SpawnWorker, "forkserver": _ForkServerWorker}
@@ -265,12 +306,74 @@ _WORKERS = {"fork": _ForkWorker, "spawn": _SpawnWorker, "forkserver": _ForkServe
 
 def worker_context():
     """The platform's default multiprocessing context, with one change: ending a worker by
-    force (torch's shutdown of a worker that does not stop by itself, multiprocessing's at exit)
-    is SIGKILL, since workers ignore SIGTERM (framework_free.preemption.quiet_worker)."""
+    force is SIGKILL (see above), since workers ignore SIGTERM."""
     method = multiprocessing.get_start_method()
     context = type(multiprocessing.get_context(method))()
     context.Process = _WORKERS[method]
     return context
+
+
+def _no_sigchld_raise() -> None:
+    """Keep torch's SIGCHLD handler out. It raises from a signal handler when a worker dies,
+    wherever the main thread then is: inside an optimizer step or a checkpoint write, whose
+    state it would leave half-done. Without it the DataLoader finds a dead worker while it
+    waits for a batch (it checks every few seconds), which is between two steps, where
+    `loader_batches` turns it into one line after a checkpoint of the last completed step."""
+    from torch.utils.data._utils import signal_handling
+
+    signal_handling._SIGCHLD_handler_set = True  # what torch sets once it installed its own
+
+
+def _how_it_ended(message: str) -> str:
+    """'pid 123, killed by SIGKILL' for the workers a torch message names, from their Popen."""
+    named = re.search(r"pid(?:\(s\))? ([\d, ]+)", message)
+    pids = {int(p) for p in re.findall(r"\d+", named.group(1))} if named else set()
+    ended = []
+    for popen in list(_WORKERS_STARTED):
+        code = popen.returncode if popen.returncode is not None else popen.poll()
+        if popen.pid in pids and code is not None:
+            how = (f"killed by {signal.Signals(-code).name}" if code < 0
+                   else f"exit code {code}")
+            ended.append(f"pid {popen.pid}, {how}")
+    return "; ".join(ended) or message.strip().rstrip(".")
+
+
+def worker_failure(err: BaseException) -> WorkerFailed:
+    """A DataLoader's error, raised in the main process for a worker, as one line."""
+    text = str(err)
+    if isinstance(err, RuntimeError) and text.startswith("DataLoader worker"):
+        how = _how_it_ended(text)
+        oom = ("; the kernel's out-of-memory killer sends SIGKILL when memory runs out: a "
+               "resumed run may lower num_workers" if "SIGKILL" in how else "")
+        return WorkerFailed(f"a data-loading worker died ({how}){oom}; rerun the same command")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    if not last.startswith(type(err).__name__):
+        last = f"{type(err).__name__}: {last}"
+    return WorkerFailed(f"a data-loading worker raised {last} (rerun with num_workers=0 to see "
+                        "its traceback in this process)")
+
+
+def loader_batches(loader, workers: int) -> Iterator:
+    """The batches of a DataLoader, stopping between two of them with one line: an image that
+    does not decode is CorruptData with its path and reason; a worker that died (killed, out
+    of memory) or raised is WorkerFailed (with workers=0 an exception keeps its traceback:
+    it is this process's own)."""
+    it = None
+    while True:
+        try:
+            if it is None:
+                it = iter(loader)
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as err:
+            if workers == 0:
+                raise
+            raise worker_failure(err) from None
+        if isinstance(batch, Undecodable):
+            raise pil_transforms.BadImage(*batch).as_corrupt_data()
+        yield batch
 
 
 class LoaderTrain:
@@ -281,9 +384,11 @@ class LoaderTrain:
         self.steps, self.num_examples = self.plan.steps, len(dataset)
         self.recipe, self.device, self.dataset = recipe, device, dataset
         self.mean, self.std = _stats(recipe, device)
-        workers = recipe.num_workers
+        workers = self.workers = recipe.num_workers
+        if workers:
+            _no_sigchld_raise()
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=workers,
+            dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
             pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0,
             worker_init_fn=preemption.quiet_worker,  # the trainer handles the job's signals
             multiprocessing_context=worker_context() if workers > 0 else None,
@@ -293,11 +398,8 @@ class LoaderTrain:
         r = self.recipe
         self.sampler.set_epoch(epoch, start_step)
         fmt = torch.channels_last if r.channels_last else torch.contiguous_format
-        check = getattr(self.dataset, "check_labels", None)
         perm = sampling.epoch_permutation(self.num_examples, r.seed, epoch)
-        for step, (x, y) in enumerate(self.loader, start=start_step):
-            if check is not None:
-                check(y)  # on the CPU labels: no device sync
+        for step, (x, y) in enumerate(loader_batches(self.loader, self.workers), start=start_step):
             sp = self.plan.step(epoch, step, perm)
             x = x.to(self.device, non_blocking=True)
             if self.dataset.uint8_out:  # colour jitter and normalisation, batched
@@ -315,8 +417,10 @@ class LoaderEval:
         self.num_examples, self.recipe, self.device, self.dataset = (len(dataset), recipe,
                                                                      device, dataset)
         self.mean, self.std = _stats(recipe, device)
+        if recipe.num_workers:
+            _no_sigchld_raise()
         self.loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, range(start, stop)),
+            torch.utils.data.Subset(dataset, range(start, stop)), collate_fn=collate,
             batch_size=recipe.eval_batch_size, shuffle=False, num_workers=recipe.num_workers,
             pin_memory=torch.device(device).type == "cuda", worker_init_fn=preemption.quiet_worker,
             multiprocessing_context=worker_context() if recipe.num_workers > 0 else None)
@@ -324,10 +428,7 @@ class LoaderEval:
     def __iter__(self):
         r = self.recipe
         fmt = torch.channels_last if r.channels_last else torch.contiguous_format
-        check = getattr(self.dataset, "check_labels", None)
-        for x, y in self.loader:
-            if check is not None:
-                check(y)
+        for x, y in loader_batches(self.loader, r.num_workers):
             x = x.to(self.device, non_blocking=True)
             if self.dataset.uint8_out:
                 x = augment.to_float_normalized(x, self.mean, self.std, r.channels_last)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from configs import get_config
-from framework_free import predict
+from framework_free import predict, testing
 
 FASHION = get_config("fashion_mnist")
 
@@ -36,6 +36,16 @@ def test_images_of_any_size_and_mode_become_the_eval_input(tmp_path):
     assert predict.load_image(str(tmp_path / "pal.gif"), cifar).shape == (32, 32, 3)
     inet = get_config("imagenet")  # Resize(256) + CenterCrop(224)
     assert predict.load_image(str(tmp_path / "rgba.png"), inet).shape == (224, 224, 3)
+
+
+def test_a_sideways_phone_photo_is_read_upright(tmp_path):
+    """EXIF orientation 6: the model sees the picture the phone showed (within JPEG's error),
+    not the stored pixels turned on their side."""
+    picture = np.zeros((28, 28), np.uint8)
+    picture[:, :7] = 255  # a bright left band: turned, it would be a band at the top or bottom
+    testing.sideways_jpeg(tmp_path / "phone.jpg", picture)
+    x = predict.load_image(str(tmp_path / "phone.jpg"), FASHION)[..., 0].astype(int)
+    assert np.abs(x - picture).max() <= 8  # quality-95 JPEG of hard edges
 
 
 def test_top_k_is_the_softmax_order():
@@ -74,17 +84,31 @@ def test_another_models_checkpoint_is_refused():
     ("no config", "has no config.json"),
     ("no run", "is not a run folder"),
     ("top 0", "--top must be at least 1"),
+    ("empty file", "empty.png is not an image PIL can read (UnidentifiedImageError"),
+    ("oversized", "bomb.png is refused: it has 16000x12000 = 192,000,000 pixels, more than the "
+                  "limit of 178,956,970 (a guard against decompression bombs); if the file is "
+                  "trusted, pass --max-image-pixels 192000000 (or 0 for no limit)"),
+    ("limit lowered", "ok.png is refused: it has 28x28 = 784 pixels, more than the limit of 700"),
+    ("limit raised", "bomb.png is not an image PIL can read (OSError"),
+    ("negative limit", "--max-image-pixels must be 0 (no limit) or more, got -1"),
 ])
 def test_user_mistakes_are_one_line(case, says, tmp_path, capsys):
     run = run_folder(tmp_path)
     Image.new("L", (28, 28)).save(tmp_path / "ok.png")
     (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "bomb.png").write_bytes(testing.png_bytes(16000, 12000))
     args = {"missing image": [str(tmp_path / "nope.png")],
             "text file": [str(tmp_path / "notes.txt")],
             "folder": [str(tmp_path)],
             "no config": [str(tmp_path / "ok.png")],
             "no run": [str(tmp_path / "ok.png")],
-            "top 0": ["--top", "0", str(tmp_path / "ok.png")]}[case]
+            "top 0": ["--top", "0", str(tmp_path / "ok.png")],
+            "empty file": [str(tmp_path / "empty.png")],
+            "oversized": [str(tmp_path / "bomb.png")],
+            "limit lowered": ["--max-image-pixels", "700", str(tmp_path / "ok.png")],
+            "limit raised": ["--max-image-pixels", "0", str(tmp_path / "bomb.png")],
+            "negative limit": ["--max-image-pixels", "-1", str(tmp_path / "ok.png")]}[case]
     workdir = {"no config": run / "checkpoints", "no run": tmp_path / "nothing"}.get(case, run)
 
     def never(*_):
