@@ -17,7 +17,7 @@ import math
 import os
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from framework_free.errors import CorruptData
 from framework_free.recipe import PIL_PIXEL_LIMIT  # the default limit: where PIL's own lies
@@ -103,6 +103,8 @@ class BadImage(Exception):
 
 def _reason(err: BaseException, path) -> str:
     """An exception as one short line, without the path the caller names anyway."""
+    if isinstance(err, UnidentifiedImageError):  # its text names an internal file object
+        return f"{type(err).__name__}: not in any image format PIL reads"
     text = str(err).replace(repr(str(path)), "it").replace(str(path), "it")
     text = " ".join(text.split())
     if len(text) > 160:
@@ -155,6 +157,8 @@ def open_image(path: str | os.PathLike, channels: int = 3, max_pixels: int = PIL
     _replace_pil_guard()
     try:
         with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise BadImage(path, "the file is empty (0 bytes)")
             img = Image.open(fh)
             w, h = img.size
             if max_pixels and w * h > max_pixels:

@@ -88,3 +88,38 @@ def test_a_predicted_file_has_the_evaluations_logits(runs, tmp_path, capsys):
     # probabilities: softmax of logits ~1e-6 apart
     np.testing.assert_allclose([t["prob"] for t in out["flax_impl"]["top"]],
                                [t["prob"] for t in out["torch_ref"]["top"]], rtol=0, atol=1e-5)
+
+
+def test_16_bit_and_float_files_get_their_8_bit_copies_logits(runs, tmp_path):
+    """Real test images saved as 16-bit grey PNG and TIFF, 32-bit integer TIFF, float TIFF and
+    16-bit RGB PNG, each beside its 8-bit PNG: predict's decoding makes the same uint8 input of
+    each, so both stacks' logits are bit-equal to the 8-bit copy's (bound 0: the same input
+    through the same weights and kernels; the old conversion clipped every non-zero 16-bit
+    pixel to white and moved the top logit from 2.7 to 11.1)."""
+    from PIL import Image
+
+    from framework_free import predict, testing
+
+    root, test = runs
+    grey = test.images[:4, :, :, 0]
+    wide = grey.astype(np.uint16) * 257  # 8-bit x as a 16-bit file stores it
+    copies = {"8-bit": [], "I;16": [], "I;16B": [], "I": [], "F": [], "RGB16": []}
+    for i, g in enumerate(grey):
+        files = {"8-bit": (Image.fromarray(g), "png"), "I;16": (Image.fromarray(wide[i]), "png"),
+                 "I;16B": (Image.frombytes("I;16B", g.shape[::-1],
+                                           wide[i].astype(">u2").tobytes()), "tif"),
+                 "I": (Image.fromarray(wide[i].astype(np.int32)), "tif"),
+                 "F": (Image.fromarray(g.astype(np.float32) / 255), "tif")}
+        for mode, (img, ext) in files.items():
+            path = tmp_path / f"{i}-{mode}.{ext}"
+            img.save(path)
+            copies[mode].append(str(path))
+        path = tmp_path / f"{i}-rgb16.png"
+        path.write_bytes(testing.png_bytes(28, 28, np.repeat(wide[i][..., None], 3, -1)))
+        copies["RGB16"].append(str(path))
+    for stack in (torch_predict, flax_predict):
+        logits_fn = stack.load(RECIPE, None, root / "torch_ref", "cpu")[0]
+        want = logits_fn(np.stack([predict.load_image(p, RECIPE) for p in copies["8-bit"]]))
+        for mode, paths in copies.items():
+            got = logits_fn(np.stack([predict.load_image(p, RECIPE) for p in paths]))
+            assert np.array_equal(got, want), (stack.__name__, mode)

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from framework_free import readers
+from framework_free import readers, testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,7 +47,17 @@ def run(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     test = readers.read_fashion_mnist(readers.FASHION_MNIST_SYSTEM_DIR, train=False)
     Image.fromarray(test.images[0, :, :, 0]).save(root / "test0.png")
+    # bad uploads, and the same test image as a phone stores a photo taken sideways
+    (root / "empty.png").write_bytes(b"")
+    (root / "bomb.png").write_bytes(testing.png_bytes(16000, 12000))
+    testing.sideways_jpeg(root / "sideways.jpg", test.images[0, :, :, 0])
     return root
+
+
+# what predict says of each bad upload, and so what the page and API clients must be told
+BAD_UPLOADS = {
+    "empty.png": "empty.png is not an image PIL can read (the file is empty (0 bytes))",
+    "bomb.png": "bomb.png is refused: it has 16000x12000 = 192,000,000 pixels"}
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +134,15 @@ def test_the_page_shows_predicts_top5_in_both_columns(run, expected, server, tmp
         gap = float(parity.split("flax_impl: ")[1].split(" ")[0])
         assert gap < 1e-4 and "top class: same" in parity  # float32 logits, ~1e-6 apart
         assert (tmp_path / "demo.png").stat().st_size > 10_000
+        # a bad upload: the page shows predict's reason
+        d.get(url)  # a fresh page
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
+        d.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(
+            str(run / "empty.png"))
+        d.find_element(By.CSS_SELECTOR, "#classify").click()
+        says = BAD_UPLOADS["empty.png"]
+        wait.until(lambda d: says in d.find_element(By.TAG_NAME, "body").text)
+        d.save_screenshot(str(tmp_path / "bad-upload.png"))
     finally:
         d.quit()
 
@@ -139,6 +158,44 @@ def test_gradio_client_gets_the_same_top5(run, expected, server):
         for c, t in zip(label["confidences"], expected):
             assert abs(c["confidence"] - t["prob"]) < 1e-5  # softmax of float32 logits
     assert "top class: same" in parity
+
+
+def test_a_bad_upload_is_explained_and_the_demo_keeps_serving(run, expected, server):
+    """An empty file and a decompression bomb's header: the client gets predict's one-line
+    reason (not Gradio's generic error), and the next request is answered."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    for name, says in BAD_UPLOADS.items():
+        with pytest.raises(AppError) as err:
+            client.predict(handle_file(str(run / name)), api_name="/predict")
+        assert says in str(err.value), err.value
+    torch_label, flax_label, _ = client.predict(handle_file(str(run / "test0.png")),
+                                                api_name="/predict")
+    assert [c["label"] for c in torch_label["confidences"]] == [t["name"] for t in expected]
+
+
+def test_a_sideways_phone_photo_gets_the_upright_images_answer(run, expected, server):
+    """EXIF orientation 6: predict (both stacks) and the demo turn it upright, one rule, so
+    all three give the upright PNG's top-5 (JPEG at quality 95 moves a pixel by a few levels,
+    not the ranking of this image's classes)."""
+    from gradio_client import Client, handle_file
+
+    photo = str(run / "sideways.jpg")
+    for stack in ("torch_ref", "flax_impl"):
+        proc = subprocess.run([sys.executable, "-m", f"{stack}.predict", "--workdir",
+                               str(run / "run"), "--json", photo], env=env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert [t["name"] for t in json.loads(proc.stdout)["top"]] == [t["name"]
+                                                                       for t in expected]
+    url, _ = server
+    torch_label, flax_label, _ = Client(url, verbose=False).predict(handle_file(photo),
+                                                                    api_name="/predict")
+    for label in (torch_label, flax_label):
+        assert [c["label"] for c in label["confidences"]] == [t["name"] for t in expected]
 
 
 def test_a_port_in_use_is_one_line(run, server):

@@ -84,7 +84,7 @@ def test_another_models_checkpoint_is_refused():
     ("no config", "has no config.json"),
     ("no run", "is not a run folder"),
     ("top 0", "--top must be at least 1"),
-    ("empty file", "empty.png is not an image PIL can read (UnidentifiedImageError"),
+    ("empty file", "empty.png is not an image PIL can read (the file is empty (0 bytes))"),
     ("oversized", "bomb.png is refused: it has 16000x12000 = 192,000,000 pixels, more than the "
                   "limit of 178,956,970 (a guard against decompression bombs); if the file is "
                   "trusted, pass --max-image-pixels 192000000 (or 0 for no limit)"),
