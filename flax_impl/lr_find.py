@@ -7,6 +7,11 @@ rates in place of the recipe's schedule (float32 tables, as in training).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop request while the libraries load ends it with one line
+    from framework_free import preemption as _early
+
+    _early.install_early()
+
 import configs
 from flax_impl import checkpoints
 from flax_impl.train import FlaxBackend, pick_devices

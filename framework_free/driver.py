@@ -212,9 +212,11 @@ class Run:
         self.stop_after_step: int | None = None  # tests: behave as if signalled after this step
         self.have_checkpoint = False  # one to resume from exists (for the full-disk message)
         self.saved_step: int | None = None  # the global step of the newest checkpoint
+        self.resumed_from = ""  # the checkpoint this run resumed from
         self._check = identity_check(recipe, b)
         if resuming:
             self._resume_latest()
+            self._check_record_kept()
         self.record.start(b.libraries(), b.device_name())
         self.record.rewind(self.global_step)
         events = self.record.workdir / "tensorboard"
@@ -275,6 +277,32 @@ class Run:
                             f"not started over; move it aside (mv {w} {w}.old), which keeps its "
                             "results, to train afresh, or pass another --workdir")
 
+    def _check_record_kept(self) -> None:
+        """A resumed run's record (metrics.jsonl, and tensorboard/ when it was on) must hold
+        the epochs its checkpoint has trained: refused in one line when a file was deleted or
+        replaced, before anything is written, unless resume_with_gap=true says to go on."""
+        missing = ""
+        if self.backend.is_main and self.have_checkpoint and not self.recipe.resume_with_gap:
+            lost = sorted(set(range(1, self.epoch + 1))
+                          - self.record.epochs_in_record(self.global_step))
+            events = self.record.workdir / "tensorboard"
+            was_on = self.record.saved_recipe.get("tensorboard", True)
+            if lost:
+                span = (f"epoch {lost[0]}" if len(lost) == 1 else
+                        f"epochs {lost[0]}-{lost[-1]}" if lost[-1] - lost[0] == len(lost) - 1
+                        else "epochs " + ", ".join(map(str, lost)))
+                missing = f"{self.record.metrics_path} lacks {span}"
+            elif (self.global_step and was_on and self.recipe.tensorboard
+                  and not any(events.glob("events.out.tfevents.*"))):
+                missing = f"{events} holds no event files"
+        if self.backend.any_process(bool(missing)):
+            raise UserError(
+                f"{missing or 'the record in ' + str(self.record.workdir) + ' is incomplete'} "
+                f"(deleted or replaced?), though checkpoint {self.resumed_from} has trained "
+                f"{self.epoch} epoch(s) and {self.global_step} steps: the checkpoint holds the "
+                "weights, so only those lines are gone. Restore the file to keep the whole "
+                "record, or rerun with resume_with_gap=true to continue without them")
+
     def _set_aside(self, where: str) -> str:
         """Move an unreadable checkpoint into checkpoints/unusable/ (main process)."""
         src = Path(where)
@@ -314,6 +342,7 @@ class Run:
         if len(window) == 2:  # a checkpoint from before the window counted correct answers
             window = np.array([window[0], np.nan, window[1]])
         self.window = window
+        self.resumed_from = where
         if self.backend.is_main:
             console.say(f"resumed from {where} at epoch {self.epoch + 1}, step "
                         f"{self.step_in_epoch} of {self.steps_per_epoch} (global step "

@@ -35,15 +35,17 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from framework_free import console
+from framework_free import console, preemption
 from framework_free.cli import Parser, RecipeBook
 from framework_free.errors import UserError, report
 from framework_free.recipe import (SIZES, Recipe, apply_overrides, given_once, resume_differences,
@@ -216,6 +218,7 @@ def _run(b, recipe: Recipe, t: RangeTest, lrs: np.ndarray) -> dict:
             loss = total / n
         go_on = curve.add(lrs[i], loss)
         bar.update(1)
+        preemption.pause("step")  # tests: a signal at a known step
         bar.set_postfix_str(f"lr {lrs[i]:.3g} loss {curve.smoothed[-1]:.4f}")
         if not go_on:
             break
@@ -373,10 +376,43 @@ def suggestion_lines(result: dict, train_prog: str) -> list[str]:
     return lines
 
 
+class _Stopped(BaseException):
+    """SIGINT or SIGTERM during the range test: nothing is kept, so it ends at once."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise _Stopped(signum)
+
+
 def main(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook,
          make: Callable[[Recipe, str], Callable]) -> int:
     """The command line of both stacks' lr_find. make(recipe, device) returns a factory
-    (checkpoint_dir, train, tables) -> Backend."""
+    (checkpoint_dir, train, tables) -> Backend. SIGINT and SIGTERM end it at once with one line
+    and exit 128 + the signal's number (130, 143): the test writes its files only at the end,
+    so there is nothing to save (a stop request during start-up, marked by
+    `preemption.install_early`, is honoured the same way)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        early = preemption.requested()
+        if early:
+            raise _Stopped(signal.Signals[early])
+        return _main(argv, prog, stack, recipes, make)
+    except _Stopped as stop:
+        print(f"{prog}: {signal.Signals(stop.signum).name}: stopped; nothing written (exit code "
+              f"{128 + stop.signum})", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv, prog, stack, recipes, make) -> int:
     try:
         recipe, t, out, device = parse(argv, prog, stack, recipes)
         result, is_main = run(make(recipe, device), recipe, t)
@@ -388,6 +424,3 @@ def main(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook,
         return 0
     except UserError as err:
         return report(err, prog)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing written", file=sys.stderr)
-        return 130

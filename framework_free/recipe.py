@@ -30,25 +30,25 @@ PIL_PIXEL_LIMIT = 178_956_970
 class Recipe:
     """Everything that shapes a run. Field comments give units; `configs/*.py` give sources."""
 
-    recipe: str
+    recipe: str  # the recipe's name (chosen with --recipe)
     # --- model -------------------------------------------------------------------------------
-    model: Literal[CIFAR_MODELS + IMAGENET_MODELS]
-    num_classes: int
-    in_channels: int = 3
+    model: Literal[CIFAR_MODELS + IMAGENET_MODELS]  # resnet20..110: CIFAR family; 18..152: ImageNet
+    num_classes: int  # outputs of the classifier, one per class
+    in_channels: int = 3  # 1 = grey (Fashion-MNIST), 3 = RGB
     shortcut: Literal["projection", "identity"] = "projection"  # CIFAR family only
     stem: Literal["cifar", "imagenet"] = "imagenet"  # ImageNet family only
     # --- data --------------------------------------------------------------------------------
-    dataset: Literal[DATASETS] = "cifar10"
+    dataset: Literal[DATASETS] = "cifar10"  # which data set the readers look for
     data_dir: str = ""  # "" = the dataset's default folder (framework_free.datasets)
     data_source: Literal["files", "tfds"] = "files"  # tfds: a prepared TFDS set (flax_impl only)
     download: bool = True  # fetch CIFAR when it is not on disk and the network allows
     image_size: int = 32  # side of the training crop and of the eval image, pixels
     crop_padding: int = 4  # zero padding before the random crop, pixels; 0 = no random crop
     random_resized_crop: bool = False  # torchvision RandomResizedCrop (ImageNet) instead
-    hflip: bool = True
+    hflip: bool = True  # random horizontal flip (probability 0.5) of training images
     color_jitter: tuple[float, ...] = (0.0, 0.0, 0.0)  # brightness, contrast, saturation
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # per-channel mean subtracted, on the 0..1 scale
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)  # per-channel standard deviation divided by
     eval_resize: int = 0  # resize the short side to this before the centre crop; 0 = as is
     pipeline: Literal["fast", "dataloader"] = "fast"  # fast = in-memory uint8 + batched tensor ops
     num_workers: int = 4  # DataLoader workers (dataloader pipeline and ImageNet)
@@ -63,32 +63,33 @@ class Recipe:
     train_subset: int = 0  # use the first N training images; 0 = all
     eval_subset: int = 0  # use the first N test images; 0 = all
     # --- optimisation ------------------------------------------------------------------------
-    epochs: int = 200
+    epochs: int = 200  # passes over the training set
     batch_size: int = 128  # per process (per GPU); the global batch is batch_size x world size
-    eval_batch_size: int = 256
+    eval_batch_size: int = 256  # images per evaluation batch (does not change the results)
     drop_last: bool = False  # drop the last partial training batch of each epoch
     lr: float = 0.1  # peak learning rate at the reference world size
     lr_reference_world_size: int = 0  # lr x world / this (linear scaling); 0 = no scaling
-    momentum: float = 0.9
-    nesterov: bool = False
+    momentum: float = 0.9  # SGD momentum (OneCycle cycles it instead)
+    nesterov: bool = False  # Nesterov momentum
     weight_decay: float = 0.0  # coupled (added to the gradient), as torch.optim.SGD does
-    schedule: Literal["cosine_per_epoch", "onecycle"] = "cosine_per_epoch"
-    onecycle_pct_start: float = 0.3
-    onecycle_div_factor: float = 25.0
-    onecycle_final_div_factor: float = 1e4
-    onecycle_base_momentum: float = 0.85
-    onecycle_max_momentum: float = 0.95
-    onecycle_anneal: Literal["cos", "linear"] = "cos"
+    schedule: Literal["cosine_per_epoch", "onecycle"] = "cosine_per_epoch"  # the lr schedule
+    onecycle_pct_start: float = 0.3  # OneCycle: share of the steps spent rising to lr
+    onecycle_div_factor: float = 25.0  # OneCycle: starts at lr / this
+    onecycle_final_div_factor: float = 1e4  # OneCycle: ends at the start rate / this
+    onecycle_base_momentum: float = 0.85  # OneCycle: momentum at the peak lr
+    onecycle_max_momentum: float = 0.95  # OneCycle: momentum at the lowest lr
+    onecycle_anneal: Literal["cos", "linear"] = "cos"  # OneCycle: shape of both phases
     # --- execution ---------------------------------------------------------------------------
-    seed: int = 0
+    seed: int = 0  # every random draw: initial weights, order, augmentation
     amp: Literal["auto", "off", "fp16", "bf16"] = "auto"  # auto = fp16 on CUDA, off on CPU
-    channels_last: bool = True
+    channels_last: bool = True  # torch: NHWC memory layout (faster convolutions on GPUs)
     sync_bn: bool = False  # torch: SyncBatchNorm under DDP (needs CUDA/NCCL)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # torch.use_deterministic_algorithms + cuDNN deterministic
-    log_every_steps: int = 50
+    log_every_steps: int = 50  # a record line (and one device sync) every N steps
     tensorboard: bool = True  # event files in WORKDIR/tensorboard/ (needs the tensorboard package)
     checkpoint_every_steps: int = 0  # also write `last` every N steps; 0 = at each epoch end
+    resume_with_gap: bool = False  # resume although metrics.jsonl/tensorboard lost epochs
     size: Literal[SIZES] = "full"  # smoke = a few steps on a data subset (see `make_recipe`)
 
     # ----------------------------------------------------------------------------------------
@@ -106,8 +107,9 @@ class Recipe:
 # Fields a resumed run may change without becoming a different run: where the data is, how it
 # is read and logged. Everything else shapes the numbers and must match the run in the workdir.
 RESUME_MAY_CHANGE = frozenset(
-    {"data_dir", "data_source", "download", "num_workers", "log_every_steps", "checkpoint_every_steps",
-     "eval_batch_size", "tensorboard", "max_image_pixels"}
+    {"data_dir", "data_source", "download", "num_workers", "log_every_steps",
+     "checkpoint_every_steps", "eval_batch_size", "tensorboard", "max_image_pixels",
+     "resume_with_gap"}
 )
 
 # What `size="smoke"` does to any recipe: a handful of steps on a data subset, same code paths.
@@ -255,9 +257,29 @@ def validate(r: Recipe) -> Recipe:
     return r
 
 
+def field_comments() -> dict[str, str]:
+    """Each field's meaning: its comment in the `Recipe` class above (one line each)."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source = inspect.getsource(Recipe)
+    except (OSError, TypeError):  # no source (a frozen build): types and defaults only
+        return {}
+    names = {f.name for f in dataclasses.fields(Recipe)}
+    out, line_name = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
+            line_name[tok.start[0]] = tok.string  # a field's name, where a line starts
+        elif tok.type == tokenize.COMMENT and tok.start[0] in line_name:
+            out[line_name[tok.start[0]]] = tok.string.lstrip("#").strip()
+    return out
+
+
 def keys_help() -> str:
-    """One line per key: name, type and default, for --list-keys."""
-    lines = []
+    """One line per key: name, type, default and meaning, for --list-keys."""
+    lines, meaning = [], field_comments()
     for f in dataclasses.fields(Recipe):
         tp = field_types()[f.name]
         if get_origin(tp) is Literal:
@@ -267,7 +289,8 @@ def keys_help() -> str:
         else:
             tname = tp.__name__
         default = "" if f.default is dataclasses.MISSING else f" (default {f.default!r})"
-        lines.append(f"  {f.name}: {tname}{default}")
+        about = f": {meaning[f.name]}" if f.name in meaning else ""
+        lines.append(f"  {f.name}: {tname}{default}{about}")
     return "\n".join(lines)
 
 

@@ -111,6 +111,7 @@ class RunRecord:
         self.config_path = self.workdir / "config.json"
         self.metrics_path = self.workdir / "metrics.jsonl"
         self.checkpoint_dir = self.workdir / "checkpoints"
+        self.saved_recipe: dict = {}  # the recipe of the run in the workdir (after `check`)
 
     def check(self) -> bool:
         """Raise UserError if the workdir holds a different run; True if it holds this one."""
@@ -128,6 +129,7 @@ class RunRecord:
         try:
             saved = json.loads(self.config_path.read_text())
             saved_recipe, saved_framework = saved["recipe"], saved["framework"]
+            self.saved_recipe = dict(saved_recipe)
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"{self.config_path} is unreadable; move the workdir away or pass "
                             "another --workdir") from None
@@ -158,19 +160,32 @@ class RunRecord:
             held.append("checkpoints/")
         return held
 
-    def epochs_recorded(self) -> int:
-        """Epoch lines in metrics.jsonl (lines cut short by a crash are skipped)."""
+    def epochs_in_record(self, upto_step: int) -> set[int]:
+        """The epochs whose end line (the one with test metrics) metrics.jsonl holds, up to
+        global step `upto_step`."""
+        found = set()
+        for m in self._lines():
+            if "test_acc" in m and "epoch" in m and m.get("step", 0) <= upto_step:
+                found.add(int(m["epoch"]))
+        return found
+
+    def _lines(self) -> list[dict]:
+        """The record's lines, skipping one cut short by a crash; [] when there is none."""
         try:
-            lines = self.metrics_path.read_text().splitlines()
+            text = self.metrics_path.read_text()
         except OSError:
-            return 0
-        count = 0
-        for line in lines:
+            return []
+        out = []
+        for line in text.splitlines():
             try:
-                count += "state_digest" in json.loads(line)
+                out.append(json.loads(line))
             except ValueError:
                 continue
-        return count
+        return out
+
+    def epochs_recorded(self) -> int:
+        """Epoch lines in metrics.jsonl (lines cut short by a crash are skipped)."""
+        return sum("state_digest" in m for m in self._lines())
 
     def lock(self) -> "WorkdirLock":
         """Hold the workdir for this run (see WorkdirLock); UserError if another run holds it
@@ -181,6 +196,10 @@ class RunRecord:
         if not self.writer:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # what a killed run's atomic writes left (this run holds the workdir's lock: no other
+        # writer's file can be among them); the checkpoint folder is each stack's to tidy
+        for tmp in self.workdir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
         config = {"framework": self.framework, "recipe": self.recipe.to_dict(), "argv": sys.argv}
         atomic_write_text(self.config_path, json.dumps(config, indent=2) + "\n")
         atomic_write_text(self.workdir / "environment.json",

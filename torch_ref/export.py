@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
         out = Path(args.out)
-        if out.exists() and (out.is_dir() or not args.force):
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder; --out must name the file to write, "
+                            f"e.g. --out {out / 'model.onnx'}")
+        if out.exists() and not args.force:
             raise UserError(f"{out} exists; pass --force to replace it, or another --out")
         if not out.parent.is_dir():
             raise UserError(f"{out.parent} is not a folder; create it or pass another --out")

@@ -7,6 +7,11 @@ test's rates in place of the recipe's schedule.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop request while the libraries load ends it with one line
+    from framework_free import preemption as _early
+
+    _early.install_early()
+
 import sys
 
 import configs

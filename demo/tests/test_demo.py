@@ -71,10 +71,15 @@ def expected(run):
 
 @pytest.fixture(scope="module")
 def server(run):
+    """The demo on a free port, its temporary files in a folder of its own; stopped with
+    SIGTERM (as a service manager stops it), it exits 0 and leaves no example files there."""
     port = free_port()
     log = open(run / "demo.log", "w")
+    tmp = run / "tmp"
+    tmp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "demo", "--workdir", str(run / "run"),
-                             "--port", str(port)], env=env(), stdout=log, stderr=log)
+                             "--port", str(port)], env=dict(env(), TMPDIR=str(tmp)),
+                            stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(240):
@@ -89,8 +94,10 @@ def server(run):
         yield url, port
     finally:
         proc.terminate()
-        proc.wait(30)
+        code = proc.wait(30)
         log.close()
+    assert code == 0, (run / "demo.log").read_text()
+    assert not list(tmp.glob("demo-examples-*")), "the example files outlived the demo"
 
 
 def browser():

@@ -63,6 +63,8 @@ def test_cifar10_message_says_how_to_fix(tmp_path, stack):
 def test_list_keys_and_help(tmp_path, stack):
     proc = run_cli(["--list-keys"], tmp_path, stack=stack)
     assert proc.returncode == 0 and "batch_size: int" in proc.stdout
+    assert "  train_subset: int (default 0): use the first N training images; 0 = all\n" in \
+        proc.stdout
     proc = run_cli(["--help"], tmp_path, stack=stack)
     assert proc.returncode == 0 and "--recipe" in proc.stdout
 

@@ -230,12 +230,14 @@ def test_corrupt_data_keeps_the_last_completed_step(tmp_path):
     epoch 1 here)."""
     out = run_two(tmp_path / "run", corrupt_at=(1, 2))
     assert all(isinstance(r, CorruptData) for r in out), out
+    assert "stops without a new checkpoint" in str(out[0])
+    assert "the last checkpoint, of global step 4, is kept" in str(out[0])
     meta = json.loads((tmp_path / "run" / "checkpoints" / "last.json").read_text())["meta"]
     assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (1, 0, 4)
     recipe = get_config("fashion_mnist", "smoke").replace(epochs=4, log_every_steps=3)
     make = lambda ckpt_dir, train: FakeBackend(ckpt_dir, 0, Exchange(1),  # noqa: E731
                                                corrupt_at=(1, 2))
-    with pytest.raises(CorruptData):
+    with pytest.raises(CorruptData, match="a checkpoint of global step 6 was written"):
         driver.train_and_evaluate(make, recipe, tmp_path / "one", "fake")
     meta = json.loads((tmp_path / "one" / "checkpoints" / "last.json").read_text())["meta"]
     assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (1, 2, 6)
@@ -251,3 +253,52 @@ def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(tmp_path):
     assert all(isinstance(r, driver.UserError) for r in out), out
     assert "has format fake/0, this version of fake reads fake/1" in str(out[0])
     assert json.loads(last.read_text()) == saved  # nothing overwritten
+
+
+def test_a_deleted_record_is_refused_until_told_to_go_on(tmp_path):
+    """metrics.jsonl (or tensorboard/) deleted after epoch 2: resuming from the checkpoint of
+    global step 10 says what is missing, in one line, and changes nothing; with
+    resume_with_gap=true the run goes on and the record holds the epochs after the gap."""
+    run_two(tmp_path / "w", stop_after_step=9)
+    (tmp_path / "w" / "metrics.jsonl").unlink()
+    before = sorted(p.name for p in (tmp_path / "w").rglob("*"))
+    out = run_two(tmp_path / "w")
+    assert all(isinstance(r, driver.UserError) for r in out), out
+    line = str(out[0])
+    assert f"{tmp_path / 'w' / 'metrics.jsonl'} lacks epochs 1-2 (deleted or replaced?)" in line
+    assert "has trained 2 epoch(s) and 10 steps: the checkpoint holds the weights" in line
+    assert "resume_with_gap=true" in line
+    assert sorted(p.name for p in (tmp_path / "w").rglob("*")) == before  # nothing written
+    done = run_two(tmp_path / "w", recipe_changes={"resume_with_gap": True})
+    assert all(isinstance(r, dict) for r in done), done
+    assert [m["epoch"] for m in records(tmp_path / "w") if "test_acc" in m] == [3, 4]
+
+    run_two(tmp_path / "tb", stop_after_step=9)
+    import shutil
+
+    shutil.rmtree(tmp_path / "tb" / "tensorboard")
+    out = run_two(tmp_path / "tb")
+    assert f"{tmp_path / 'tb' / 'tensorboard'} holds no event files" in str(out[0])
+    # with TensorBoard off now, nothing is missing that this run would write
+    assert all(isinstance(r, dict) for r in run_two(tmp_path / "tb",
+                                                    recipe_changes={"tensorboard": False}))
+
+
+def test_the_nan_line_names_the_checkpoint_that_is_kept(tmp_path):
+    """Before any checkpoint it says none was written; after one, which step it holds."""
+    early = run_two(tmp_path / "early", nan_steps={1})
+    assert "no checkpoint was written yet" in str(early[0]), early
+    late = run_two(tmp_path / "late", nan_steps={6})
+    assert ("the last checkpoint, of global step 4, is kept in "
+            f"{tmp_path / 'late' / 'checkpoints'}") in str(late[0]), late
+
+
+def test_a_killed_writes_leftovers_are_tidied_by_the_rerun(tmp_path):
+    """A SIGKILL inside the config.json write (or any of the record's atomic writes) leaves
+    its temporary file; the next run of the workdir removes it."""
+    run_two(tmp_path / "w", stop_after_step=5)
+    left = [tmp_path / "w" / ".config.json.k1ll3d.tmp", tmp_path / "w" / ".curves.png.x.tmp"]
+    for p in left:
+        p.write_text("cut short")
+    assert all(isinstance(r, dict) for r in run_two(tmp_path / "w"))
+    assert not any(p.exists() for p in left)

@@ -108,3 +108,24 @@ def test_an_unwritable_output_folder_is_refused_before_the_test(tmp_path, capsys
                         "prog", "stack", configs, lambda *_: None)
     assert code == 2 and "is not a writable folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("stack", ["torch_ref", "flax_impl"])
+def test_sigterm_ends_the_range_test_with_one_line(stack, fashion_dir, tmp_path):
+    """SIGTERM at step 2 (a pause point): one line, exit 143 (128 + SIGTERM, as SIGINT's is
+    130), nothing written; torch_ref once died silently with 143, flax_impl by the signal."""
+    import signal
+
+    from framework_free import chaos
+
+    out = tmp_path / "w"
+    cmd = [chaos.sys.executable, "-m", f"{stack}.lr_find", "--recipe", "fashion_mnist",
+           "--size", "smoke", "--data-dir", str(fashion_dir), "--workdir", str(out),
+           "--device", "cpu", "--num-iter", "20"]
+    proc = chaos.paused(cmd, "step:2", tmp_path / "paused")
+    chaos.os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM: stopped; nothing written (exit code 143)" in lines[0]
+    assert not (out / "lr_find").exists()

@@ -142,3 +142,16 @@ def test_a_run_saved_before_a_key_existed_resumes():
     assert resume_differences(saved, get_config("cifar10")) == []
     assert resume_differences(saved, get_config("cifar10").replace(mixup_alpha=0.2)) == [
         "mixup_alpha: 0.0 -> 0.2"]
+
+
+def test_every_key_says_what_it_means():
+    """--list-keys prints each field's comment in the schema: a field without one fails here."""
+    import dataclasses
+
+    from framework_free import recipe
+
+    meaning = recipe.field_comments()
+    assert {f.name for f in dataclasses.fields(recipe.Recipe)} == set(meaning)
+    assert all(len(m) > 8 for m in meaning.values()), meaning
+    assert "  max_image_pixels: int (default 178956970): larger image files are corrupt data; " \
+        "0 = no limit" in recipe.keys_help()

@@ -33,5 +33,8 @@ def test_export_equals_predict_and_refuses_to_overwrite(fashion_dir, tmp_path, c
     capsys.readouterr()
     assert export.main(["--workdir", str(run), "--out", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    assert export.main(["--workdir", str(run), "--out", str(tmp_path), "--force"]) == 2
+    assert (f"--out {tmp_path} is a folder; --out must name the file to write, e.g. --out "
+            f"{tmp_path / 'model.onnx'}") in capsys.readouterr().err
     assert export.main(["--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
