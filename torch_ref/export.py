@@ -3,8 +3,9 @@
 
 The exported graph takes what `predict` feeds the model: uint8 images, NHWC, of the recipe's
 evaluation size (batch axis dynamic), and does the evaluation's normalisation itself, so a user
-only decodes and sizes an image (ImageNet: resize the short side to 256, centre-crop 224; the
-others: the data set's own size); the model's metadata says so, with the class names. The
+only decodes and sizes an image as predict does (upright by its EXIF orientation; ImageNet:
+resize the short side to 256, centre-crop 224; the others: the data set's own size); the
+model's metadata says so, with the class names. The
 checkpoint may be either stack's (a flax_impl one is converted). Before it is written, the file is
 checked: onnxruntime runs it on a seeded batch and its logits must equal torch's within
 `BOUND` of the largest logit.
@@ -49,7 +50,8 @@ class WithPreprocessing(torch.nn.Module):
 
 def metadata(recipe, where: str) -> dict[str, str]:
     size, c = recipe.image_size, recipe.in_channels
-    before = (f"decode, convert to {'RGB' if c == 3 else 'grey (L)'}, "
+    before = (f"decode, turn upright by its EXIF orientation, scale 16-bit or float pixels to "
+              f"8 bits, convert to {'RGB' if c == 3 else 'grey (L)'}, "
               + (f"resize the short side to {recipe.eval_resize} (bilinear), centre-crop {size}"
                  if recipe.eval_resize else f"resize to {size}x{size} if it is another size"))
     return {"input": f"images: uint8, NHWC, (batch, {size}, {size}, {c}); the graph divides by "

@@ -159,3 +159,33 @@ def test_a_batch_larger_than_the_data_is_the_data(fashion_dir, imagefolder_dir, 
     exact = data.build_train(r, rows, pad_multiple=8)
     same = next(iter(exact.epoch(0)))
     assert all(np.array_equal(first[k], same[k]) for k in first)
+
+
+def test_a_stop_while_the_decoding_threads_are_late_ends_the_wait():
+    """flax_impl's trainer waits for ImageNet batches on its prefetch queue; a stop request
+    then ends the wait at once (the driver checkpoints the last completed step: the same
+    mechanism torch_ref's stalled-worker test drives end to end)."""
+    import os
+    import signal
+    import threading
+
+    from flax_impl.data import _Prefetch
+    from framework_free import preemption
+
+    release = threading.Event()
+
+    def late():
+        release.wait(60)  # a decoding thread stuck on a hung file system
+        yield "batch"
+
+    batches = iter(_Prefetch(late()))
+    preemption.reset()
+    try:
+        with preemption.StopOnSignal():
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            with pytest.raises(preemption.StopWaiting), preemption.waiting():
+                next(batches)
+        assert preemption.requested() == "SIGTERM"
+    finally:
+        release.set()
+        preemption.reset()

@@ -29,6 +29,7 @@ def test_export_equals_predict_and_refuses_to_overwrite(fashion_dir, tmp_path, c
     meta = session.get_modelmeta().custom_metadata_map
     assert "(batch, 28, 28, 1)" in meta["input"] and json.loads(meta["class_names"])[9] == \
         "Ankle boot"
+    assert meta["preprocessing"].startswith("decode, turn upright by its EXIF orientation")
     before = out.read_bytes()
     capsys.readouterr()
     assert export.main(["--workdir", str(run), "--out", str(out)]) == 2
