@@ -62,22 +62,23 @@ def test_examples(recipe, folder: Path) -> list[str]:
     return paths
 
 
-def image_file_input(gr):
+def image_file_input(gr, **kwargs):
     """A gr.Image that hands the function the uploaded file's path, undecoded. Gradio's own
     preprocessing opens every upload with PIL first (and turns it by its EXIF orientation), so
     a file PIL refuses would end in Gradio's generic error, never reaching `classify`: here
-    the upload goes through predict's own decoding, with predict's one-line reasons."""
+    the upload goes through predict's own decoding, with predict's one-line reasons. (The
+    instance's method is replaced: a subclass of a Gradio component makes Gradio write a .pyi
+    file beside this module.)"""
+    image = gr.Image(type="filepath", **kwargs)
+    gradios = image.preprocess
 
-    class ImageFile(gr.Image):
-        is_template = True  # the browser draws it with gr.Image's own component
+    def preprocess(payload):
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        return gradios(payload)  # None, or an inline (base64) image
 
-        def preprocess(self, payload):
-            if payload is not None and payload.path and not (payload.url or "").startswith(
-                    "data:"):
-                return str(payload.path)
-            return super().preprocess(payload)  # None, or an inline (base64) image
-
-    return ImageFile
+    image.preprocess = preprocess
+    return image
 
 
 def build(workdir: str | Path, checkpoint: str | None = None, max_pixels: int | None = None):
@@ -117,7 +118,7 @@ def build(workdir: str | Path, checkpoint: str | None = None, max_pixels: int | 
         gr.Markdown(f"## {recipe.recipe}: {recipe.model}, best test accuracy "
                     f"{best_accuracy(workdir)}\ncheckpoint `{where}`, served by both stacks")
         with gr.Row():
-            image = image_file_input(gr)(type="filepath", label="image", elem_id="image")
+            image = image_file_input(gr, label="image", elem_id="image")
             with gr.Column():
                 go = gr.Button("Classify", elem_id="classify")
                 parity = gr.Markdown(elem_id="parity")

@@ -84,6 +84,9 @@ class BadImage(Exception):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason, self.pixels = str(path), reason, pixels
 
+    def __reduce__(self):  # pickled whole: a DataLoader worker hands one back as its sample
+        return type(self), (self.path, self.reason, self.pixels)
+
     @property
     def too_large(self) -> bool:
         return self.pixels > 0

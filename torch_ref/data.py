@@ -176,20 +176,12 @@ class ArrayImages(torch.utils.data.Dataset):
         return x, int(self.labels[i])
 
 
-class Undecodable(NamedTuple):
-    """What a worker hands back, in place of a batch, when one of its images does not decode
-    (`pil_transforms.BadImage`'s fields): the main process raises it between two steps."""
-
-    path: str
-    reason: str
-    pixels: int
-
-
 def collate(samples: list):
-    """torch's default_collate, except that a batch holding an undecodable image is that
-    image's `Undecodable` (the first one), so the worker's reason reaches the trainer."""
+    """torch's default_collate, except that a batch holding an image that did not decode is
+    that image's `pil_transforms.BadImage` (the first one), so the worker's reason reaches the
+    trainer without an exception crossing from the worker process."""
     for s in samples:
-        if isinstance(s, Undecodable):
+        if isinstance(s, pil_transforms.BadImage):
             return s
     return torch.utils.data.default_collate(samples)
 
@@ -201,8 +193,8 @@ class FolderImages(torch.utils.data.Dataset):
     CenterCrop. Yields uint8 HWC; jitter and normalisation run batched on the device.
 
     A file that does not decode, for whatever reason PIL gives (or over `max_image_pixels`),
-    comes back as an `Undecodable` (see `collate`): no exception has to cross from a worker
-    process, and the trainer stops with the file and the reason in one line, between two steps.
+    comes back as its `BadImage` (see `collate`), and the trainer stops with the file and the
+    reason in one line, between two steps.
     """
 
     uint8_out = True
@@ -219,7 +211,7 @@ class FolderImages(torch.utils.data.Dataset):
         try:
             img = pil_transforms.open_image(self.paths[i], r.in_channels, r.max_image_pixels)
         except pil_transforms.BadImage as bad:
-            return Undecodable(bad.path, bad.reason, bad.pixels)
+            return bad
         if isinstance(item, Item):
             rng = sampling.image_rng(r.seed, item.epoch, item.step, item.position)
             out = pil_transforms.train_image(img, rng, r.image_size, r.hflip, r.in_channels)
@@ -324,6 +316,13 @@ def _no_sigchld_raise() -> None:
     signal_handling._SIGCHLD_handler_set = True  # what torch sets once it installed its own
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _how_it_ended(message: str) -> str:
     """'pid 123, killed by SIGKILL' for the workers a torch message names, from their Popen."""
     named = re.search(r"pid(?:\(s\))? ([\d, ]+)", message)
@@ -332,8 +331,7 @@ def _how_it_ended(message: str) -> str:
     for popen in list(_WORKERS_STARTED):
         code = popen.returncode if popen.returncode is not None else popen.poll()
         if popen.pid in pids and code is not None:
-            how = (f"killed by {signal.Signals(-code).name}" if code < 0
-                   else f"exit code {code}")
+            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
             ended.append(f"pid {popen.pid}, {how}")
     return "; ".join(ended) or message.strip().rstrip(".")
 
@@ -371,8 +369,8 @@ def loader_batches(loader, workers: int) -> Iterator:
             if workers == 0:
                 raise
             raise worker_failure(err) from None
-        if isinstance(batch, Undecodable):
-            raise pil_transforms.BadImage(*batch).as_corrupt_data()
+        if isinstance(batch, pil_transforms.BadImage):
+            raise batch.as_corrupt_data()
         yield batch
 
 

@@ -98,6 +98,7 @@ def server(run):
         log.close()
     assert code == 0, (run / "demo.log").read_text()
     assert not list(tmp.glob("demo-examples-*")), "the example files outlived the demo"
+    assert not os.path.exists(os.path.join(REPO, "demo", "app.pyi"))  # Gradio's, unasked for
 
 
 def browser():

@@ -217,11 +217,16 @@ def test_a_full_disk_at_the_first_checkpoint_starts_again(stack, data, tmp_path)
 @pytest.mark.parametrize("stack", STACKS)
 def test_a_full_disk_is_one_line_and_the_run_resumes_after_space_is_freed(stack, data,
                                                                           small_disk, tmp_path):
+    """The disk fills at a checkpoint (the line gives its size) or, when a checkpoint left the
+    disk within a few KB of full, at the next record file (flax_impl in one run of the whole
+    suite: confusion.png); either way one line, and the rerun elsewhere loses nothing."""
     w = small_disk / "w"
     cmd = chaos.command(stack, data, w)
     proc = run(cmd)
     line = one_line(proc, "No space left on device")
-    assert str(w / "checkpoints") in line and "a checkpoint needs about 2." in line, line
+    assert f"cannot write {w}" in line, line
+    if str(w / "checkpoints") in line:
+        assert "a checkpoint needs about 2." in line, line
     assert "rerun the same command to resume" in line
     kept = chaos.epoch_records(w)
     # free space: move the run to a larger disk, as a user would, and rerun there
