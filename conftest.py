@@ -17,23 +17,23 @@ import flax_impl  # noqa: E402,F401
 
 import pytest  # noqa: E402  (after the XLA_FLAGS set-up, on purpose)
 
-from framework_free import testing  # noqa: E402
+from testkit import samples  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def fashion_dir(tmp_path_factory):
     """A small Fashion-MNIST-shaped data set in the real (gzipped IDX) format."""
-    return testing.write_fashion_mnist(tmp_path_factory.mktemp("fashion"), n_train=96, n_test=40)
+    return samples.write_fashion_mnist(tmp_path_factory.mktemp("fashion"), n_train=96, n_test=40)
 
 
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory):
     """A small CIFAR-10 set in the python-pickle layout."""
-    return testing.write_cifar(tmp_path_factory.mktemp("cifar"), n_train=80, n_test=30)
+    return samples.write_cifar(tmp_path_factory.mktemp("cifar"), n_train=80, n_test=30)
 
 
 @pytest.fixture(scope="session")
 def imagefolder_dir(tmp_path_factory):
     """train/ and val/ folders of real JPEG files, ImageNet's layout, three classes."""
-    return testing.write_image_folder(tmp_path_factory.mktemp("imagenet"), classes=3,
+    return samples.write_image_folder(tmp_path_factory.mktemp("imagenet"), classes=3,
                                       per_class=(6, 3), size=(48, 40))

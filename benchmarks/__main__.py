@@ -92,9 +92,9 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        from framework_free import testing
+        from testkit import samples
 
-        data = testing.write_cifar(Path(tmp) / "cifar", n_train=n_train, n_test=256)
+        data = samples.write_cifar(Path(tmp) / "cifar", n_train=n_train, n_test=256)
         common = [f"train_subset={n_train}", "eval_subset=256", "log_every_steps=1000"]
 
         def epoch_spec(stack, extra, name, model_time=False):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework_free.timing import median_seconds
+from benchmarks.timing import median_seconds
 
 # (in channels, out channels, input size, stride, how many times ResNet-20 at 32 px has it)
 CONVS = [(3, 16, 32, 1, 1), (16, 16, 32, 1, 6), (16, 32, 32, 2, 1), (32, 32, 16, 1, 5),

@@ -143,9 +143,9 @@ def main(argv=None) -> int:
          "peak host memory |", "| --- | --- | --- | --- |")
     epoch_ips = {}
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
-        from framework_free import testing
+        from testkit import samples
 
-        data = testing.write_cifar(Path(tmp) / "cifar", n_train=n_images, n_test=512)
+        data = samples.write_cifar(Path(tmp) / "cifar", n_train=n_images, n_test=512)
         configs = [
             ("seed 000's pipeline: DataLoader + PIL, 4 workers, NCHW, AMP fp16", "torch_ref",
              ["pipeline=dataloader", "num_workers=4", "channels_last=false", "amp=auto"]),

@@ -51,13 +51,13 @@ def _factory(spec: dict, recipe):
 
 
 def epoch(spec: dict) -> dict:
-    """Epochs through the run driver itself (framework_free.driver.Run.run_epoch), the loop
+    """Epochs through the run driver itself (core.driver.Run.run_epoch), the loop
     every training run uses, with the model time of a second backend after each."""
     from pathlib import Path
 
     from configs import get_config
-    from framework_free.driver import Run
-    from framework_free.recipe import apply_overrides
+    from core.driver import Run
+    from core.recipe import apply_overrides
 
     recipe = apply_overrides(get_config(spec.get("recipe", "cifar10")), spec["overrides"])
     recipe = recipe.replace(data_dir=spec["data_dir"])

@@ -1,6 +1,6 @@
 """The recipes, one file each, read by both torch_ref and flax_impl.
 
-`get_config(name, size="full")` returns the validated `framework_free.recipe.Recipe` of a recipe;
+`get_config(name, size="full")` returns the validated `core.recipe.Recipe` of a recipe;
 each module `configs/<name>.py` has a `get_config(size)` that calls `configs.base.base` with the
 fields that differ from the defaults, each with its source.
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import importlib
 
-from framework_free.errors import UserError
-from framework_free.recipe import Recipe
+from core.errors import UserError
+from core.recipe import Recipe
 
 RECIPES = ("cifar10", "cifar100", "imagenet", "fashion_mnist", "cifar100_mmda", "imagenet_mixcut")
 

@@ -26,7 +26,7 @@ def get_config(size: str = "full"):
         hflip=True,                  # clothes are left-right symmetric; the 94.9% ResNet-18 entry
                                      # of the Fashion-MNIST benchmark table trains with flips too
         color_jitter=(0.0, 0.0, 0.0),  # no colour to jitter
-        mean=(0.2860,),              # training-set statistics (framework_free.readers.channel_stats)
+        mean=(0.2860,),              # training-set statistics (core.readers.channel_stats)
         std=(0.3530,),
         pipeline="fast",
         num_workers=4,

@@ -18,10 +18,10 @@ import numpy as np
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from framework_free import predict  # noqa: E402
-from framework_free.cli import Parser  # noqa: E402
-from framework_free.datasets import class_names  # noqa: E402
-from framework_free.errors import UserError, report  # noqa: E402
+from core import predict  # noqa: E402
+from core.cli import Parser  # noqa: E402
+from core.datasets import class_names  # noqa: E402
+from core.errors import UserError, report  # noqa: E402
 
 PROG = "python -m demo"
 EXAMPLES = 6  # test-set images offered as examples
@@ -45,7 +45,7 @@ def test_examples(recipe, folder: Path) -> list[str]:
     """The first test images as PNG files, when the data set is on disk (else none)."""
     from PIL import Image
 
-    from framework_free import datasets
+    from core import datasets
 
     if recipe.dataset == "imagenet":
         return []

@@ -1,6 +1,6 @@
 """Batched augmentation in JAX: the same operations as torch_ref.augment, in NHWC.
 
-Given the same `framework_free.sampling.AugmentParams`, crop and flip give the very same uint8
+Given the same `core.sampling.AugmentParams`, crop and flip give the very same uint8
 pixels as torch_ref's path (and torchvision's RandomCrop + RandomHorizontalFlip); colour jitter and
 normalisation are the same float formulas.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from framework_free import regularisers as reg
+from core import regularisers as reg
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -68,7 +68,7 @@ def _box_mask(box, h: int, w: int):
 
 def regularise(x, labels, batch: dict):
     """Cutout, then MixUp or CutMix, on a normalised float NHWC batch: torch_ref.augment.regularise
-    in JAX, on the draws a batch carries (framework_free.regularisers). Every row carries its
+    in JAX, on the draws a batch carries (core.regularisers). Every row carries its
     partner (a row of the global batch), lam and 1 - lam (1 and 0 when the batch mixes nothing),
     the mix kind and CutMix's box, so the arithmetic is row-wise and the batch may be sharded.
     Returns (x, partner labels, lam, 1 - lam)."""

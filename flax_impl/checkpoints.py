@@ -5,7 +5,7 @@
     WORKDIR/checkpoints/best/<global step>/   the one with the best test accuracy so far
 
 Each holds two items: ``state`` (the TrainState pytree: step, params, batch_stats, opt_state)
-and ``meta`` (the run driver's JSON, framework_free.driver: what run it belongs to, where to
+and ``meta`` (the run driver's JSON, core.driver: what run it belongs to, where to
 resume, the best accuracy, the epoch's running sums). Orbax writes into a temporary folder and
 renames it when complete, so a checkpoint cut short by a crash is never offered for restoring.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from framework_free import preemption
-from framework_free.errors import UnusableCheckpoint, UserError
+from core import preemption
+from core.errors import UnusableCheckpoint, UserError
 
 KEEP_LAST = 2
 FORMAT = "flax_impl/2"  # 2: TrainState without its unused rng

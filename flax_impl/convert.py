@@ -118,7 +118,7 @@ def read_orbax(step_dir) -> tuple[dict, dict]:
     import jax
     import orbax.checkpoint as ocp
 
-    from framework_free.errors import UserError
+    from core.errors import UserError
 
     p = Path(step_dir).absolute()
     manager = ocp.CheckpointManager(p.parent, item_names=("state", "meta"),
@@ -143,7 +143,7 @@ def read_torch(path) -> dict:
     model's state_dict under "model_state"; a one-line UserError if it is not one."""
     import torch
 
-    from framework_free.errors import UserError
+    from core.errors import UserError
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -125,7 +125,7 @@ def check() -> None:
     """UserError if a switch held something it cannot mean (the trainer calls this)."""
     for value in _state.values():
         if value.startswith("invalid: "):
-            from framework_free.errors import UserError
+            from core.errors import UserError
 
             raise UserError(value[len("invalid: "):])
 

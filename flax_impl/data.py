@@ -7,11 +7,11 @@ fixed size with ``mask`` 0 (see `flax_impl.steps`):
   (`source`) and a batch carries row indices plus crop/flip/jitter draws; the gather and the
   augmentation run inside the jitted step.
 - ImageNet folders: threads decode JPEGs with PIL and crop them exactly as torchvision would
-  (`framework_free.pil_transforms`); batches carry uint8 images, and the colour jitter and
+  (`core.pil_transforms`); batches carry uint8 images, and the colour jitter and
   normalisation run inside the jitted step.
 
 Training order and every augmentation draw come from the data plan
-(`framework_free.sampling.TrainPlan`), keyed by (seed, epoch, step): a resumed run sees the same
+(`core.sampling.TrainPlan`), keyed by (seed, epoch, step): a resumed run sees the same
 batches whatever the number of decoding threads, and torch_ref on the same seed sees the same
 ones too.
 """
@@ -25,9 +25,9 @@ import threading
 
 import numpy as np
 
-from framework_free import datasets, pil_transforms, readers, sampling
-from framework_free.errors import UserError
-from framework_free.recipe import Recipe
+from core import datasets, pil_transforms, readers, sampling
+from core.errors import UserError
+from core.recipe import Recipe
 
 TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "fashion_mnist": "fashion_mnist",
               "imagenet": "imagenet2012"}
@@ -180,7 +180,7 @@ class _Images:
 
 class ImagesTrain(_Images):
     """ImageNet-style training batches: threads decode and crop images exactly as torchvision
-    would (RandomResizedCrop + flip, `framework_free.pil_transforms`) into uint8 batches, each
+    would (RandomResizedCrop + flip, `core.pil_transforms`) into uint8 batches, each
     image with its own generator from the plan, so the thread that does it does not matter."""
 
     def __init__(self, *args, mix_groups: int = 1, **kwargs):
@@ -283,7 +283,7 @@ def build_train(recipe: Recipe, global_batch: int, process_index: int = 0,
 
 
 def regulariser_rows(rows: "_Rows | None", d) -> dict:
-    """The batch entries of a step's Cutout/MixUp/CutMix draws (framework_free.regularisers):
+    """The batch entries of a step's Cutout/MixUp/CutMix draws (core.regularisers):
     per row, so that the jitted step's arithmetic is row-wise (flax_impl.augment.regularise);
     `rows` picks this process's rows (None: the whole global batch). lam and 1 - lam stay the
     host's float64 numbers until the device casts them."""

@@ -1,21 +1,21 @@
 """LR range test with JAX/Flax: ``python -m flax_impl.lr_find --recipe NAME [flags] [k=v ...]``.
 
 The test itself (schedule, smoothing, stopping, suggestion, files) is
-`framework_free.lr_find`; this is JAX's backend for it, the trainer's own with the range test's
+`core.lr_find`; this is JAX's backend for it, the trainer's own with the range test's
 rates in place of the recipe's schedule (float32 tables, as in training).
 """
 
 from __future__ import annotations
 
 if __name__ == "__main__":  # a stop request while the libraries load ends it with one line
-    from framework_free import preemption as _early
+    from core import preemption as _early
 
     _early.install_early()
 
 import configs
 from flax_impl import checkpoints
 from flax_impl.train import FlaxBackend, pick_devices
-from framework_free import lr_find
+from core import lr_find
 
 PROG = "python -m flax_impl.lr_find"
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from framework_free import model_table
+from core import model_table
 
 __all__ = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "build_model",

@@ -13,7 +13,7 @@ writes the workdir, which every process must see. On CPUs the processes' collect
 runs right after the command line is parsed. A peer that does not arrive within
 ``--peer-timeout`` seconds, or stops answering for that long, ends the others (JAX aborts them);
 a peer that dies outright breaks the next collective at once, and the trainer then exits with
-`framework_free.preemption.EXIT_PEER_LOST` (76) and one line (`peer_lost`); run the same command on every host again to resume.
+`core.preemption.EXIT_PEER_LOST` (76) and one line (`peer_lost`); run the same command on every host again to resume.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from framework_free.errors import UserError
+from core.errors import UserError
 
 PEER_TIMEOUT_S = 100  # JAX's own heartbeat default
 ENV_PROCESSES, ENV_PROCESS_ID, ENV_COORDINATOR = ("FLAX_IMPL_NUM_PROCESSES",

@@ -9,7 +9,7 @@ torch.optim.SGD(lr, momentum, nesterov, weight_decay) per step, with g the gradi
 
 which is ``add_decayed_weights -> trace(decay=momentum_t, nesterov) -> scale_by_learning_rate(lr_t)``.
 The rate and momentum of step t are read from float32 tables of
-`framework_free.schedules` (torch's values, rounded once), so OneCycle's momentum cycling works
+`core.schedules` (torch's values, rounded once), so OneCycle's momentum cycling works
 through `optax.inject_hyperparams`. The order matters: decaying the weights after the momentum
 trace (decoupled, AdamW-style) is a different optimizer.
 """
@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from framework_free import schedules
-from framework_free.recipe import Recipe
+from core import schedules
+from core.recipe import Recipe
 
 
 def table_schedule(values: np.ndarray, dtype=jnp.float32):

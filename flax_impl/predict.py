@@ -1,5 +1,5 @@
 """Predict with JAX/Flax: ``python -m flax_impl.predict --workdir RUN [--checkpoint PATH]
-[--top K] [--json] IMAGE...`` (the command is `framework_free.predict`'s).
+[--top K] [--json] IMAGE...`` (the command is `core.predict`'s).
 
 A torch_ref checkpoint (a run of the other stack, or --checkpoint naming a .pt file) is read with
 torch and converted by `flax_impl.convert.torch_to_flax`. The model computes in float32.
@@ -17,8 +17,8 @@ import numpy as np
 from flax_impl import augment, checkpoints, convert
 from flax_impl.models import build_model
 from flax_impl.train import pick_devices
-from framework_free import predict
-from framework_free.recipe import Recipe
+from core import predict
+from core.recipe import Recipe
 
 PROG = "python -m flax_impl.predict"
 

@@ -15,7 +15,7 @@ A batch is a dict of arrays:
     mask     float32 (B,)
     jitter, jitter_order   (B, 3) colour-jitter factors and order, when the recipe jitters
     holes, partner, lam, one_minus_lam, mix_kind, box   Cutout/MixUp/CutMix draws per row, when
-             the recipe has any (framework_free.regularisers; flax_impl.augment.regularise)
+             the recipe has any (core.regularisers; flax_impl.augment.regularise)
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_impl import augment
-from framework_free.errors import UserError
-from framework_free.recipe import Recipe
+from core.errors import UserError
+from core.recipe import Recipe
 
 DATA_AXIS = "data"
 
@@ -101,7 +101,7 @@ def masked_cross_entropy(logits, labels, mask):
 
 def train_loss(logits, labels, mask, smoothing: float = 0.0, mix=None):
     """Mean over the real rows of CE_eps(y), or under MixUp/CutMix of
-    lam * CE_eps(y) + (1 - lam) * CE_eps(y[partner]) (framework_free.regularisers)."""
+    lam * CE_eps(y) + (1 - lam) * CE_eps(y[partner]) (core.regularisers)."""
     ce = cross_entropy(logits, labels, smoothing)
     if mix is not None:
         partner_labels, lam, rest = mix

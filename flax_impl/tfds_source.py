@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from framework_free import readers
-from framework_free.errors import CorruptData, UserError
+from core import readers
+from core.errors import CorruptData, UserError
 
 SPLITS = {True: "train", False: "test"}
 IMAGENET_SPLITS = {True: "train", False: "validation"}

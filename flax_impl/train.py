@@ -1,7 +1,7 @@
 """Train a recipe with JAX/Flax: ``python -m flax_impl.train --recipe NAME [--workdir DIR] [k=v ...]``.
 
 The loop, its cadences, records and checkpoint contents are the run driver's
-(`framework_free.driver`), as for torch_ref; this module is JAX's side of it, `FlaxBackend`. One
+(`core.driver`), as for torch_ref; this module is JAX's side of it, `FlaxBackend`. One
 process drives every local device: the step (flax_impl.steps) is jitted over a `Mesh` of them,
 the state replicated and each global batch split over the mesh, so BatchNorm's statistics are
 over the global batch. Several hosts: `--coordinator-address`, `--num-processes`, `--process-id`
@@ -16,7 +16,7 @@ GPU/TPU); there is no fp16 loss scaling here.
 from __future__ import annotations
 
 if __name__ == "__main__":  # a stop request while the libraries load is honoured, not a traceback
-    from framework_free import preemption as _early
+    from core import preemption as _early
 
     _early.install_early()
 
@@ -31,11 +31,11 @@ import numpy as np
 import configs
 from flax_impl import checkpoints, cpu_setup, data, multihost, optim, steps
 from flax_impl.models import build_model
-from framework_free import driver
-from framework_free.driver import NonFiniteLoss
-from framework_free.errors import UserError
-from framework_free.preemption import EXIT_PREEMPTED, Preempted
-from framework_free.recipe import Recipe
+from core import driver
+from core.driver import NonFiniteLoss
+from core.errors import UserError
+from core.preemption import EXIT_PREEMPTED, Preempted
+from core.recipe import Recipe
 
 STACK = "flax_impl"
 PROG = "python -m flax_impl.train"
@@ -50,7 +50,7 @@ def pick_devices(device: str = "auto"):
 
 
 class FlaxBackend:
-    """JAX's side of the run driver (framework_free.driver.Backend)."""
+    """JAX's side of the run driver (core.driver.Backend)."""
 
     framework, checkpoint_format = STACK, checkpoints.FORMAT
     per_process_metrics = False  # the jitted step's metrics cover the global batch
@@ -192,7 +192,7 @@ class FlaxBackend:
     def restore_for_eval(self, path, check):
         if path and Path(path).is_file():  # a torch_ref checkpoint file: converted
             from flax_impl import convert
-            from framework_free import predict
+            from core import predict
 
             state = convert.read_torch(path)
             predict.check_model(state, self.recipe, path)
@@ -218,7 +218,7 @@ def backend_factory(recipe: Recipe, devices=None, tables=None) -> driver.Factory
 
 def train_and_evaluate(recipe: Recipe, workdir: str | Path, devices=None,
                        stop_after_step: int | None = None) -> dict:
-    """framework_free.driver.train_and_evaluate with this stack (resumes; may raise Preempted)."""
+    """core.driver.train_and_evaluate with this stack (resumes; may raise Preempted)."""
     return driver.train_and_evaluate(backend_factory(recipe, devices), recipe, workdir, STACK,
                                      stop_after_step, jax.process_index() == 0)
 

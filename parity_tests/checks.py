@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from flax_impl import convert
 from flax_impl import models as fm
-from framework_free.model_table import CIFAR_MODELS as CIFAR, IMAGENET_MODELS as IMAGENET
-from framework_free.timing import median_seconds
+from core.model_table import CIFAR_MODELS as CIFAR, IMAGENET_MODELS as IMAGENET
+from benchmarks.timing import median_seconds
 from torch_ref import models as tm
 
 
@@ -262,7 +262,7 @@ def torch_schedule(recipe, steps_per_epoch: int, world_size: int = 1):
 def schedule_parity(recipe, steps_per_epoch: int, world_size: int = 1) -> dict:
     """flax_impl's schedules (float64 values and the float32 tables it applies) against torch."""
     from flax_impl import optim
-    from framework_free import schedules
+    from core import schedules
 
     want_lr, want_m = torch_schedule(recipe, steps_per_epoch, world_size)
     lr64, m64 = schedules.for_recipe(recipe, steps_per_epoch, world_size)

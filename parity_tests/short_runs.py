@@ -1,7 +1,7 @@
 """Contract item 7: a few hundred training steps of a recipe in both stacks, from the same
 initial weights (torch's, converted) on the same augmented uint8 batches.
 
-The batches are drawn once (framework_free.sampling order and crop/flip offsets, cropped by
+The batches are drawn once (core.sampling order and crop/flip offsets, cropped by
 torch_ref.augment, which the tests show equals flax_impl.augment and torchvision) and fed to both
 stacks, which then normalise, jitter, apply Cutout/MixUp/CutMix (with the same draws) and train
 with the recipe's label smoothing, as their trainers do.
@@ -26,9 +26,9 @@ import torch
 
 from flax_impl import convert, data as flax_data, optim, steps
 from flax_impl.models import build_model as build_flax
-from framework_free import readers, regularisers, sampling
-from framework_free.datasets import load_split, resolve_data_dir
-from framework_free.recipe import Recipe
+from core import readers, regularisers, sampling
+from core.datasets import load_split, resolve_data_dir
+from core.recipe import Recipe
 from torch_ref import augment, steps as torch_steps
 from torch_ref.models import build_model as build_torch
 from torch_ref import optim as torch_optim
@@ -191,8 +191,8 @@ def fashion_mnist_run(steps_count: int = 200) -> ShortRun:
 def cifar10_run(steps_count: int = 200) -> ShortRun:
     """cifar10's recipe (with colour jitter) at batch 64 on generated CIFAR-shaped data."""
     from configs import get_config
-    from framework_free import testing
+    from testkit import samples
 
     recipe = get_config("cifar10").replace(batch_size=BATCH)
-    images, labels = testing.patterned_images(5000, 32, 3, 10, seed=0)
+    images, labels = samples.patterned_images(5000, 32, 3, 10, seed=0)
     return short_run(recipe, readers.ArraySplit(images, labels, 10), steps_count)

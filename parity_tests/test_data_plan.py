@@ -1,4 +1,4 @@
-"""One data plan (framework_free.sampling): both stacks make the same batches.
+"""One data plan (core.sampling): both stacks make the same batches.
 
 torch_ref and flax_impl take every step's examples and random draws from the same plan and only
 load, decode and place data themselves. On an ImageNet-layout folder of real JPEG files, torch's
@@ -19,7 +19,7 @@ import torch
 
 from configs import get_config
 from flax_impl import augment as flax_augment, data as flax_data
-from framework_free.recipe import apply_overrides
+from core.recipe import apply_overrides
 from torch_ref import augment as torch_augment, data as torch_data
 from torch_ref.distributed import Dist
 

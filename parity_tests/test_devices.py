@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from configs import get_config
-from framework_free import sampling
-from framework_free.recipe import apply_overrides
+from core import sampling
+from core.recipe import apply_overrides
 from torch_ref import checkpoints, data
 from torch_ref.distributed import Dist
 from torch_ref.models import build_model
@@ -39,9 +39,9 @@ N_TRAIN, N_TEST = 61, 37  # 61 = 3 full global batches of 16 + 13, split 7/6: un
 
 @pytest.fixture(scope="module")
 def small_fashion(tmp_path_factory):
-    from framework_free import testing
+    from testkit import samples
 
-    return testing.write_fashion_mnist(tmp_path_factory.mktemp("ddp_data"), N_TRAIN, N_TEST)
+    return samples.write_fashion_mnist(tmp_path_factory.mktemp("ddp_data"), N_TRAIN, N_TEST)
 
 
 def run_torchrun(workdir, data_dir, extra=()):

@@ -3,7 +3,7 @@
 Both stacks train from the same weights (torch's, converted) on the same augmented batches with
 the range test's rates in place of the recipe's schedule (`optim.for_recipe(tables=...)`, the
 path `torch_ref.lr_find` and `flax_impl.lr_find` use), and the losses go through the one
-`framework_free.lr_find.Curve`. The rates rise from 1e-3 to 1 in five steps, so the optimizer
+`core.lr_find.Curve`. The rates rise from 1e-3 to 1 in five steps, so the optimizer
 moves the weights a lot: a rate applied one step late, the momentum of the recipe's schedule
 instead of the test's, or weight decay missing would move the losses by far more than 1e-10.
 
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from framework_free import lr_find, readers, sampling, testing
+from core import lr_find, readers, sampling
+from testkit import samples
 from parity_tests import short_runs
 from torch_ref.models import build_model as build_torch
 
@@ -29,7 +30,7 @@ def curves():
     from configs import get_config
 
     recipe = get_config("fashion_mnist").replace(batch_size=16)
-    images, labels = testing.patterned_images(160, 28, 1, 10, seed=1)
+    images, labels = samples.patterned_images(160, 28, 1, 10, seed=1)
     split = readers.ArraySplit(images, labels, 10)
     t = lr_find.RangeTest(1e-3, 1.0, STEPS, "exp", 0.05, 5.0, 0, 0)
     lrs = lr_find.lr_schedule(t)

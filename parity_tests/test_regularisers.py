@@ -1,4 +1,4 @@
-"""Seed 002's regularisers (framework_free.regularisers) are applied identically in both stacks.
+"""Seed 002's regularisers (core.regularisers) are applied identically in both stacks.
 
 - Cutout's mask equals a direct implementation of seed 002's ``CutOut`` loop on the same centres
   (even length; exact: zeros and ones).
@@ -33,11 +33,56 @@ from torchvision.transforms import v2
 
 from configs import get_config
 from flax_impl import augment as flax_augment, data as flax_data, steps as flax_steps
-from framework_free import readers, regularisers as reg, testing
-from framework_free.errors import UserError
-from framework_free.recipe import apply_overrides
+from core import readers, regularisers as reg
+from testkit import samples
+from core.errors import UserError
+from core.recipe import apply_overrides
 from parity_tests import short_runs
 from torch_ref import augment as torch_augment, steps as torch_steps
+
+
+# --- NumPy references (float64), the definitions written plainly, loop by loop ---------------
+
+
+def reference_cutout_mask(holes: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(B, h, w) 0/1 mask, one square at a time, as seed 002's loop writes it."""
+    mask = np.ones((holes.shape[0], h, w))
+    for b, rows in enumerate(holes):
+        for y0, y1, x0, x1 in rows:
+            mask[b, y0:y1, x0:x1] = 0
+    return mask
+
+
+def reference_apply(x: np.ndarray, d: reg.Draws) -> np.ndarray:
+    """Cutout then the mix on an NHWC batch (float64)."""
+    h, w = x.shape[1:3]
+    x = x * reference_cutout_mask(d.holes, h, w)[..., None]
+    xp = x[d.partner]
+    if d.kind == reg.MIXUP:
+        return d.lam * x + d.one_minus_lam * xp
+    if d.kind == reg.CUTMIX:
+        y0, y1, x0, x1 = d.box
+        out = x.copy()
+        out[:, y0:y1, x0:x1] = xp[:, y0:y1, x0:x1]
+        return out
+    return x
+
+
+def reference_loss(logits: np.ndarray, labels: np.ndarray, d: reg.Draws | None,
+                   smoothing: float) -> float:
+    """Mean over the batch of lam * CE_eps(y) + (1 - lam) * CE_eps(y[partner])."""
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    k = logits.shape[1]
+
+    def ce(y):
+        target = np.full_like(logp, smoothing / k)
+        target[np.arange(len(y)), y] += 1.0 - smoothing
+        return -(target * logp).sum(1)
+
+    if d is None or d.kind == reg.NONE:
+        return float(ce(labels).mean())
+    return float((d.lam * ce(labels) + d.one_minus_lam * ce(labels[d.partner])).mean())
 
 B, H, W, C, K = 12, 16, 16, 3, 10
 ALL_ON = ["cutout_holes=2", "cutout_length=6", "mixup_alpha=0.4", "cutmix_alpha=1.0",
@@ -94,7 +139,7 @@ def test_cutmix_lam_is_the_share_left_after_clipping():
 
 
 def test_no_regulariser_draws_nothing_and_changes_no_existing_draw():
-    from framework_free import sampling
+    from core import sampling
 
     r = get_config("cifar10")
     assert not reg.enabled(r) and sampling.TrainPlan(r, 500, 64).step(0, 0).regularisers is None
@@ -138,7 +183,7 @@ def test_cutout_equals_seed_002s_loop():
     rng = np.random.default_rng(3)
     cy, cx = rng.integers(0, H, (B, 3)), rng.integers(0, W, (B, 3))
     holes = reg.cutout_boxes(cy, cx, 8, H, W)
-    assert np.array_equal(reg.reference_cutout_mask(holes, H, W), seed_cutout_mask(cy, cx, 8, H, W))
+    assert np.array_equal(reference_cutout_mask(holes, H, W), seed_cutout_mask(cy, cx, 8, H, W))
     d = reg.Draws(holes, reg.NONE, 1.0, np.zeros(4, np.int32), np.arange(B, dtype=np.int32))
     x, y, _ = batch64()
     expected = x * seed_cutout_mask(cy, cx, 8, H, W)[..., None]
@@ -213,7 +258,7 @@ def test_smoothed_mixed_loss_equals_torch_and_the_reference():
         d = kind_draws(kind)
         _, targets = torch_apply(x, y, d)
         got = torch_steps.train_loss(torch.from_numpy(logits), targets, 0.1).item()
-        ref = reg.reference_loss(logits, y, d, 0.1)
+        ref = reference_loss(logits, y, d, 0.1)
         assert abs(got - ref) <= 1e-12 * ref, kind
 
 
@@ -226,7 +271,7 @@ def test_flax_equals_torch_in_float64(kind):
     d = kind_draws(kind)
     assert d.kind == {"none": reg.NONE, "mixup": reg.MIXUP, "cutmix": reg.CUTMIX}[kind]
     ours, targets = torch_apply(x, y, d)
-    assert np.array_equal(ours, reg.reference_apply(x, d))
+    assert np.array_equal(ours, reference_apply(x, d))
     with jax.enable_x64(True):
         theirs, (partner_y, lam, rest) = flax_apply(x, y, d)
         mix = None if kind == "none" else (jnp.asarray(partner_y), jnp.asarray(lam),
@@ -247,7 +292,7 @@ RUN_STEPS = 12  # of 20 per epoch (640 images)
 
 @pytest.fixture(scope="module")
 def short_run():
-    images, labels = testing.patterned_images(640, 32, 3, 10, seed=0)
+    images, labels = samples.patterned_images(640, 32, 3, 10, seed=0)
     return short_runs.short_run(RUN_RECIPE, readers.ArraySplit(images, labels, 10),
                                 steps_count=RUN_STEPS)
 

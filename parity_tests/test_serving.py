@@ -17,7 +17,7 @@ import pytest
 
 from configs import get_config
 from flax_impl import predict as flax_predict, train as flax_train
-from framework_free import readers
+from core import readers
 from torch_ref import predict as torch_predict, train as torch_train
 
 pytestmark = pytest.mark.skipif(
@@ -98,7 +98,8 @@ def test_16_bit_and_float_files_get_their_8_bit_copies_logits(runs, tmp_path):
     pixel to white and moved the top logit from 2.7 to 11.1)."""
     from PIL import Image
 
-    from framework_free import predict, testing
+    from core import predict
+    from testkit import samples
 
     root, test = runs
     grey = test.images[:4, :, :, 0]
@@ -115,7 +116,7 @@ def test_16_bit_and_float_files_get_their_8_bit_copies_logits(runs, tmp_path):
             img.save(path)
             copies[mode].append(str(path))
         path = tmp_path / f"{i}-rgb16.png"
-        path.write_bytes(testing.png_bytes(28, 28, np.repeat(wide[i][..., None], 3, -1)))
+        path.write_bytes(samples.png_bytes(28, 28, np.repeat(wide[i][..., None], 3, -1)))
         copies["RGB16"].append(str(path))
     for stack in (torch_predict, flax_predict):
         logits_fn = stack.load(RECIPE, None, root / "torch_ref", "cpu")[0]

@@ -15,7 +15,7 @@ Bounds:
 
 import pytest
 
-from framework_free import readers
+from core import readers
 from parity_tests import short_runs
 
 

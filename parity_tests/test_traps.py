@@ -11,7 +11,7 @@ import pytest
 
 from configs import get_config
 from flax_impl import models as fm
-from framework_free import schedules
+from core import schedules
 from parity_tests import checks
 
 CASE = checks.Case("resnet20", "projection", 32, 4)

@@ -1,7 +1,7 @@
 """Batched augmentation on uint8 tensors: crop with zero padding, flip, colour jitter, normalise.
 
 The whole batch is transformed at once with tensor ops on whatever device holds the data; the
-random choices come from `framework_free.sampling.augment_params`. The crop and flip reproduce
+random choices come from `core.sampling.augment_params`. The crop and flip reproduce
 torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip`` pixel for pixel given the same
 offsets; colour jitter follows torchvision's tensor implementation of ``ColorJitter`` (brightness,
 contrast and saturation blends in a per-image random order, clamped to [0, 1]).
@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from framework_free import regularisers as reg
-from framework_free.sampling import AugmentParams
+from core import regularisers as reg
+from core.sampling import AugmentParams
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -108,7 +108,7 @@ def _box_mask(box: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def regularise(x: torch.Tensor, y: torch.Tensor, d: reg.Draws | None) -> tuple:
     """Cutout, then MixUp or CutMix, on a normalised float NCHW batch (any memory format), with
-    this process's draws (framework_free.regularisers). Returns (x, Targets)."""
+    this process's draws (core.regularisers). Returns (x, Targets)."""
     if d is None:
         return x, Targets(y)
     _, _, h, w = x.shape

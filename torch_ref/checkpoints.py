@@ -1,9 +1,9 @@
 """torch_ref checkpoints: one file holds the run's arrays and what the driver says about the run.
 
 A checkpoint is a dict saved with `torch.save` and read back with ``weights_only=True`` (no pickled
-code): the driver's meta (framework_free.driver: the run's identity, where to resume, the best
+code): the driver's meta (core.driver: the run's identity, where to resume, the best
 accuracy, the epoch's sums), the model's state_dict (never the DDP wrapper's), and the optimizer,
-scheduler and GradScaler states. Writes are atomic (`framework_free.records.atomic_write`): a
+scheduler and GradScaler states. Writes are atomic (`core.files.atomic_write`): a
 crash leaves the previous file intact.
 
     WORKDIR/checkpoints/last.pt       the latest (epoch ends, periodic saves, the one written on stop)
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from framework_free.errors import UnusableCheckpoint, UserError
-from framework_free.records import atomic_write, fsync_dir
+from core.errors import UnusableCheckpoint, UserError
+from core.files import atomic_write, fsync_dir
 
 FORMAT = "torch_ref/1"
 LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"

@@ -10,7 +10,7 @@
   as the seeds do; ImageNet images are decoded and cropped there (RandomResizedCrop, exactly as
   flax_impl crops them) and jittered and normalised as a batch on the device.
 
-Every step's examples and random draws come from `framework_free.sampling.TrainPlan`, so both
+Every step's examples and random draws come from `core.sampling.TrainPlan`, so both
 pipelines and both stacks see the same examples at each step on one process or under DDP, a
 resumed run continues exactly, and both evaluate every test image exactly once.
 """
@@ -29,16 +29,16 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from framework_free import datasets, pil_transforms, preemption, readers, sampling
-from framework_free.datasets import load_split, resolve_data_dir
-from framework_free.errors import UserError, WorkerFailed
-from framework_free.recipe import Recipe
+from core import datasets, pil_transforms, preemption, readers, sampling
+from core.datasets import load_split, resolve_data_dir
+from core.errors import UserError, WorkerFailed
+from core.recipe import Recipe
 from torch_ref import augment
 from torch_ref.distributed import Dist
 
 
 def ensure_present(recipe: Recipe, dist: Dist) -> Path:
-    """The recipe's data folder; rank 0 downloads CIFAR when allowed (framework_free.datasets)."""
+    """The recipe's data folder; rank 0 downloads CIFAR when allowed (core.datasets)."""
     if recipe.data_source != "files":
         raise UserError("torch_ref reads data files only (data_source=files); TFDS sources are "
                         "for flax_impl")
@@ -187,8 +187,8 @@ def collate(samples: list):
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """An ImageFolder listing (framework_free.readers.list_image_folder) decoded with PIL and
-    cropped by `framework_free.pil_transforms` (what flax_impl does): a training `Item` with
+    """An ImageFolder listing (core.readers.list_image_folder) decoded with PIL and
+    cropped by `core.pil_transforms` (what flax_impl does): a training `Item` with
     RandomResizedCrop (+ flip) from the plan's per-image generator, a plain index with Resize +
     CenterCrop. Yields uint8 HWC; jitter and normalisation run batched on the device.
 

@@ -77,7 +77,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from framework_free.errors import UserError
+        from core.errors import UserError
         raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framework_free import predict
-from framework_free.cli import Parser
-from framework_free.datasets import class_names
-from framework_free.errors import UserError, report
+from core import predict
+from core.cli import Parser
+from core.datasets import class_names
+from core.errors import UserError, report
 from torch_ref import predict as torch_predict
 
 PROG = "python -m torch_ref.export"

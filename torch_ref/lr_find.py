@@ -1,21 +1,21 @@
 """LR range test with PyTorch: ``python -m torch_ref.lr_find --recipe NAME [flags] [k=v ...]``.
 
 The test itself (schedule, smoothing, stopping, suggestion, files) is
-`framework_free.lr_find`; this is torch's backend for it, the trainer's own with the range
+`core.lr_find`; this is torch's backend for it, the trainer's own with the range
 test's rates in place of the recipe's schedule.
 """
 
 from __future__ import annotations
 
 if __name__ == "__main__":  # a stop request while the libraries load ends it with one line
-    from framework_free import preemption as _early
+    from core import preemption as _early
 
     _early.install_early()
 
 import sys
 
 import configs
-from framework_free import lr_find
+from core import lr_find
 from torch_ref.train import TorchBackend
 
 PROG = "python -m torch_ref.lr_find"

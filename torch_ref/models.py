@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from framework_free import model_table
+from core import model_table
 
 __all__ = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "build_model"]

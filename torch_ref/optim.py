@@ -1,15 +1,15 @@
 """The optimizer and schedules for torch_ref: torch's own classes, called as the seeds call them.
 
 `flax_impl.optim` builds the same optimizer from optax and reads the same schedules as tables
-(`framework_free.schedules`); the parity tests prove the two equal step for step.
+(`core.schedules`); the parity tests prove the two equal step for step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from framework_free.recipe import Recipe, world_lr
-from framework_free.schedules import stepped_per_epoch
+from core.recipe import Recipe, world_lr
+from core.schedules import stepped_per_epoch
 
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe, world_size: int) -> torch.optim.SGD:
@@ -34,7 +34,7 @@ def make_scheduler(opt: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: 
 
 class TableScheduler:
     """Sets the rate and momentum of step t from tables (float64, as computed in
-    framework_free): the LR range test's schedule. Stepped after each optimizer step; past the
+    core): the LR range test's schedule. Stepped after each optimizer step; past the
     end of the tables it keeps their last values."""
 
     def __init__(self, opt: torch.optim.Optimizer, lr, momentum):

@@ -1,5 +1,5 @@
 """Predict with PyTorch: ``python -m torch_ref.predict --workdir RUN [--checkpoint PATH]
-[--top K] [--json] IMAGE...`` (the command is `framework_free.predict`'s).
+[--top K] [--json] IMAGE...`` (the command is `core.predict`'s).
 
 A flax_impl checkpoint (a run of the other stack, or --checkpoint naming one) is read with Orbax
 and converted by `flax_impl.convert.flax_to_torch` (JAX is imported for that only).
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framework_free import predict
-from framework_free.recipe import Recipe
+from core import predict
+from core.recipe import Recipe
 from torch_ref import augment, checkpoints, distributed
 from torch_ref.models import build_model
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from framework_free.recipe import Recipe
+from core.recipe import Recipe
 from torch_ref.augment import Targets
 from torch_ref.distributed import Dist
 
@@ -27,7 +27,7 @@ def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
 
 def train_loss(logits: torch.Tensor, t: Targets, smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy with torch's own label smoothing; under MixUp/CutMix
-    lam * CE(y) + (1 - lam) * CE(y[partner]) (framework_free.regularisers)."""
+    lam * CE(y) + (1 - lam) * CE(y[partner]) (core.regularisers)."""
     loss = F.cross_entropy(logits, t.y, label_smoothing=smoothing)
     if t.partner_y is None:
         return loss

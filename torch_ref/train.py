@@ -1,7 +1,7 @@
 """Train a recipe with PyTorch: ``python -m torch_ref.train --recipe NAME [--workdir DIR] [k=v ...]``.
 
 The loop, its cadences, records and checkpoint contents are the run driver's
-(`framework_free.driver`); this module is torch's side of it, `TorchBackend`. Under ``torchrun
+(`core.driver`); this module is torch's side of it, `TorchBackend`. Under ``torchrun
 --nproc_per_node=N`` the same command runs data-parallel (DDP): each process takes its share of
 every global batch, rank 0 alone prints and writes.
 """
@@ -9,7 +9,7 @@ every global batch, rank 0 alone prints and writes.
 from __future__ import annotations
 
 if __name__ == "__main__":  # a stop request while the libraries load is honoured, not a traceback
-    from framework_free import preemption as _early
+    from core import preemption as _early
 
     _early.install_early()
 
@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 
 import configs
-from framework_free import driver
-from framework_free.driver import NonFiniteLoss
-from framework_free.errors import UserError
-from framework_free.preemption import EXIT_PREEMPTED, Preempted
-from framework_free.recipe import Recipe
+from core import driver
+from core.driver import NonFiniteLoss
+from core.errors import UserError
+from core.preemption import EXIT_PREEMPTED, Preempted
+from core.recipe import Recipe
 from torch_ref import checkpoints, data, distributed, optim, steps
 from torch_ref.models import build_model
 
@@ -46,7 +46,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class TorchBackend:
-    """torch's side of the run driver (framework_free.driver.Backend)."""
+    """torch's side of the run driver (core.driver.Backend)."""
 
     framework, checkpoint_format = STACK, checkpoints.FORMAT
 
@@ -168,7 +168,7 @@ class TorchBackend:
             state = {**meta, "model_state": self.model.state_dict(),
                      "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-            if best:  # best before last: see framework_free.driver.Run.run
+            if best:  # best before last: see core.driver.Run.run
                 checkpoints.save(self.ckpt_dir / checkpoints.BEST, state)
             checkpoints.save_last(self.ckpt_dir, state)
         self.dist.barrier()
@@ -198,7 +198,7 @@ class TorchBackend:
     def restore_for_eval(self, path, check):
         if path and Path(path).is_dir():  # a flax_impl step folder: converted
             from flax_impl import convert
-            from framework_free import predict
+            from core import predict
 
             _, folder = predict.find_checkpoint(self.ckpt_dir.parent, path)
             meta, variables = convert.read_orbax(folder)
@@ -222,7 +222,7 @@ def backend_factory(recipe: Recipe, device: str = "auto", tables=None) -> driver
 
 def train_and_evaluate(recipe: Recipe, workdir: str | Path, device: str = "auto",
                        stop_after_step: int | None = None) -> dict:
-    """framework_free.driver.train_and_evaluate with this stack (resumes; may raise Preempted)."""
+    """core.driver.train_and_evaluate with this stack (resumes; may raise Preempted)."""
     return driver.train_and_evaluate(backend_factory(recipe, device), recipe, workdir, STACK,
                                      stop_after_step, distributed.rank_from_environment() == 0)
 

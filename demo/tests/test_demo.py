@@ -13,7 +13,8 @@ import urllib.request
 
 import pytest
 
-from framework_free import readers, testing
+from core import readers
+from testkit import samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,8 +50,8 @@ def run(tmp_path_factory):
     Image.fromarray(test.images[0, :, :, 0]).save(root / "test0.png")
     # bad uploads, and the same test image as a phone stores a photo taken sideways
     (root / "empty.png").write_bytes(b"")
-    (root / "bomb.png").write_bytes(testing.png_bytes(16000, 12000))
-    testing.sideways_jpeg(root / "sideways.jpg", test.images[0, :, :, 0])
+    (root / "bomb.png").write_bytes(samples.png_bytes(16000, 12000))
+    samples.sideways_jpeg(root / "sideways.jpg", test.images[0, :, :, 0])
     return root
 
 

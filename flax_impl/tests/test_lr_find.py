@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from flax_impl import lr_find as flax_lr_find
-from framework_free import lr_find
+from core import lr_find
 
 ARGS = ["--recipe", "fashion_mnist", "--size", "smoke", "--device", "cpu", "--num-iter", "9",
         "--start-lr", "1e-3", "--end-lr", "1", "--skip-start", "2", "--skip-end", "2",

@@ -3,7 +3,6 @@ device against 1 process x 2 devices, a dead peer, and the flags' mistakes."""
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -13,9 +12,9 @@ import time
 import pytest
 
 from flax_impl import multihost
-from framework_free import chaos, testing
-from framework_free.errors import UserError
-from framework_free.preemption import EXIT_PEER_LOST
+from testkit import chaos, samples
+from core.errors import UserError
+from core.preemption import EXIT_PEER_LOST
 
 COMMON = ["--recipe", "fashion_mnist", "--size", "smoke", "--device", "cpu", "train_subset=0",
           "eval_subset=0", "epochs=2", "log_every_steps=1", "checkpoint_every_steps=2", "--peer-timeout", "30"]
@@ -26,7 +25,7 @@ B, E = 16, 24  # per process; the one-process run takes the global batches, 2 x 
 def data(tmp_path_factory):
     # 200 training images: the last batch of each epoch is short (200 = 6 x 32 + 8) and 40 test
     # images do not fill the last evaluation batch either, so padding and masks are exercised
-    return testing.write_fashion_mnist(tmp_path_factory.mktemp("mh") / "data", n_train=200,
+    return samples.write_fashion_mnist(tmp_path_factory.mktemp("mh") / "data", n_train=200,
                                        n_test=40)
 
 

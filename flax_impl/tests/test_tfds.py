@@ -11,9 +11,9 @@ import pytest
 from configs import get_config
 from flax_impl import tfds_source
 from flax_impl.train import train_and_evaluate
-from framework_free import testing
-from framework_free.errors import UserError
-from framework_free.recipe import apply_overrides
+from testkit import samples
+from core.errors import UserError
+from core.recipe import apply_overrides
 
 pytest.importorskip("tensorflow_datasets")
 ONE = jax.devices()[:1]
@@ -22,11 +22,11 @@ ONE = jax.devices()[:1]
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds")
-    train = testing.patterned_images(48, 28, 1, 10, seed=0)
-    test = testing.patterned_images(20, 28, 1, 10, seed=1)
+    train = samples.patterned_images(48, 28, 1, 10, seed=0)
+    test = samples.patterned_images(20, 28, 1, 10, seed=1)
     tfds_source.prepare("fashion_mnist", root, {"train": train, "test": test})
-    c_train = testing.patterned_images(24, 32, 3, 10, seed=2)
-    c_test = testing.patterned_images(8, 32, 3, 10, seed=3)
+    c_train = samples.patterned_images(24, 32, 3, 10, seed=2)
+    c_test = samples.patterned_images(8, 32, 3, 10, seed=3)
     tfds_source.prepare("cifar10", root, {"train": c_train, "test": c_test})
     return root, train, test
 
@@ -81,7 +81,7 @@ def test_missing_tfds_dataset_is_a_user_error(tmp_path):
 
 def test_imagenet2012_from_tfds(tmp_path):
     """imagenet2012 in TFDS holds JPEG bytes; flax_impl crops them like ImageNet folders."""
-    folder = testing.write_image_folder(tmp_path / "jpegs", classes=3, per_class=(4, 2))
+    folder = samples.write_image_folder(tmp_path / "jpegs", classes=3, per_class=(4, 2))
     splits = {}
     for split, name in (("train", "train"), ("validation", "val")):
         files = sorted((folder / name).rglob("*.JPEG"))

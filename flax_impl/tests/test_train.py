@@ -11,8 +11,8 @@ from configs import get_config
 from flax_impl import data, optim, steps
 from flax_impl.models import resnet20
 from flax_impl.train import FlaxBackend, NonFiniteLoss, Preempted, train_and_evaluate
-from framework_free import testing
-from framework_free.recipe import apply_overrides
+from testkit import samples
+from core.recipe import apply_overrides
 
 QUICK = ["batch_size=16", "eval_batch_size=16", "epochs=2", "train_subset=0", "eval_subset=0",
          "log_every_steps=2", "num_workers=2"]
@@ -69,7 +69,7 @@ def test_run_records_and_resumes_exactly(fashion_dir, tmp_path, extra):
     drop = ("epoch_time", "train_images_per_s")
     assert [{k: v for k, v in m.items() if k not in drop} for m in a] == [
         {k: v for k, v in m.items() if k not in drop} for m in b]
-    assert testing.tensorboard_scalars(tmp_path / "stopped") == testing.tensorboard_scalars(
+    assert samples.tensorboard_scalars(tmp_path / "stopped") == samples.tensorboard_scalars(
         tmp_path / "straight")  # each step once, with the uninterrupted run's values
     kept = sorted(int(p.name) for p in (tmp_path / "stopped" / "checkpoints" / "last").iterdir())
     assert kept == [8, 12]  # the latest two
@@ -170,7 +170,7 @@ def test_a_stop_while_the_decoding_threads_are_late_ends_the_wait():
     import threading
 
     from flax_impl.data import _Prefetch
-    from framework_free import preemption
+    from core import preemption
 
     release = threading.Event()
 

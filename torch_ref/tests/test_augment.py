@@ -7,7 +7,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from framework_free import sampling, testing
+from core import sampling
+from testkit import samples
 from torch_ref import augment
 
 
@@ -16,7 +17,7 @@ def test_crop_flip_equals_torchvision_pil(size, channels, pad):
     """torchvision's RandomCrop(size, padding) + RandomHorizontalFlip on PIL images draw their
     offsets from torch's RNG; replaying the same RNG state through their `get_params` gives the
     offsets, which the batched path must turn into the very same pixels."""
-    images, _ = testing.patterned_images(24, size, channels, 10, seed=5)
+    images, _ = samples.patterned_images(24, size, channels, 10, seed=5)
     pipeline = T.Compose([T.RandomCrop(size, padding=pad), T.RandomHorizontalFlip()])
     ys, xs, flips, want = [], [], [], []
     for i, img in enumerate(images):
@@ -34,7 +35,7 @@ def test_crop_flip_equals_torchvision_pil(size, channels, pad):
 
 
 def test_crop_flip_with_sampled_params_stays_in_range():
-    images = torch.from_numpy(testing.patterned_images(64, 32, 3, 10)[0])
+    images = torch.from_numpy(samples.patterned_images(64, 32, 3, 10)[0])
     p = sampling.augment_params(0, 0, 0, 64, 4, True, (0, 0, 0))
     out = augment.crop_flip(images, 4, torch.from_numpy(p.crop_y), torch.from_numpy(p.crop_x),
                             torch.from_numpy(p.flip))
@@ -49,7 +50,7 @@ def test_color_jitter_equals_torchvision_tensor_ops(channels):
     tensor ColorJitter applies them (on one channel, saturation leaves the image alone).
     Float32 tolerance: the same formula, evaluated with broadcasting instead of per image,
     differs by at most a few ulp of values in [0, 1]."""
-    images = torch.from_numpy(testing.patterned_images(16, 32, channels, 10, seed=2)[0])
+    images = torch.from_numpy(samples.patterned_images(16, 32, channels, 10, seed=2)[0])
     x = images.permute(0, 3, 1, 2).float() / 255
     p = sampling.augment_params(3, 0, 0, 16, 0, False, (0.4, 0.4, 0.4))
     got = augment.color_jitter(x.clone(), torch.from_numpy(p.jitter),
@@ -64,7 +65,7 @@ def test_color_jitter_equals_torchvision_tensor_ops(channels):
 
 
 def test_normalize_matches_to_tensor_normalize():
-    img = testing.patterned_images(4, 32, 3, 10)[0]
+    img = samples.patterned_images(4, 32, 3, 10)[0]
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     ref = torch.stack([TF.normalize(TF.to_tensor(Image.fromarray(a)), mean, std) for a in img])
     got = augment.to_float_normalized(torch.from_numpy(img), torch.tensor(mean), torch.tensor(std),

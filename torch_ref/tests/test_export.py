@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from framework_free import readers
+from core import readers
 from torch_ref import export, predict as torch_predict
 from torch_ref.tests.test_train import recipe_for
 from torch_ref.train import train_and_evaluate

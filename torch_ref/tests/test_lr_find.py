@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from framework_free import lr_find
+from core import lr_find
 from torch_ref import lr_find as torch_lr_find, optim
 from torch_ref.tests.test_train import recipe_for
 from torch_ref.train import TorchBackend, train_and_evaluate

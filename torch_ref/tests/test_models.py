@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision.models as tvm
 
-from framework_free.model_table import IMAGENET_MODELS
+from core.model_table import IMAGENET_MODELS
 from torch_ref import models
 
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from framework_free import chaos, testing
-from framework_free.preemption import EXIT_PEER_LOST
+from testkit import chaos, samples
+from core.preemption import EXIT_PEER_LOST
 
 # 200 images in global batches of 16: 13 steps an epoch, so that the processes' agreement on
 # stopping (every 10 steps) falls inside an epoch
@@ -22,7 +22,7 @@ OVERRIDES = ["batch_size=8", "epochs=2", "train_subset=0", "eval_subset=0", "eva
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("torchrun")
-    data = testing.write_fashion_mnist(root / "data", n_train=200, n_test=40)
+    data = samples.write_fashion_mnist(root / "data", n_train=200, n_test=40)
     done = launch(root / "reference", data)
     out, err = done.communicate(timeout=600)
     assert done.returncode == 0, err[-3000:]

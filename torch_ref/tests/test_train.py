@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from configs import get_config
-from framework_free import testing
-from framework_free.recipe import apply_overrides
+from testkit import samples
+from core.recipe import apply_overrides
 from torch_ref import checkpoints
 from torch_ref.train import Preempted, train_and_evaluate
 
@@ -73,7 +73,7 @@ def test_resume_is_exact(fashion_dir, tmp_path, stop_after, pipeline, extra):
     train_and_evaluate(r, tmp_path / "stopped")
     assert_same_state(load_last(tmp_path / "straight"), load_last(tmp_path / "stopped"))
     assert records(tmp_path / "straight") == records(tmp_path / "stopped")  # one run's record
-    assert testing.tensorboard_scalars(tmp_path / "stopped") == testing.tensorboard_scalars(
+    assert samples.tensorboard_scalars(tmp_path / "stopped") == samples.tensorboard_scalars(
         tmp_path / "straight")  # each step once, with the uninterrupted run's values
 
 
@@ -108,9 +108,9 @@ def test_cifar10_and_cifar100_paths(cifar_dir, tmp_path):
     out = train_and_evaluate(recipe_for("cifar10", cifar_dir), tmp_path / "c10")
     assert out["test_count"] == 30
     r = recipe_for("cifar100", cifar_dir.parent / "c100")
-    from framework_free import testing
+    from testkit import samples
 
-    testing.write_cifar(r.data_dir, "cifar100", n_train=40, n_test=20)
+    samples.write_cifar(r.data_dir, "cifar100", n_train=40, n_test=20)
     # ResNet-50 on 32x32: one epoch of a few steps keeps this quick
     out = train_and_evaluate(r.replace(epochs=1, batch_size=8), tmp_path / "c100")
     assert out["test_count"] == 20 and out["global_step"] == 5

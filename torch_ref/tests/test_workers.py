@@ -16,9 +16,10 @@ import time
 import pytest
 import torch
 
-from framework_free import preemption, testing
-from framework_free.errors import EXIT_DATA_WORKER
-from framework_free.preemption import EXIT_PREEMPTED
+from core import preemption
+from testkit import samples
+from core.errors import EXIT_DATA_WORKER
+from core.preemption import EXIT_PREEMPTED
 from torch_ref import checkpoints, data, train
 
 FAULT_STEP = 2  # of 4 per epoch: two steps done, so "the last completed step" means something
@@ -169,7 +170,7 @@ def test_an_undecodable_test_image_keeps_the_epochs_training(imagefolder_dir, tm
     shutil.copytree(imagefolder_dir, root)
     victim = sorted((root / "val").rglob("*.JPEG"))[4]
     good = victim.read_bytes()
-    victim.write_bytes(testing.png_bytes(16000, 12000))
+    victim.write_bytes(samples.png_bytes(16000, 12000))
     assert train.main(argv(root, tmp_path / "w")) == 2
     line = one_line(capsys)
     assert f"image file {victim} is refused: it has 16000x12000" in line
@@ -185,7 +186,7 @@ def test_workers_never_hold_the_exit(tmp_path):
     ends daemon processes at exit with Popen.terminate and then waits for them: a process that
     left persistent workers behind hung there for ever. Ours are ended with SIGKILL."""
     script = ("import torch\n"
-              "from framework_free import preemption\n"
+              "from core import preemption\n"
               "from torch_ref import data\n"
               "loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2,\n"
               "    persistent_workers=True, worker_init_fn=preemption.quiet_worker,\n"

@@ -1,0 +1,318 @@
+"""The recipe schema: every knob of a run, typed, validated, overridable from the command line.
+
+A recipe is a frozen `Recipe`. The files in `configs/` build one with `make_recipe(**fields)` and say
+where each number comes from. The command line changes fields with ``key=value`` overrides; an
+unknown key, a value that does not parse as the field's type, or a value out of range is a
+`UserError`, never a silently added key.
+
+Durations are given in epochs; `core.sampling` turns them into steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from typing import Literal, get_args, get_origin
+
+from core.errors import UserError
+from core.model_table import CIFAR_MODELS, IMAGENET_MODELS
+
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "imagenet")
+SIZES = ("full", "smoke")
+# PIL refuses images of more pixels than this as decompression bombs (twice its warning
+# threshold, 89,478,485): the default of `max_image_pixels`
+PIL_PIXEL_LIMIT = 178_956_970
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything that shapes a run. Field comments give units; `configs/*.py` give sources."""
+
+    recipe: str  # the recipe's name (chosen with --recipe)
+    # --- model -------------------------------------------------------------------------------
+    model: Literal[CIFAR_MODELS + IMAGENET_MODELS]  # resnet20..110: CIFAR family; 18..152: ImageNet
+    num_classes: int  # outputs of the classifier, one per class
+    in_channels: int = 3  # 1 = grey (Fashion-MNIST), 3 = RGB
+    shortcut: Literal["projection", "identity"] = "projection"  # CIFAR family only
+    stem: Literal["cifar", "imagenet"] = "imagenet"  # ImageNet family only
+    # --- data --------------------------------------------------------------------------------
+    dataset: Literal[DATASETS] = "cifar10"  # which data set the readers look for
+    data_dir: str = ""  # "" = the dataset's default folder (core.datasets)
+    data_source: Literal["files", "tfds"] = "files"  # tfds: a prepared TFDS set (flax_impl only)
+    download: bool = True  # fetch CIFAR when it is not on disk and the network allows
+    image_size: int = 32  # side of the training crop and of the eval image, pixels
+    crop_padding: int = 4  # zero padding before the random crop, pixels; 0 = no random crop
+    random_resized_crop: bool = False  # torchvision RandomResizedCrop (ImageNet) instead
+    hflip: bool = True  # random horizontal flip (probability 0.5) of training images
+    color_jitter: tuple[float, ...] = (0.0, 0.0, 0.0)  # brightness, contrast, saturation
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # per-channel mean subtracted, on the 0..1 scale
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)  # per-channel standard deviation divided by
+    eval_resize: int = 0  # resize the short side to this before the centre crop; 0 = as is
+    pipeline: Literal["fast", "dataloader"] = "fast"  # fast = in-memory uint8 + batched tensor ops
+    num_workers: int = 4  # DataLoader workers (dataloader pipeline and ImageNet)
+    max_image_pixels: int = PIL_PIXEL_LIMIT  # larger image files are corrupt data; 0 = no limit
+    # regularisers (core.regularisers): batched on the device, never at eval
+    cutout_holes: int = 0  # Cutout squares per training image; 0 = off
+    cutout_length: int = 16  # side of each Cutout square, pixels
+    mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha); 0 = off
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0 = off
+    mix_switch_prob: float = 0.5  # with both on: the chance a batch uses CutMix, else MixUp
+    label_smoothing: float = 0.0  # cross_entropy(label_smoothing=) of the training loss
+    train_subset: int = 0  # use the first N training images; 0 = all
+    eval_subset: int = 0  # use the first N test images; 0 = all
+    # --- optimisation ------------------------------------------------------------------------
+    epochs: int = 200  # passes over the training set
+    batch_size: int = 128  # per process (per GPU); the global batch is batch_size x world size
+    eval_batch_size: int = 256  # images per evaluation batch (does not change the results)
+    drop_last: bool = False  # drop the last partial training batch of each epoch
+    lr: float = 0.1  # peak learning rate at the reference world size
+    lr_reference_world_size: int = 0  # lr x world / this (linear scaling); 0 = no scaling
+    momentum: float = 0.9  # SGD momentum (OneCycle cycles it instead)
+    nesterov: bool = False  # Nesterov momentum
+    weight_decay: float = 0.0  # coupled (added to the gradient), as torch.optim.SGD does
+    schedule: Literal["cosine_per_epoch", "onecycle"] = "cosine_per_epoch"  # the lr schedule
+    onecycle_pct_start: float = 0.3  # OneCycle: share of the steps spent rising to lr
+    onecycle_div_factor: float = 25.0  # OneCycle: starts at lr / this
+    onecycle_final_div_factor: float = 1e4  # OneCycle: ends at the start rate / this
+    onecycle_base_momentum: float = 0.85  # OneCycle: momentum at the peak lr
+    onecycle_max_momentum: float = 0.95  # OneCycle: momentum at the lowest lr
+    onecycle_anneal: Literal["cos", "linear"] = "cos"  # OneCycle: shape of both phases
+    # --- execution ---------------------------------------------------------------------------
+    seed: int = 0  # every random draw: initial weights, order, augmentation
+    amp: Literal["auto", "off", "fp16", "bf16"] = "auto"  # auto = fp16 on CUDA, off on CPU
+    channels_last: bool = True  # torch: NHWC memory layout (faster convolutions on GPUs)
+    sync_bn: bool = False  # torch: SyncBatchNorm under DDP (needs CUDA/NCCL)
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # torch.use_deterministic_algorithms + cuDNN deterministic
+    log_every_steps: int = 50  # a record line (and one device sync) every N steps
+    tensorboard: bool = True  # event files in WORKDIR/tensorboard/ (needs the tensorboard package)
+    checkpoint_every_steps: int = 0  # also write `last` every N steps; 0 = at each epoch end
+    resume_with_gap: bool = False  # resume although metrics.jsonl/tensorboard lost epochs
+    size: Literal[SIZES] = "full"  # smoke = a few steps on a data subset (see `make_recipe`)
+
+    # ----------------------------------------------------------------------------------------
+    def replace(self, **changes) -> "Recipe":
+        return validate(dataclasses.replace(self, **changes))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def is_cifar_family(self) -> bool:
+        return self.model in CIFAR_MODELS
+
+
+# Fields a resumed run may change without becoming a different run: where the data is, how it
+# is read and logged. Everything else shapes the numbers and must match the run in the workdir.
+RESUME_MAY_CHANGE = frozenset(
+    {"data_dir", "data_source", "download", "num_workers", "log_every_steps",
+     "checkpoint_every_steps", "eval_batch_size", "tensorboard", "max_image_pixels",
+     "resume_with_gap"}
+)
+
+# What `size="smoke"` does to any recipe: a handful of steps on a data subset, same code paths.
+SMOKE = dict(train_subset=256, eval_subset=200, epochs=2, batch_size=32, eval_batch_size=64,
+             num_workers=0, log_every_steps=2)
+
+
+def make_recipe(*, size: str = "full", **fields) -> Recipe:
+    """Build and validate a recipe; ``size="smoke"`` shrinks it to a few steps on a data subset."""
+    if size not in SIZES:
+        raise UserError(f"unknown size {size!r}; use one of: {', '.join(SIZES)}")
+    if size == "smoke":
+        fields.update(SMOKE)
+    return validate(Recipe(size=size, **fields))
+
+
+def field_types() -> dict[str, typing.Any]:
+    return typing.get_type_hints(Recipe)
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def parse_value(key: str, text: str):
+    """Parse the text of an override by the type of field `key`."""
+    tp = field_types()[key]
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}")
+        return text
+    if tp is bool:
+        return _parse_bool(text)
+    if tp is int:
+        try:
+            return int(text, 10)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if tp is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("expected a number") from None
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return value
+    if tp is str:
+        return text
+    if get_origin(tp) is tuple:
+        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+        try:
+            values = tuple(float(p) for p in parts)
+        except ValueError:
+            raise ValueError("expected comma-separated numbers, e.g. 0.2,0.2,0.2") from None
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("expected finite numbers")
+        return values
+    raise TypeError(f"field {key} has unsupported type {tp}")  # a bug in the schema, not the user's
+
+
+def given_once(overrides: list[str]) -> list[str]:
+    """A command line's overrides, refused when a key is given twice (the later one would
+    silently win). Programs that layer overrides call apply_overrides directly: last wins."""
+    seen = set()
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().replace("-", "_")
+        if "=" in item and key in seen:
+            raise UserError(f"override {key} is given twice; give it once")
+        seen.add(key)
+    return overrides
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """Apply ``key=value`` strings. Unknown keys, unparsable values and bad ranges are errors."""
+    names = [f.name for f in dataclasses.fields(Recipe)]
+    changes = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value; write e.g. epochs=5")
+        key, text = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key in ("recipe", "size"):
+            raise UserError(f"{key} is chosen with --{key}, not as an override")
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise UserError(f"unknown override key {key!r}{hint}; see --list-keys for the keys")
+        try:
+            changes[key] = parse_value(key, text.strip())
+        except ValueError as err:
+            raise UserError(f"override {key}={text!r}: {err}") from None
+    return validate(dataclasses.replace(recipe, **changes)) if changes else recipe
+
+
+def validate(r: Recipe) -> Recipe:
+    """Check ranges and combinations; return the recipe unchanged or raise UserError."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise UserError(msg)
+
+    for name in ("num_classes", "in_channels", "image_size", "epochs", "batch_size",
+                 "eval_batch_size", "log_every_steps"):
+        need(getattr(r, name) >= 1, f"{name} must be at least 1 (got {getattr(r, name)})")
+    for name in ("crop_padding", "num_workers", "train_subset", "eval_subset", "eval_resize",
+                 "lr_reference_world_size", "checkpoint_every_steps", "seed", "max_image_pixels"):
+        need(getattr(r, name) >= 0, f"{name} must be 0 or more (got {getattr(r, name)})")
+    need(r.lr > 0, f"lr must be positive (got {r.lr})")
+    need(0 <= r.momentum < 1, f"momentum must be in [0, 1) (got {r.momentum})")
+    need(r.weight_decay >= 0, f"weight_decay must be 0 or more (got {r.weight_decay})")
+    need(not r.nesterov or r.momentum > 0, "nesterov needs momentum > 0")
+    need(0 < r.onecycle_pct_start < 1, "onecycle_pct_start must be in (0, 1)")
+    need(r.onecycle_div_factor > 0 and r.onecycle_final_div_factor > 0,
+         "onecycle_div_factor and onecycle_final_div_factor must be positive")
+    need(0 <= r.onecycle_base_momentum <= r.onecycle_max_momentum < 1,
+         "onecycle momenta must satisfy 0 <= base_momentum <= max_momentum < 1")
+    need(len(r.color_jitter) == 3 and all(0 <= v <= 1 for v in r.color_jitter),
+         "color_jitter must be three numbers in [0, 1]: brightness,contrast,saturation")
+    need(len(r.mean) == r.in_channels and len(r.std) == r.in_channels,
+         f"mean and std need {r.in_channels} values, one per input channel")
+    need(all(s > 0 for s in r.std), "std values must be positive")
+    need(r.cutout_holes >= 0, f"cutout_holes must be 0 or more (got {r.cutout_holes})")
+    need(r.cutout_length >= 1, f"cutout_length must be at least 1 (got {r.cutout_length})")
+    need(not r.cutout_holes or r.cutout_length <= r.image_size,
+         f"cutout_length must be 1 to image_size={r.image_size} pixels (got {r.cutout_length})")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        need(getattr(r, name) >= 0, f"{name} must be 0 (off) or positive (got {getattr(r, name)})")
+    need(0 <= r.mix_switch_prob <= 1,
+         f"mix_switch_prob must be in [0, 1] (got {r.mix_switch_prob})")
+    need(0 <= r.label_smoothing < 1,
+         f"label_smoothing must be in [0, 1) (got {r.label_smoothing})")
+    if r.model not in CIFAR_MODELS:
+        need(r.shortcut == "projection", "shortcut=identity exists only for resnet20..resnet110")
+    if r.dataset == "imagenet":
+        need(r.pipeline == "dataloader", "imagenet does not fit in memory: use pipeline=dataloader")
+    need(not r.random_resized_crop or r.dataset == "imagenet",
+         "random_resized_crop is for imagenet; CIFAR and Fashion-MNIST crop with crop_padding")
+    need(r.crop_padding == 0 or not r.random_resized_crop,
+         "choose random_resized_crop or crop_padding, not both")
+    return r
+
+
+def field_comments() -> dict[str, str]:
+    """Each field's meaning: its comment in the `Recipe` class above (one line each)."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source = inspect.getsource(Recipe)
+    except (OSError, TypeError):  # no source (a frozen build): types and defaults only
+        return {}
+    names = {f.name for f in dataclasses.fields(Recipe)}
+    out, line_name = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
+            line_name[tok.start[0]] = tok.string  # a field's name, where a line starts
+        elif tok.type == tokenize.COMMENT and tok.start[0] in line_name:
+            out[line_name[tok.start[0]]] = tok.string.lstrip("#").strip()
+    return out
+
+
+def keys_help() -> str:
+    """One line per key: name, type, default and meaning, for --list-keys."""
+    lines, meaning = [], field_comments()
+    for f in dataclasses.fields(Recipe):
+        tp = field_types()[f.name]
+        if get_origin(tp) is Literal:
+            tname = "|".join(map(str, get_args(tp)))
+        elif get_origin(tp) is tuple:
+            tname = "floats,..."
+        else:
+            tname = tp.__name__
+        default = "" if f.default is dataclasses.MISSING else f" (default {f.default!r})"
+        about = f": {meaning[f.name]}" if f.name in meaning else ""
+        lines.append(f"  {f.name}: {tname}{default}{about}")
+    return "\n".join(lines)
+
+
+def resume_differences(saved: dict, current: Recipe) -> list[str]:
+    """Fields that differ between a saved run's config and this one, ignoring RESUME_MAY_CHANGE."""
+    now = current.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        # a key added after the saved run was written: it ran with the key's default
+        a, b = saved.get(key, defaults.get(key)), now.get(key)
+        if isinstance(a, list):
+            a = tuple(a)
+        if a != b:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def world_lr(r: Recipe, world_size: int) -> float:
+    """The peak learning rate after linear scaling (seed 002: lr 0.1 x world/4 for ImageNet)."""
+    if r.lr_reference_world_size:
+        return r.lr * world_size / r.lr_reference_world_size
+    return r.lr
