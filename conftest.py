@@ -8,8 +8,9 @@ device pass ``jax.devices()[:1]`` explicitly.
 import os
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 # flax_impl's XLA:CPU fusion option joins XLA_FLAGS now, before any test can start JAX's backends,
 # so that the whole suite runs as users run (flax_impl/cpu_setup.py; importing it loads no JAX)
@@ -35,5 +36,6 @@ def cifar_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def imagefolder_dir(tmp_path_factory):
     """train/ and val/ folders of real JPEG files, ImageNet's layout, three classes."""
-    return samples.write_image_folder(tmp_path_factory.mktemp("imagenet"), classes=3,
-                                      per_class=(6, 3), size=(48, 40))
+    return samples.write_image_folder(
+        tmp_path_factory.mktemp("imagenet"), classes=3, per_class=(6, 3), size=(48, 40)
+    )

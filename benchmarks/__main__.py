@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick]``: speed and memory of both stacks, side by side, on this machine.
+"""``python -m benchmarks [--quick]``: speed and memory of both stacks, side by side, on this
+machine.
 
 Writes BENCHMARKS.md (the CPU section; the GPU section is `python -m benchmarks.gpu`'s output,
 kept as recorded). Every number is a median over repeats with its spread (min-max), each
@@ -43,9 +44,14 @@ def measure(spec: dict, timeout: float | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), **spec.pop("env", {}))
     env.pop("XLA_FLAGS", None)
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.measure", json.dumps(spec)],
-                              env=env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.measure", json.dumps(spec)],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"measurement {spec} did not finish in {timeout:.0f} s") from None
     for line in proc.stdout.splitlines():
@@ -71,15 +77,23 @@ def versions() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="smaller data, fewer repeats; prints only (BENCHMARKS.md keeps the "
-                             "full-size record)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller data, fewer repeats; prints only (BENCHMARKS.md keeps the full-size record)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--only", choices=["regularised"],
-                        help="regularised: only section c's rows with Cutout, MixUp/CutMix and "
-                             "label smoothing on (prints)")
+    parser.add_argument(
+        "--only",
+        choices=["regularised"],
+        help="regularised: only section c's rows with Cutout, MixUp/CutMix and "
+        "label smoothing on (prints)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     n_train = 2560 if quick else 10240
@@ -98,15 +112,22 @@ def main(argv=None) -> int:
         common = [f"train_subset={n_train}", "eval_subset=256", "log_every_steps=1000"]
 
         def epoch_spec(stack, extra, name, model_time=False):
-            return {"kind": "epoch", "stack": stack, "overrides": common + extra,
-                    "data_dir": str(data), "workdir": str(Path(tmp) / name),
-                    "epochs": repeats, "model_time": model_time}
+            return {
+                "kind": "epoch",
+                "stack": stack,
+                "overrides": common + extra,
+                "data_dir": str(data),
+                "workdir": str(Path(tmp) / name),
+                "epochs": repeats,
+                "model_time": model_time,
+            }
 
         def regularised_rows():
             out = {}
             for stack in ("torch_ref", "flax_impl"):
-                out[stack] = measure(epoch_spec(stack, REGULARISED, f"{stack}-reg",
-                                                model_time=True))
+                out[stack] = measure(
+                    epoch_spec(stack, REGULARISED, f"{stack}-reg", model_time=True)
+                )
             return out
 
         if args.only == "regularised":
@@ -115,11 +136,15 @@ def main(argv=None) -> int:
             return 0
         # a + c + d: epochs
         log("a/c: epochs ...")
-        seed = measure(epoch_spec("torch_ref", ["pipeline=dataloader", "channels_last=false",
-                                                "num_workers=4"], "seed"))
+        seed = measure(
+            epoch_spec(
+                "torch_ref", ["pipeline=dataloader", "channels_last=false", "num_workers=4"], "seed"
+            )
+        )
         # the seed's pipeline feeding our model layout: what the input pipeline alone buys
-        seed_cl = measure(epoch_spec("torch_ref", ["pipeline=dataloader", "num_workers=4"],
-                                     "seed-cl"))
+        seed_cl = measure(
+            epoch_spec("torch_ref", ["pipeline=dataloader", "num_workers=4"], "seed-cl")
+        )
         ours = measure(epoch_spec("torch_ref", [], "ours", model_time=True))
         ours_bf16 = measure(epoch_spec("torch_ref", ["amp=bf16"], "ours-bf16"))
         flax = measure(epoch_spec("flax_impl", [], "flax", model_time=True))
@@ -133,19 +158,32 @@ def main(argv=None) -> int:
             for dtype in ("float32", "bf16"):
                 for stack in ("torch_ref", "flax_impl", "xla_defaults"):
                     iters = 3 if model == "resnet50" else 10
-                    steps[(model, dtype, stack)] = measure({
-                        "kind": "step", "stack": stack.replace("xla_defaults", "flax_impl"),
-                        "model": model, "size": size, "batch": batch, "dtype": dtype,
-                        "repeats": repeats + 2, "iters": iters,
-                        "env": XLA_DEFAULTS if stack == "xla_defaults" else {}})
-                    log(f"  {model} {dtype} {stack}: "
-                        f"{med(steps[(model, dtype, stack)]['images_per_s'])}")
+                    steps[(model, dtype, stack)] = measure(
+                        {
+                            "kind": "step",
+                            "stack": stack.replace("xla_defaults", "flax_impl"),
+                            "model": model,
+                            "size": size,
+                            "batch": batch,
+                            "dtype": dtype,
+                            "repeats": repeats + 2,
+                            "iters": iters,
+                            "env": XLA_DEFAULTS if stack == "xla_defaults" else {},
+                        }
+                    )
+                    log(
+                        f"  {model} {dtype} {stack}: "
+                        f"{med(steps[(model, dtype, stack)]['images_per_s'])}"
+                    )
 
     def ratio(a, b):
         return statistics.median(a) / statistics.median(b)
 
-    seed_ips, ours_ips, flax_ips = (seed["images_per_s"], ours["images_per_s"],
-                                    flax["images_per_s"])
+    seed_ips, ours_ips, flax_ips = (
+        seed["images_per_s"],
+        ours["images_per_s"],
+        flax["images_per_s"],
+    )
     rows += [
         f"Measured {started} with `python -m benchmarks{' --quick' if quick else ''}` on "
         f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU; Python "
@@ -155,8 +193,7 @@ def main(argv=None) -> int:
         f"### a. A cifar10-shaped training epoch ({n_train:,} generated CIFAR images, ResNet-20, "
         "batch 128, crop + flip + colour jitter)",
         "",
-        "| pipeline | epoch images/s | input alone images/s (one epoch, no model) | "
-        "peak memory |",
+        "| pipeline | epoch images/s | input alone images/s (one epoch, no model) | peak memory |",
         "| --- | --- | --- | --- |",
         f"| seed 000: DataLoader + PIL transforms, 4 workers, NCHW | {med(seed_ips)} | "
         f"{med(seed['input_images_per_s'])} | {seed['peak_rss_mib']:,.0f} MiB (main process) |",
@@ -184,39 +221,52 @@ def main(argv=None) -> int:
         "### c. Epoch against model time (input pipeline overhead)",
         "",
         "| stack | epoch images/s | model images/s (same step, one batch in place) | "
-        "overhead (1 - epoch / model, median over pairs) | input alone as a share of the epoch's time |",
+        "overhead (1 - epoch / model, median over pairs) | "
+        "input alone as a share of the epoch's time |",
         "| --- | --- | --- | --- | --- |",
     ]
     rows += overhead_rows({"torch_ref": ours, "flax_impl": flax}, "")
     rows += overhead_rows(regularised, " + regularisers")
-    rows += ["", f"\"+ regularisers\": `{' '.join(REGULARISED)}` (Cutout, MixUp or CutMix on "
-             "every batch, label smoothing). "
-             "Target: overhead <= 10% of an epoch in both stacks. Model time is measured "
-             "right after each epoch, in the same process and over as many steps, so both see "
-             "the same machine; the overhead is the median over these pairs. The last "
-             "column times the input pipeline on its own (section a) against the epoch: what "
-             "the input costs when nothing else is running.", "",
-             "### b. Train step images/s, torch_ref against flax_impl", "",
-             "| model, input, batch | dtype | torch_ref | flax_impl | torch / flax | "
-             "flax_impl on XLA's defaults | torch / that | peak memory torch / flax |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows += [
+        "",
+        f'"+ regularisers": `{" ".join(REGULARISED)}` (Cutout, MixUp or CutMix on '
+        "every batch, label smoothing). "
+        "Target: overhead <= 10% of an epoch in both stacks. Model time is measured "
+        "right after each epoch, in the same process and over as many steps, so both see "
+        "the same machine; the overhead is the median over these pairs. The last "
+        "column times the input pipeline on its own (section a) against the epoch: what "
+        "the input costs when nothing else is running.",
+        "",
+        "### b. Train step images/s, torch_ref against flax_impl",
+        "",
+        "| model, input, batch | dtype | torch_ref | flax_impl | torch / flax | "
+        "flax_impl on XLA's defaults | torch / that | peak memory torch / flax |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for model, size, batch in step_cases:
         for dtype in ("float32", "bf16"):
             t, f = steps[(model, dtype, "torch_ref")], steps[(model, dtype, "flax_impl")]
             d = steps[(model, dtype, "xla_defaults")]
-            rows.append(f"| {model}, {size} px, {batch} | {dtype} | {med(t['images_per_s'])} | "
-                        f"{med(f['images_per_s'])} | "
-                        f"{ratio(t['images_per_s'], f['images_per_s']):.2f}x | "
-                        f"{med(d['images_per_s'])} | "
-                        f"{ratio(t['images_per_s'], d['images_per_s']):.2f}x | "
-                        f"{t['peak_rss_mib']:,.0f} / {f['peak_rss_mib']:,.0f} MiB |")
+            rows.append(
+                f"| {model}, {size} px, {batch} | {dtype} | {med(t['images_per_s'])} | "
+                f"{med(f['images_per_s'])} | "
+                f"{ratio(t['images_per_s'], f['images_per_s']):.2f}x | "
+                f"{med(d['images_per_s'])} | "
+                f"{ratio(t['images_per_s'], d['images_per_s']):.2f}x | "
+                f"{t['peak_rss_mib']:,.0f} / {f['peak_rss_mib']:,.0f} MiB |"
+            )
     f = steps[(step_cases[0][0], "float32", "flax_impl")]
-    rows += ["", f"flax_impl runs as its trainer does: {f['xla_cpu']} "
-             f"(ResNet-20's step ran on {f['devices']} host device(s)). \"flax_impl on XLA's defaults\" is the same "
-             "step with `FLAX_IMPL_CPU_FUSION=0 FLAX_IMPL_CPU_DEVICES=1` (what flax_impl ran "
-             "before it set these; flax_impl/cpu_setup.py). Target: flax_impl within 1.6x of "
-             "torch_ref per step in float32, 1.25x the goal.", "",
-             f"Whole benchmark: {time.perf_counter() - t_start:.0f} s."]
+    rows += [
+        "",
+        f"flax_impl runs as its trainer does: {f['xla_cpu']} "
+        f"(ResNet-20's step ran on {f['devices']} host device(s)). "
+        '"flax_impl on XLA\'s defaults" is the same '
+        "step with `FLAX_IMPL_CPU_FUSION=0 FLAX_IMPL_CPU_DEVICES=1` (what flax_impl ran "
+        "before it set these; flax_impl/cpu_setup.py). Target: flax_impl within 1.6x of "
+        "torch_ref per step in float32, 1.25x the goal.",
+        "",
+        f"Whole benchmark: {time.perf_counter() - t_start:.0f} s.",
+    ]
     text = "\n".join(rows)
     print(text)
     if not (args.no_write or quick):
@@ -225,20 +275,29 @@ def main(argv=None) -> int:
 
 
 # seed 002's regularisers, all at once: what an epoch costs with them (section c)
-REGULARISED = ["cutout_holes=1", "cutout_length=16", "mixup_alpha=0.2", "cutmix_alpha=1.0",
-               "label_smoothing=0.1"]
+REGULARISED = [
+    "cutout_holes=1",
+    "cutout_length=16",
+    "mixup_alpha=0.2",
+    "cutmix_alpha=1.0",
+    "label_smoothing=0.1",
+]
 
 
 def overhead_rows(results: dict, label: str) -> list[str]:
     """Section c's rows: epoch against model images/s, median over (epoch, model time) pairs."""
     out = []
     for name, res in results.items():
-        over = statistics.median(1 - e / m for e, m in zip(res["images_per_s"],
-                                                            res["model_images_per_s"]))
+        over = statistics.median(
+            1 - e / m for e, m in zip(res["images_per_s"], res["model_images_per_s"])
+        )
         share = statistics.median(res["images_per_s"]) / statistics.median(
-            res["input_images_per_s"])
-        out.append(f"| {name}{label} | {med(res['images_per_s'])} | "
-                   f"{med(res['model_images_per_s'])} | {100 * over:.1f}% | {100 * share:.1f}% |")
+            res["input_images_per_s"]
+        )
+        out.append(
+            f"| {name}{label} | {med(res['images_per_s'])} | "
+            f"{med(res['model_images_per_s'])} | {100 * over:.1f}% | {100 * share:.1f}% |"
+        )
     return out
 
 

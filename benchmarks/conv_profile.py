@@ -17,8 +17,14 @@ import numpy as np
 from benchmarks.timing import median_seconds
 
 # (in channels, out channels, input size, stride, how many times ResNet-20 at 32 px has it)
-CONVS = [(3, 16, 32, 1, 1), (16, 16, 32, 1, 6), (16, 32, 32, 2, 1), (32, 32, 16, 1, 5),
-         (32, 64, 16, 2, 1), (64, 64, 8, 1, 5)]
+CONVS = [
+    (3, 16, 32, 1, 1),
+    (16, 16, 32, 1, 6),
+    (16, 32, 32, 2, 1),
+    (32, 32, 16, 1, 5),
+    (32, 64, 16, 2, 1),
+    (64, 64, 8, 1, 5),
+]
 BATCH = 128
 PARTS = ("forward", "grad input", "grad weight")
 
@@ -30,9 +36,11 @@ def _time(fn) -> float:
 def _arrays(cin, cout, size, stride):
     rng = np.random.default_rng(0)
     out = (size + 2 - 3) // stride + 1
-    return (rng.normal(size=(BATCH, size, size, cin)).astype(np.float32),
-            rng.normal(size=(3, 3, cin, cout)).astype(np.float32),
-            rng.normal(size=(BATCH, out, out, cout)).astype(np.float32))
+    return (
+        rng.normal(size=(BATCH, size, size, cin)).astype(np.float32),
+        rng.normal(size=(3, 3, cin, cout)).astype(np.float32),
+        rng.normal(size=(BATCH, out, out, cout)).astype(np.float32),
+    )
 
 
 def torch_conv(cin, cout, size, stride) -> dict:
@@ -50,9 +58,11 @@ def torch_conv(cin, cout, size, stride) -> dict:
             F.conv2d(x, w, stride=stride, padding=1)
 
     y = F.conv2d(x, w, stride=stride, padding=1)
-    return {"forward": _time(forward),
-            "grad input": _time(lambda: torch.autograd.grad(y, x, ct, retain_graph=True)),
-            "grad weight": _time(lambda: torch.autograd.grad(y, w, ct, retain_graph=True))}
+    return {
+        "forward": _time(forward),
+        "grad input": _time(lambda: torch.autograd.grad(y, x, ct, retain_graph=True)),
+        "grad weight": _time(lambda: torch.autograd.grad(y, w, ct, retain_graph=True)),
+    }
 
 
 def xla_conv(cin, cout, size, stride) -> dict:
@@ -62,15 +72,18 @@ def xla_conv(cin, cout, size, stride) -> dict:
     x, w, ct = (jnp.asarray(a) for a in _arrays(cin, cout, size, stride))
 
     def conv(x, w):
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     fwd = jax.jit(conv)
     gx = jax.jit(lambda x, w, ct: jax.vjp(lambda x: conv(x, w), x)[1](ct))
     gw = jax.jit(lambda x, w, ct: jax.vjp(lambda w: conv(x, w), w)[1](ct))
-    return {"forward": _time(lambda: jax.block_until_ready(fwd(x, w))),
-            "grad input": _time(lambda: jax.block_until_ready(gx(x, w, ct))),
-            "grad weight": _time(lambda: jax.block_until_ready(gw(x, w, ct)))}
+    return {
+        "forward": _time(lambda: jax.block_until_ready(fwd(x, w))),
+        "grad input": _time(lambda: jax.block_until_ready(gx(x, w, ct))),
+        "grad weight": _time(lambda: jax.block_until_ready(gw(x, w, ct))),
+    }
 
 
 def torch_network() -> float:
@@ -103,8 +116,12 @@ def xla_network() -> float:
     variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
 
     def loss(params):
-        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                                train=True, mutable=["batch_stats"])
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     grad = jax.jit(jax.grad(loss))
@@ -112,33 +129,46 @@ def xla_network() -> float:
 
 
 def main() -> int:
-    rows = ["| conv (cin -> cout, input, stride) x count | part | torch ms | XLA ms | XLA / torch |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = [
+        "| conv (cin -> cout, input, stride) x count | part | torch ms | XLA ms | XLA / torch |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     totals = {(fw, part): 0.0 for fw in ("torch", "xla") for part in PARTS}
     for cin, cout, size, stride, count in CONVS:
         t, x = torch_conv(cin, cout, size, stride), xla_conv(cin, cout, size, stride)
         for part in PARTS:
             totals[("torch", part)] += count * t[part]
             totals[("xla", part)] += count * x[part]
-            rows.append(f"| {cin}->{cout}, {size}px, /{stride} x{count} | {part} | "
-                        f"{1e3 * t[part]:.1f} | {1e3 * x[part]:.1f} | {x[part] / t[part]:.2f} |")
+            rows.append(
+                f"| {cin}->{cout}, {size}px, /{stride} x{count} | {part} | "
+                f"{1e3 * t[part]:.1f} | {1e3 * x[part]:.1f} | {x[part] / t[part]:.2f} |"
+            )
     conv_t = conv_x = 0.0
     for part in PARTS:
         tt, tx = totals[("torch", part)], totals[("xla", part)]
         conv_t, conv_x = conv_t + tt, conv_x + tx
-        rows.append(f"| all 19 convolutions | {part} | {1e3 * tt:.0f} | {1e3 * tx:.0f} | "
-                    f"{tx / tt:.2f} |")
-    rows.append(f"| all 19 convolutions | all three | {1e3 * conv_t:.0f} | {1e3 * conv_x:.0f} | "
-                f"{conv_x / conv_t:.2f} |")
+        rows.append(
+            f"| all 19 convolutions | {part} | {1e3 * tt:.0f} | {1e3 * tx:.0f} | {tx / tt:.2f} |"
+        )
+    rows.append(
+        f"| all 19 convolutions | all three | {1e3 * conv_t:.0f} | {1e3 * conv_x:.0f} | "
+        f"{conv_x / conv_t:.2f} |"
+    )
     net_t, net_x = torch_network(), xla_network()
-    rows.append(f"| whole ResNet-20, train-mode forward+backward | - | {1e3 * net_t:.0f} | "
-                f"{1e3 * net_x:.0f} | {net_x / net_t:.2f} |")
-    rows.append(f"| the rest (BatchNorm, ReLU, additions, head) | - | {1e3 * (net_t - conv_t):.0f} "
-                f"| {1e3 * (net_x - conv_x):.0f} | - |")
+    rows.append(
+        f"| whole ResNet-20, train-mode forward+backward | - | {1e3 * net_t:.0f} | "
+        f"{1e3 * net_x:.0f} | {net_x / net_t:.2f} |"
+    )
+    rows.append(
+        f"| the rest (BatchNorm, ReLU, additions, head) | - | {1e3 * (net_t - conv_t):.0f} "
+        f"| {1e3 * (net_x - conv_x):.0f} | - |"
+    )
     gap = net_x - net_t
     print("\n".join(rows))
-    print(f"\nOf the {1e3 * gap:.0f} ms gap per step, the convolutions account for "
-          f"{1e3 * (conv_x - conv_t):.0f} ms ({100 * (conv_x - conv_t) / gap:.0f}%).")
+    print(
+        f"\nOf the {1e3 * gap:.0f} ms gap per step, the convolutions account for "
+        f"{1e3 * (conv_x - conv_t):.0f} ms ({100 * (conv_x - conv_t) / gap:.0f}%)."
+    )
     return 0
 
 

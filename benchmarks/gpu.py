@@ -16,7 +16,8 @@ Needs no network and no data: it generates CIFAR-format files and random tensors
    and seed 000's own pipeline (DataLoader + PIL transforms, 4 workers, NCHW, AMP) for the ratio.
    Targets on one H100: <= 1.5 s per epoch.
 3. ResNet-50 at 224 px, training images/s at batch 256: torch AMP + channels_last, with and
-   without torch.compile, and flax_impl bf16. Target on one H100: >= 3,000 images/s (NVIDIA publishes
+   without torch.compile, and flax_impl bf16. Target on one H100: >= 3,000 images/s (NVIDIA
+   publishes
    2,470 images/s for one A100 with AMP).
 
 --smoke runs the same code paths at toy sizes (on a CPU too), to check the script itself.
@@ -66,37 +67,48 @@ def correctness(size_scale: float, batch: int) -> list[tuple]:
             amp = precision == "bf16"
             with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 want = tmodel(xt).float().cpu().numpy()
-            fmodel = getattr(fm, name)(num_classes=10,
-                                       dtype=jnp.bfloat16 if amp else jnp.float32)
+            fmodel = getattr(fm, name)(num_classes=10, dtype=jnp.bfloat16 if amp else jnp.float32)
             with jax.default_matmul_precision("highest" if strict else "default"):
-                got = np.asarray(jax.jit(lambda v, x: fmodel.apply(v, x, train=False))(
-                    variables, xj), np.float32)
+                got = np.asarray(
+                    jax.jit(lambda v, x: fmodel.apply(v, x, train=False))(variables, xj), np.float32
+                )
             err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-            rows.append((name, precision, err, TOLERANCES[precision],
-                         err <= TOLERANCES[precision]))
+            rows.append((name, precision, err, TOLERANCES[precision], err <= TOLERANCES[precision]))
         torch.backends.cudnn.allow_tf32 = True
     return rows
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--smoke", action="store_true", help="toy sizes; runs on a CPU too")
-    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir(),
-                                                          "gpu-benchmark.md"),
-                        help="the markdown report, rewritten after every row "
-                             "(default: %(default)s)")
-    parser.add_argument("--budget-s", type=float, default=540.0,
-                        help="skip the measurements that would start after this many seconds, "
-                             "so that a lease's time limit keeps what was measured "
-                             "(default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(tempfile.gettempdir(), "gpu-benchmark.md"),
+        help="the markdown report, rewritten after every row (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=540.0,
+        help="skip the measurements that would start after this many seconds, "
+        "so that a lease's time limit keeps what was measured "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     import jax
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
-        print("python -m benchmarks.gpu: error: torch sees no CUDA device; run it on a GPU "
-              "machine, or pass --smoke to check the script on a CPU", file=sys.stderr)
+        print(
+            "python -m benchmarks.gpu: error: torch sees no CUDA device; run it on a GPU "
+            "machine, or pass --smoke to check the script on a CPU",
+            file=sys.stderr,
+        )
         return 2
     t0 = time.perf_counter()
     n_images = 2048 if args.smoke else 50_000
@@ -123,12 +135,16 @@ def main(argv=None) -> int:
             failures.append(f"{label}: {str(exc).strip().splitlines()[-1][:300]}")
             return None
 
-    emit(f"`python -m benchmarks.gpu{' --smoke' if args.smoke else ''}` on {device}; "
-         f"jax devices {jax.devices()}; Python {platform.python_version()}; {versions()}; "
-         f"{time.strftime('%Y-%m-%d %H:%M')}", "", "### Correctness (eval logits, "
-         "torch_ref vs flax_impl on the same weights)", "",
-         "| model | precision | relative L2 error | tolerance | ok |",
-         "| --- | --- | --- | --- | --- |")
+    emit(
+        f"`python -m benchmarks.gpu{' --smoke' if args.smoke else ''}` on {device}; "
+        f"jax devices {jax.devices()}; Python {platform.python_version()}; {versions()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        "### Correctness (eval logits, torch_ref vs flax_impl on the same weights)",
+        "",
+        "| model | precision | relative L2 error | tolerance | ok |",
+        "| --- | --- | --- | --- | --- |",
+    )
     try:
         rows = correctness(0.3 if args.smoke else 1.0, 4 if args.smoke else 32)
     except Exception as exc:  # a broken check must not cost the timings below
@@ -138,59 +154,110 @@ def main(argv=None) -> int:
         emit(f"| {name} | {prec} | {err:.1e} | {tol:.0e} | {'yes' if ok else 'NO'} |")
     all_ok = bool(rows) and all(r[-1] for r in rows)
 
-    emit("", f"### cifar10 epoch: ResNet-20, batch 128, {n_images:,} images (second epoch "
-         "timed; training only)", "", "| configuration | s per epoch | images/s | "
-         "peak host memory |", "| --- | --- | --- | --- |")
+    emit(
+        "",
+        f"### cifar10 epoch: ResNet-20, batch 128, {n_images:,} images (second epoch "
+        "timed; training only)",
+        "",
+        "| configuration | s per epoch | images/s | peak host memory |",
+        "| --- | --- | --- | --- |",
+    )
     epoch_ips = {}
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         from testkit import samples
 
         data = samples.write_cifar(Path(tmp) / "cifar", n_train=n_images, n_test=512)
         configs = [
-            ("seed 000's pipeline: DataLoader + PIL, 4 workers, NCHW, AMP fp16", "torch_ref",
-             ["pipeline=dataloader", "num_workers=4", "channels_last=false", "amp=auto"]),
+            (
+                "seed 000's pipeline: DataLoader + PIL, 4 workers, NCHW, AMP fp16",
+                "torch_ref",
+                ["pipeline=dataloader", "num_workers=4", "channels_last=false", "amp=auto"],
+            ),
             ("torch eager float32, NCHW", "torch_ref", ["amp=off", "channels_last=false"]),
             ("torch float32, channels_last", "torch_ref", ["amp=off", "channels_last=true"]),
             ("torch AMP fp16, channels_last", "torch_ref", ["amp=auto", "channels_last=true"]),
             ("flax_impl float32", "flax_impl", ["amp=off"]),
             ("flax_impl bf16", "flax_impl", ["amp=bf16"]),
-            ("torch AMP + channels_last + torch.compile", "torch_ref",
-             ["amp=auto", "channels_last=true", "compile=true"]),
+            (
+                "torch AMP + channels_last + torch.compile",
+                "torch_ref",
+                ["amp=auto", "channels_last=true", "compile=true"],
+            ),
         ]
         for label, stack, extra in configs:
-            res = run(label, {"kind": "epoch", "stack": stack, "data_dir": str(data),
-                              "workdir": str(Path(tmp) / f"run{len(epoch_ips)}"), "epochs": 2,
-                              "overrides": [f"train_subset={n_images}", "eval_subset=512",
-                                            "log_every_steps=1000", *extra]})
+            res = run(
+                label,
+                {
+                    "kind": "epoch",
+                    "stack": stack,
+                    "data_dir": str(data),
+                    "workdir": str(Path(tmp) / f"run{len(epoch_ips)}"),
+                    "epochs": 2,
+                    "overrides": [
+                        f"train_subset={n_images}",
+                        "eval_subset=512",
+                        "log_every_steps=1000",
+                        *extra,
+                    ],
+                },
+            )
             if res is None:
                 continue
             ips = epoch_ips[label] = res["images_per_s"][1]
-            emit(f"| {label} | {n_images / ips:.2f} | {ips:,.0f} | "
-                 f"{res['peak_rss_mib']:,.0f} MiB |")
+            emit(
+                f"| {label} | {n_images / ips:.2f} | {ips:,.0f} | {res['peak_rss_mib']:,.0f} MiB |"
+            )
     seed_label = configs[0][0]
     best = max((k for k in epoch_ips if k != seed_label), key=epoch_ips.get, default=None)
     if seed_label in epoch_ips and best:
-        emit("", f"Fastest against the seed's pipeline: {best}, "
-             f"**{epoch_ips[best] / epoch_ips[seed_label]:.2f}x**.")
+        emit(
+            "",
+            f"Fastest against the seed's pipeline: {best}, "
+            f"**{epoch_ips[best] / epoch_ips[seed_label]:.2f}x**.",
+        )
 
-    emit("", f"### ResNet-50 training, {big_size} px, batch {big_batch}", "",
-         "| configuration | images/s (median, min-max) | peak host memory |",
-         "| --- | --- | --- |")
+    emit(
+        "",
+        f"### ResNet-50 training, {big_size} px, batch {big_batch}",
+        "",
+        "| configuration | images/s (median, min-max) | peak host memory |",
+        "| --- | --- | --- |",
+    )
     for label, spec in (
-            ("flax_impl bf16", {"stack": "flax_impl", "dtype": "bf16"}),
-            ("torch AMP fp16 + channels_last", {"stack": "torch_ref",
-                                                "dtype": "fp16" if torch.cuda.is_available()
-                                                else "bf16"}),
-            ("torch AMP fp16 + channels_last + torch.compile",
-             {"stack": "torch_ref", "dtype": "fp16" if torch.cuda.is_available() else "bf16",
-              "compile": True})):
-        res = run(label, {"kind": "step", "model": "resnet50", "size": big_size,
-                          "batch": big_batch, "repeats": 5, "iters": 3 if args.smoke else 20,
-                          "warmup": 3, **spec})
+        ("flax_impl bf16", {"stack": "flax_impl", "dtype": "bf16"}),
+        (
+            "torch AMP fp16 + channels_last",
+            {"stack": "torch_ref", "dtype": "fp16" if torch.cuda.is_available() else "bf16"},
+        ),
+        (
+            "torch AMP fp16 + channels_last + torch.compile",
+            {
+                "stack": "torch_ref",
+                "dtype": "fp16" if torch.cuda.is_available() else "bf16",
+                "compile": True,
+            },
+        ),
+    ):
+        res = run(
+            label,
+            {
+                "kind": "step",
+                "model": "resnet50",
+                "size": big_size,
+                "batch": big_batch,
+                "repeats": 5,
+                "iters": 3 if args.smoke else 20,
+                "warmup": 3,
+                **spec,
+            },
+        )
         if res is not None:
             emit(f"| {label} | {med(res['images_per_s'])} | {res['peak_rss_mib']:,.0f} MiB |")
-    emit("", f"Correctness: {'all within tolerance' if all_ok else 'FAILED'}. "
-         f"Whole run: {time.perf_counter() - t0:.0f} s.")
+    emit(
+        "",
+        f"Correctness: {'all within tolerance' if all_ok else 'FAILED'}. "
+        f"Whole run: {time.perf_counter() - t0:.0f} s.",
+    )
     if failures:
         emit("", "Not measured:", "", *(f"- {f}" for f in failures))
     print(json.dumps({"ok": all_ok and not failures}))

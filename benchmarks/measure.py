@@ -4,12 +4,14 @@ Running each measurement in its own process keeps the two frameworks apart (thre
 compilation caches) and makes the peak resident memory (VmHWM) that process's alone.
 
 Specs:
-  {"kind": "epoch", "stack": "torch_ref"|"flax_impl", "overrides": [...], "data_dir": ..., "epochs": k,
+  {"kind": "epoch", "stack": "torch_ref"|"flax_impl", "overrides": [...], "data_dir": ...,
+  "epochs": k,
    "model_time": bool, "model_iters": i}
       k epochs of a recipe through the run driver with the stack's backend; images/s of each
       epoch's training part, of the input pipeline alone, and (model_time) of the same step on
       one batch in place, timed after each epoch over i steps (default: an epoch's worth)
-  {"kind": "step", "stack": ..., "model": "resnet20", "size": 32, "batch": 128, "dtype": "float32"|"bf16",
+  {"kind": "step", "stack": ..., "model": "resnet20", "size": 32, "batch": 128, "dtype":
+  "float32"|"bf16",
    "repeats": r, "iters": i}
       train steps on one batch already in place (model time): images/s of r repeats of i steps
 """
@@ -36,7 +38,7 @@ def _peak_mib() -> float:
     except OSError:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; bytes on macOS
-    return peak / (1024.0 ** 2 if sys.platform == "darwin" else 1024.0)
+    return peak / (1024.0**2 if sys.platform == "darwin" else 1024.0)
 
 
 def _factory(spec: dict, recipe):
@@ -74,8 +76,12 @@ def epoch(spec: dict) -> dict:
         if timed is not None:
             # one model-time repeat right after each epoch and over as many steps, so that a
             # drift in the machine's speed (another job, clocks) moves both numbers of a pair
-            model_ips += model_time(timed, spec.get("model_iters") or run.steps_per_epoch,
-                                    repeats=1, warmup=1 if model_ips else 3)
+            model_ips += model_time(
+                timed,
+                spec.get("model_iters") or run.steps_per_epoch,
+                repeats=1,
+                warmup=1 if model_ips else 3,
+            )
     input_ips = input_time(run.backend, spec["stack"], spec["epochs"])
     return {"images_per_s": ips, "model_images_per_s": model_ips, "input_images_per_s": input_ips}
 
@@ -175,20 +181,29 @@ def step(spec: dict) -> dict:
 
         dtype = jnp.bfloat16 if bf16 else jnp.float32
         model = getattr(models, model_name)(num_classes=10, dtype=dtype)
-        tx = optax.chain(optax.add_decayed_weights(5e-4), optax.trace(0.9),
-                         optax.scale_by_learning_rate(0.01))
+        tx = optax.chain(
+            optax.add_decayed_weights(5e-4), optax.trace(0.9), optax.scale_by_learning_rate(0.01)
+        )
         from flax_impl import cpu_setup
 
         devices = jax.devices()  # as the trainer: every host device, one where a batch won't split
         devices = devices if cpu_setup.splits(devices, batch) else devices[:1]
-        fns = steps.Steps(model, tx, {"pad": 0, "mean": (0.5,) * 3, "std": (0.25,) * 3},
-                          steps.make_mesh(devices), dtype)
-        state = fns.replicate(steps.create_state(model, tx, jax.random.PRNGKey(0),
-                                                 (size, size, 3)))
+        fns = steps.Steps(
+            model,
+            tx,
+            {"pad": 0, "mean": (0.5,) * 3, "std": (0.25,) * 3},
+            steps.make_mesh(devices),
+            dtype,
+        )
+        state = fns.replicate(steps.create_state(model, tx, jax.random.PRNGKey(0), (size, size, 3)))
         rng = np.random.default_rng(0)
-        b = fns.put_batch({"images": rng.integers(0, 256, (batch, size, size, 3), np.uint8),
-                           "labels": rng.integers(0, 10, batch).astype(np.int32),
-                           "mask": np.ones(batch, np.float32)})
+        b = fns.put_batch(
+            {
+                "images": rng.integers(0, 256, (batch, size, size, 3), np.uint8),
+                "labels": rng.integers(0, 10, batch).astype(np.int32),
+                "mask": np.ones(batch, np.float32),
+            }
+        )
         for _ in range(spec.get("warmup", 2)):
             state, m = fns.train_placed(state, b, None)
         jax.block_until_ready(m)

@@ -1,7 +1,8 @@
 """The base every recipe derives from: `core.recipe.Recipe`'s defaults plus a size.
 
 The defaults in `Recipe` are deliberately plain (SGD lr 0.1, momentum 0.9, batch 128, 200 epochs,
-crop 32 pad 4 with flips, fast in-memory pipeline); a recipe states every number it relies on anyway,
+crop 32 pad 4 with flips, fast in-memory pipeline); a recipe states every number it relies on
+anyway,
 so that reading one file tells the whole recipe.
 """
 

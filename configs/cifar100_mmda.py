@@ -14,7 +14,7 @@ from configs import cifar100
 def get_config(size: str = "full"):
     return cifar100.get_config(size).replace(
         recipe="cifar100_mmda",
-        cutout_holes=1,              # seed 002: CutOut(n_holes=1, length=16)
+        cutout_holes=1,  # seed 002: CutOut(n_holes=1, length=16)
         cutout_length=16,
-        mixup_alpha=0.2,             # seed 002: mixup_data(x, y, alpha=0.2)
+        mixup_alpha=0.2,  # seed 002: mixup_data(x, y, alpha=0.2)
     )

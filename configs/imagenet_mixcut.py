@@ -1,7 +1,8 @@
 """ImageNet ResNet-50 with the "modern tricks" seed 002 names for 78-80% top-1: MixUp, CutMix and
 label smoothing, on top of the imagenet recipe (configs/imagenet.py).
 
-    torchrun --nproc_per_node=4 -m torch_ref.train --recipe imagenet_mixcut --data-dir /data/imagenet
+    torchrun --nproc_per_node=4 -m torch_ref.train --recipe imagenet_mixcut --data-dir
+    /data/imagenet
     python -m flax_impl.train --recipe imagenet_mixcut --data-dir /data/imagenet
 
 Seed 002 names the tricks but no values; these are torchvision's classification reference recipe
@@ -17,8 +18,8 @@ from configs import imagenet
 def get_config(size: str = "full"):
     return imagenet.get_config(size).replace(
         recipe="imagenet_mixcut",
-        mixup_alpha=0.2,             # torchvision reference: --mixup-alpha 0.2
-        cutmix_alpha=1.0,            # torchvision reference: --cutmix-alpha 1.0
-        mix_switch_prob=0.5,         # torchvision reference: RandomChoice([MixUp, CutMix])
-        label_smoothing=0.1,         # torchvision reference: --label-smoothing 0.1
+        mixup_alpha=0.2,  # torchvision reference: --mixup-alpha 0.2
+        cutmix_alpha=1.0,  # torchvision reference: --cutmix-alpha 1.0
+        mix_switch_prob=0.5,  # torchvision reference: RandomChoice([MixUp, CutMix])
+        label_smoothing=0.1,  # torchvision reference: --label-smoothing 0.1
     )

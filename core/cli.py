@@ -24,8 +24,7 @@ class RecipeBook(Protocol):
 
     RECIPES: Sequence[str]
 
-    def get_config(self, name: str, size: str = "full") -> Recipe:
-        ...
+    def get_config(self, name: str, size: str = "full") -> Recipe: ...
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,17 +35,29 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str, recipes: Sequence[str]) -> argparse.ArgumentParser:
-    p = Parser(prog=prog, allow_abbrev=False,
-                description="Train a ResNet recipe from configs/ (see README.md).",
-                epilog="overrides: key=value words, e.g. epochs=5 lr=0.05; --list-keys lists them")
+    p = Parser(
+        prog=prog,
+        allow_abbrev=False,
+        description="Train a ResNet recipe from configs/ (see README.md).",
+        epilog="overrides: key=value words, e.g. epochs=5 lr=0.05; --list-keys lists them",
+    )
     p.add_argument("--recipe", help=f"one of: {', '.join(recipes)}")
-    p.add_argument("--size", default="full", choices=SIZES,
-                   help="smoke = a few steps on a data subset, to check a set-up")
-    p.add_argument("--workdir", help="run folder (default: runs/<stack>/<recipe>[-smoke]); "
-                   "running again in it resumes")
+    p.add_argument(
+        "--size",
+        default="full",
+        choices=SIZES,
+        help="smoke = a few steps on a data subset, to check a set-up",
+    )
+    p.add_argument(
+        "--workdir",
+        help="run folder (default: runs/<stack>/<recipe>[-smoke]); running again in it resumes",
+    )
     p.add_argument("--data-dir", help="where the dataset lives (default depends on the dataset)")
-    p.add_argument("--eval-only", action="store_true",
-                   help="evaluate the workdir's best checkpoint (or --checkpoint) and exit")
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate the workdir's best checkpoint (or --checkpoint) and exit",
+    )
     p.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--list-keys", action="store_true", help="print the override keys and exit")
@@ -54,22 +65,21 @@ def build_parser(prog: str, recipes: Sequence[str]) -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook,
-          flags=None) -> tuple[argparse.Namespace, Recipe | None]:
+def parse(
+    argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook, flags=None
+) -> tuple[argparse.Namespace, Recipe | None]:
     """Parse the command line into (args, recipe); recipe is None for --list-keys. `flags`:
     adds a stack's own flags to the parser."""
     parser = build_parser(prog, recipes.RECIPES)
     if flags is not None:
         flags(parser)
     # intermixed: key=value words may sit before, between or after the flags
-    args = parser.parse_intermixed_args(
-        sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     if args.list_keys:
         return args, None
     if not args.recipe:
         raise UserError(f"--recipe is required; choose one of: {', '.join(recipes.RECIPES)}")
-    recipe = apply_overrides(recipes.get_config(args.recipe, args.size),
-                             given_once(args.overrides))
+    recipe = apply_overrides(recipes.get_config(args.recipe, args.size), given_once(args.overrides))
     if args.data_dir is not None:
         if not args.data_dir.strip():
             raise UserError("--data-dir is empty; pass the folder that holds the dataset")
@@ -77,8 +87,10 @@ def parse(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook,
     if args.checkpoint and not args.eval_only:
         raise UserError("--checkpoint is for --eval-only; training resumes from --workdir")
     if args.workdir is not None and not args.workdir.strip():
-        raise UserError("--workdir is empty; pass the run folder (or leave the flag out for "
-                        "runs/<stack>/<recipe>)")
+        raise UserError(
+            "--workdir is empty; pass the run folder (or leave the flag out for "
+            "runs/<stack>/<recipe>)"
+        )
     if args.workdir is None:
         suffix = "" if args.size == "full" else f"-{args.size}"
         args.workdir = str(Path("runs") / stack / f"{recipe.recipe}{suffix}")

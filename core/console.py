@@ -23,8 +23,9 @@ def progress(total: int, initial: int, desc: str, enabled: bool):
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True,
-                file=sys.stderr)
+    return tqdm(
+        total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr
+    )
 
 
 def say(text: str) -> None:
@@ -32,15 +33,19 @@ def say(text: str) -> None:
 
 
 def first_batch_line(loss: float, num_classes: int) -> str:
-    return (f"first batch loss {loss:.4f} (ln {num_classes} = {math.log(num_classes):.4f} "
-            "for an untrained model)")
+    return (
+        f"first batch loss {loss:.4f} (ln {num_classes} = {math.log(num_classes):.4f} "
+        "for an untrained model)"
+    )
 
 
 def epoch_line(m: dict, epochs: int) -> str:
-    return (f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} "
-            f"acc {100 * m['train_acc']:.2f}%  test loss {m['test_loss']:.4f} "
-            f"acc {100 * m['test_acc']:.2f}%  lr {m['lr']:.4g}  {m['epoch_time']:.1f}s "
-            f"({m['train_images_per_s']:.0f} img/s)")
+    return (
+        f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} "
+        f"acc {100 * m['train_acc']:.2f}%  test loss {m['test_loss']:.4f} "
+        f"acc {100 * m['test_acc']:.2f}%  lr {m['lr']:.4g}  {m['epoch_time']:.1f}s "
+        f"({m['train_images_per_s']:.0f} img/s)"
+    )
 
 
 class EpochLines:

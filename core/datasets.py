@@ -24,8 +24,18 @@ CIFAR_MD5 = {  # the official archives' checksums (as torchvision checks them)
 }
 
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot")  # the dataset's documented label order
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)  # the dataset's documented label order
 
 
 def class_names(recipe: Recipe) -> list[str]:
@@ -43,7 +53,7 @@ def class_names(recipe: Recipe) -> list[str]:
             names = sorted(d.name for d in train.iterdir() if d.is_dir())
     except (OSError, UserError):
         names = []
-    names = [str(n) for n in names[:recipe.num_classes]]
+    names = [str(n) for n in names[: recipe.num_classes]]
     return names + [f"class {k}" for k in range(len(names), recipe.num_classes)]
 
 
@@ -54,8 +64,10 @@ def resolve_data_dir(recipe: Recipe) -> Path:
     if recipe.dataset == "fashion_mnist":
         return Path(readers.FASHION_MNIST_SYSTEM_DIR)
     if recipe.dataset == "imagenet":
-        raise UserError("ImageNet has no default location: pass --data-dir with the folder that "
-                        "holds train/<class>/*.JPEG and val/<class>/*.JPEG")
+        raise UserError(
+            "ImageNet has no default location: pass --data-dir with the folder that "
+            "holds train/<class>/*.JPEG and val/<class>/*.JPEG"
+        )
     return Path("data")
 
 
@@ -98,13 +110,16 @@ def ensure_present(recipe: Recipe, broadcast: Callable = lambda x: x, is_main: b
                 f"Fashion-MNIST not found in {root}: install Debian's dataset-fashion-mnist "
                 f"(apt-get install dataset-fashion-mnist, files in "
                 f"{readers.FASHION_MNIST_SYSTEM_DIR}) or pass --data-dir with the folder of its "
-                "four IDX files")
+                "four IDX files"
+            )
         return root
     if recipe.dataset == "imagenet":
         for split in ("train", "val"):
             if not (root / split).is_dir():
-                raise UserError(f"no {split}/ folder in {root}: --data-dir must hold "
-                                "train/<class>/*.JPEG and val/<class>/*.JPEG")
+                raise UserError(
+                    f"no {split}/ folder in {root}: --data-dir must hold "
+                    "train/<class>/*.JPEG and val/<class>/*.JPEG"
+                )
         return root
     if readers.cifar_present(recipe.dataset, root):
         return root
@@ -118,11 +133,13 @@ def ensure_present(recipe: Recipe, broadcast: Callable = lambda x: x, is_main: b
     raise UserError(
         f"{recipe.dataset} is not in {readers.cifar_folder(recipe.dataset, root).absolute()} and "
         f"could not be downloaded ({reason}); download {url}, extract it into {root.absolute()} "
-        "(or pass --data-dir with the folder that holds the extracted archive)")
+        "(or pass --data-dir with the folder that holds the extracted archive)"
+    )
 
 
 def load_split(recipe: Recipe, root: Path, train: bool) -> readers.ArraySplit:
-    """An in-memory split (CIFAR or Fashion-MNIST), checked against the recipe, cut to its subset."""
+    """An in-memory split (CIFAR or Fashion-MNIST), checked against the recipe, cut to its
+    subset."""
     if recipe.dataset == "fashion_mnist":
         split = readers.read_fashion_mnist(root, train)
     elif recipe.dataset in readers.CIFAR_LAYOUT:
@@ -136,14 +153,20 @@ def load_split(recipe: Recipe, root: Path, train: bool) -> readers.ArraySplit:
 def check_split(recipe: Recipe, split: readers.ArraySplit) -> None:
     h, w, c = split.images.shape[1:]
     if c != recipe.in_channels:
-        raise UserError(f"{recipe.dataset} images have {c} channel(s) but in_channels="
-                        f"{recipe.in_channels}; set in_channels={c}")
+        raise UserError(
+            f"{recipe.dataset} images have {c} channel(s) but in_channels="
+            f"{recipe.in_channels}; set in_channels={c}"
+        )
     if split.num_classes > recipe.num_classes:
-        raise UserError(f"{recipe.dataset} has {split.num_classes} classes but num_classes="
-                        f"{recipe.num_classes}; set num_classes={split.num_classes}")
+        raise UserError(
+            f"{recipe.dataset} has {split.num_classes} classes but num_classes="
+            f"{recipe.num_classes}; set num_classes={split.num_classes}"
+        )
     if h != recipe.image_size:
-        raise UserError(f"{recipe.dataset} images are {h} pixels, image_size="
-                        f"{recipe.image_size}; set image_size={h}")
+        raise UserError(
+            f"{recipe.dataset} images are {h} pixels, image_size="
+            f"{recipe.image_size}; set image_size={h}"
+        )
 
 
 def imagenet_listing(recipe: Recipe, root: Path, train: bool):
@@ -152,8 +175,10 @@ def imagenet_listing(recipe: Recipe, root: Path, train: bool):
 
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     if len(classes) > recipe.num_classes:
-        raise UserError(f"{root / 'train'} has {len(classes)} class folders but num_classes="
-                        f"{recipe.num_classes}; set num_classes={len(classes)}")
+        raise UserError(
+            f"{root / 'train'} has {len(classes)} class folders but num_classes="
+            f"{recipe.num_classes}; set num_classes={len(classes)}"
+        )
     paths, labels, _ = readers.list_image_folder(root / ("train" if train else "val"), classes)
     keep = recipe.train_subset if train else recipe.eval_subset
     if keep and keep < len(paths):

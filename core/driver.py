@@ -37,10 +37,14 @@ from typing import Any, Callable, Iterable, Protocol
 import numpy as np
 
 from core import cli, console, plot, preemption, records, schedules
-from core.errors import (DataFailure, UnusableCheckpoint, UserError, file_system_error,
-                                   report)
-from core.preemption import (EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_PREEMPTED,
-                                      Preempted, StopOnSignal)
+from core.errors import DataFailure, UnusableCheckpoint, UserError, file_system_error, report
+from core.preemption import (
+    EXIT_INTERRUPTED,
+    EXIT_PEER_LOST,
+    EXIT_PREEMPTED,
+    Preempted,
+    StopOnSignal,
+)
 from core.recipe import Recipe
 from core.records import RunRecord
 from core.tensorboard import TensorBoardSink
@@ -87,8 +91,7 @@ class Backend(Protocol):
     def libraries(self) -> dict[str, str]:
         """Library versions, for environment.json."""
 
-    def num_params(self) -> int:
-        ...
+    def num_params(self) -> int: ...
 
     def batches(self, epoch: int, start_step: int) -> Iterable[Any]:
         """This process's batches of an epoch from `start_step`, ready for `train_step`."""
@@ -107,8 +110,9 @@ class Backend(Protocol):
     def any_process(self, flag: bool) -> bool:
         """True on every process if `flag` is True on any (every process calls it)."""
 
-    def evaluate(self, between: Callable[[], None] | None = None
-                 ) -> tuple[float, float, float, np.ndarray]:
+    def evaluate(
+        self, between: Callable[[], None] | None = None
+    ) -> tuple[float, float, float, np.ndarray]:
         """(loss sum, correct, count, confusion) over the whole test split, every image once;
         confusion[true, predicted] counts images (num_classes x num_classes integers). Calls
         `between()` (if given) before each batch; it may raise to abandon the evaluation."""
@@ -130,15 +134,15 @@ class Backend(Protocol):
     def checkpoint_bytes(self) -> int:
         """About how large one checkpoint is (for the message when a disk is full)."""
 
-    def restore_for_eval(self, path: str | None,
-                         check: Callable[[dict, str], None]) -> tuple[dict, str]:
+    def restore_for_eval(
+        self, path: str | None, check: Callable[[dict, str], None]
+    ) -> tuple[dict, str]:
         """Load `path`, or the best checkpoint (else the last) of the checkpoint folder."""
 
     def digest(self) -> str:
         """SHA-256 (16 hex digits) of the parameters, BatchNorm statistics and momentum."""
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 Factory = Callable[[Path, bool], Backend]
@@ -149,9 +153,14 @@ Factory = Callable[[Path, bool], Backend]
 
 def identity(recipe: Recipe, backend: Backend) -> dict:
     """The run a checkpoint belongs to; a checkpoint whose identity differs is refused."""
-    return {"format": backend.checkpoint_format, "framework": backend.framework,
-            "recipe": recipe.recipe, "model": recipe.model, "num_classes": recipe.num_classes,
-            "in_channels": recipe.in_channels}
+    return {
+        "format": backend.checkpoint_format,
+        "framework": backend.framework,
+        "recipe": recipe.recipe,
+        "model": recipe.model,
+        "num_classes": recipe.num_classes,
+        "in_channels": recipe.in_channels,
+    }
 
 
 def identity_check(recipe: Recipe, backend: Backend) -> Callable[[dict, str], None]:
@@ -160,25 +169,39 @@ def identity_check(recipe: Recipe, backend: Backend) -> Callable[[dict, str], No
     def check(meta: dict, where: str) -> None:
         have = {k: meta.get(k) for k in want}
         if have["framework"] == want["framework"] and have["format"] != want["format"]:
-            raise WrongRun(f"checkpoint {where} has format {have['format']}, this version of "
-                            f"{want['framework']} reads {want['format']}; finish that run with "
-                            "the version that wrote it, or pass another --workdir")
+            raise WrongRun(
+                f"checkpoint {where} has format {have['format']}, this version of "
+                f"{want['framework']} reads {want['format']}; finish that run with "
+                "the version that wrote it, or pass another --workdir"
+            )
         if have != want:
-            def say(d):
-                return (f"{d['framework']} {d['recipe']}/{d['model']} ({d['num_classes']} classes, "
-                        f"{d['in_channels']} channels, format {d['format']})")
 
-            raise WrongRun(f"checkpoint {where} belongs to {say(have)}, this run is "
-                            f"{say(want)}; pass the --recipe and overrides it was trained with, "
-                            "or another --workdir")
+            def say(d):
+                return (
+                    f"{d['framework']} {d['recipe']}/{d['model']} ({d['num_classes']} classes, "
+                    f"{d['in_channels']} channels, format {d['format']})"
+                )
+
+            raise WrongRun(
+                f"checkpoint {where} belongs to {say(have)}, this run is "
+                f"{say(want)}; pass the --recipe and overrides it was trained with, "
+                "or another --workdir"
+            )
+
     return check
 
 
 class Run:
     """One run in one workdir: `run()` trains to the recipe's last epoch or raises."""
 
-    def __init__(self, make: Factory, recipe: Recipe, workdir: str | Path, framework: str,
-                 main_process: bool = True):
+    def __init__(
+        self,
+        make: Factory,
+        recipe: Recipe,
+        workdir: str | Path,
+        framework: str,
+        main_process: bool = True,
+    ):
         self.recipe = recipe
         self.record = RunRecord(workdir, framework, recipe, writer=False)
         # one run per workdir (the main process holds it), before anything is read or cleaned
@@ -204,8 +227,11 @@ class Run:
         # the momentum goes into the record and TensorBoard where the schedule cycles it
         self.momentum_table = momentum if np.ptp(momentum) > 0 else None
         self.pictures = plot.Pictures(self.record)
-        self.sinks: list = [self.record, self.pictures,
-                            console.EpochLines(recipe.epochs, b.is_main)]
+        self.sinks: list = [
+            self.record,
+            self.pictures,
+            console.EpochLines(recipe.epochs, b.is_main),
+        ]
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_acc = -1.0
         self.epoch_sums = np.zeros(3)  # loss sum, correct, count of this epoch so far
@@ -233,18 +259,27 @@ class Run:
     def meta(self) -> dict:
         """What a checkpoint records of the run besides the arrays. The epoch's sums are summed
         over processes here (every process saves), so a resumed run has them all."""
-        return {**identity(self.recipe, self.backend), "config": self.recipe.to_dict(),
-                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "best_acc": self.best_acc,
-                "epoch_sums": self.backend.all_sum(self.epoch_sums).tolist(),
-                "window": self.window.tolist(), "data": self.data_sizes()}
+        return {
+            **identity(self.recipe, self.backend),
+            "config": self.recipe.to_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_acc": self.best_acc,
+            "epoch_sums": self.backend.all_sum(self.epoch_sums).tolist(),
+            "window": self.window.tolist(),
+            "data": self.data_sizes(),
+        }
 
     def data_sizes(self) -> dict:
         """What a resumed run must find again: the number of images and the steps they make
         (the schedule is laid out over them)."""
         b = self.backend
-        return {"num_train": b.num_train, "num_eval": b.num_eval,
-                "steps_per_epoch": b.steps_per_epoch}
+        return {
+            "num_train": b.num_train,
+            "num_eval": b.num_eval,
+            "steps_per_epoch": b.steps_per_epoch,
+        }
 
     def _resume_latest(self) -> None:
         """Resume from the newest checkpoint that loads. Those newer that cannot be read are
@@ -277,9 +312,11 @@ class Run:
             w = self.record.workdir
             what = f"{epochs} recorded epoch(s)" if epochs else "a record"
             why = f" ({unreadable[0][1]}; {len(unreadable)} unreadable)" if unreadable else ""
-            raise UserError(f"workdir {w} holds {what} but no usable checkpoint{why}, so it is "
-                            f"not started over; move it aside (mv {w} {w}.old), which keeps its "
-                            "results, to train afresh, or pass another --workdir")
+            raise UserError(
+                f"workdir {w} holds {what} but no usable checkpoint{why}, so it is "
+                f"not started over; move it aside (mv {w} {w}.old), which keeps its "
+                "results, to train afresh, or pass another --workdir"
+            )
 
     def _check_record_kept(self) -> None:
         """A resumed run's record (metrics.jsonl, and tensorboard/ when it was on) must hold
@@ -287,17 +324,26 @@ class Run:
         replaced, before anything is written, unless resume_with_gap=true says to go on."""
         missing = ""
         if self.backend.is_main and self.have_checkpoint and not self.recipe.resume_with_gap:
-            lost = sorted(set(range(1, self.epoch + 1))
-                          - self.record.epochs_in_record(self.global_step))
+            lost = sorted(
+                set(range(1, self.epoch + 1)) - self.record.epochs_in_record(self.global_step)
+            )
             events = self.record.workdir / "tensorboard"
             was_on = self.record.saved_recipe.get("tensorboard", True)
             if lost:
-                span = (f"epoch {lost[0]}" if len(lost) == 1 else
-                        f"epochs {lost[0]}-{lost[-1]}" if lost[-1] - lost[0] == len(lost) - 1
-                        else "epochs " + ", ".join(map(str, lost)))
+                span = (
+                    f"epoch {lost[0]}"
+                    if len(lost) == 1
+                    else f"epochs {lost[0]}-{lost[-1]}"
+                    if lost[-1] - lost[0] == len(lost) - 1
+                    else "epochs " + ", ".join(map(str, lost))
+                )
                 missing = f"{self.record.metrics_path} lacks {span}"
-            elif (self.global_step and was_on and self.recipe.tensorboard
-                  and not any(events.glob("events.out.tfevents.*"))):
+            elif (
+                self.global_step
+                and was_on
+                and self.recipe.tensorboard
+                and not any(events.glob("events.out.tfevents.*"))
+            ):
                 missing = f"{events} holds no event files"
         if self.backend.any_process(bool(missing)):
             raise UserError(
@@ -305,7 +351,8 @@ class Run:
                 f"(deleted or replaced?), though checkpoint {self.resumed_from} has trained "
                 f"{self.epoch} epoch(s) and {self.global_step} steps: the checkpoint holds the "
                 "weights, so only those lines are gone. Restore the file to keep the whole "
-                "record, or rerun with resume_with_gap=true to continue without them")
+                "record, or rerun with resume_with_gap=true to continue without them"
+            )
 
     def _set_aside(self, where: str) -> str:
         """Move an unreadable checkpoint into checkpoints/unusable/ (main process)."""
@@ -323,19 +370,24 @@ class Run:
         saved, now = meta.get("data"), self.data_sizes()
         images = ("num_train", "num_eval")
         if saved is not None and any(saved[k] != now[k] for k in images):
+
             def say(d):
                 return f"{d['num_train']} training / {d['num_eval']} test images"
 
-            raise UserError(f"the data of this run ({self.recipe.data_dir}) has {say(now)}; "
-                            f"checkpoint {where} was trained on {say(saved)}. Pass the "
-                            "--data-dir it was trained with (an image removed or added "
-                            "changes the schedule), or pass another --workdir for a new run")
+            raise UserError(
+                f"the data of this run ({self.recipe.data_dir}) has {say(now)}; "
+                f"checkpoint {where} was trained on {say(saved)}. Pass the "
+                "--data-dir it was trained with (an image removed or added "
+                "changes the schedule), or pass another --workdir for a new run"
+            )
         if saved is not None and saved["steps_per_epoch"] != now["steps_per_epoch"]:
-            raise UserError(f"checkpoint {where} was trained with {saved['steps_per_epoch']} "
-                            f"steps per epoch, this run makes {now['steps_per_epoch']} of the "
-                            "same images: its global batch differs (batch_size x processes or "
-                            "devices). Resume with the processes and devices it was trained "
-                            "on, or pass another --workdir for a new run")
+            raise UserError(
+                f"checkpoint {where} was trained with {saved['steps_per_epoch']} "
+                f"steps per epoch, this run makes {now['steps_per_epoch']} of the "
+                "same images: its global batch differs (batch_size x processes or "
+                "devices). Resume with the processes and devices it was trained "
+                "on, or pass another --workdir for a new run"
+            )
         self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
         self.global_step, self.best_acc = meta["global_step"], meta["best_acc"]
         sums = np.asarray(meta["epoch_sums"], np.float64)
@@ -348,18 +400,23 @@ class Run:
         self.window = window
         self.resumed_from = where
         if self.backend.is_main:
-            console.say(f"resumed from {where} at epoch {self.epoch + 1}, step "
-                        f"{self.step_in_epoch} of {self.steps_per_epoch} (global step "
-                        f"{self.global_step})")
+            console.say(
+                f"resumed from {where} at epoch {self.epoch + 1}, step "
+                f"{self.step_in_epoch} of {self.steps_per_epoch} (global step "
+                f"{self.global_step})"
+            )
 
     def save(self, best: bool = False) -> None:
         meta = self.meta()
         try:
             self.backend.save(meta, best)
         except Exception as err:
-            found = file_system_error(err, getattr(self.backend, "checkpoint_bytes", int)(),
-                                      resumable=self.have_checkpoint,
-                                      where=self.record.checkpoint_dir)
+            found = file_system_error(
+                err,
+                getattr(self.backend, "checkpoint_bytes", int)(),
+                resumable=self.have_checkpoint,
+                where=self.record.checkpoint_dir,
+            )
             if found is None:
                 raise
             raise found from None
@@ -369,20 +426,25 @@ class Run:
         """What is on disk to go back to, for the line that stops a run."""
         if self.saved_step is None:
             return f"no checkpoint was written yet (none in {self.record.checkpoint_dir})"
-        return (f"the last checkpoint, of global step {self.saved_step}, is kept in "
-                f"{self.record.checkpoint_dir}")
+        return (
+            f"the last checkpoint, of global step {self.saved_step}, is kept in "
+            f"{self.record.checkpoint_dir}"
+        )
 
     def _data_failed(self, err: DataFailure, pending: list) -> DataFailure:
         """The data failed between two steps: checkpoint the last completed one and say so.
         With several processes only this one knows: a save (its collectives) would wait on
         the others forever, so it stops and the run resumes from its last checkpoint."""
         if self.backend.num_processes > 1:
-            return err.outcome(f"this process stops without a new checkpoint (the others "
-                               f"would wait on it); {self._kept()}")
+            return err.outcome(
+                f"this process stops without a new checkpoint (the others "
+                f"would wait on it); {self._kept()}"
+            )
         self._drain(pending)
         self.save()
-        return err.outcome(f"a checkpoint of global step {self.global_step} was written: the "
-                           "run resumes there")
+        return err.outcome(
+            f"a checkpoint of global step {self.global_step} was written: the run resumes there"
+        )
 
     # --- stopping ----------------------------------------------------------------------------
     @property
@@ -398,8 +460,11 @@ class Run:
         """Between two steps (or, `at_boundary`, at a point every process reaches at once): do
         all processes agree to stop now?"""
         flag = self._stop_flag()
-        if (self.backend.num_processes > 1 and not at_boundary
-                and self.global_step % STOP_CHECK_EVERY):
+        if (
+            self.backend.num_processes > 1
+            and not at_boundary
+            and self.global_step % STOP_CHECK_EVERY
+        ):
             return False
         return self.backend.any_process(flag)
 
@@ -420,7 +485,8 @@ class Run:
                         f"the training loss became NaN or inf at global step {first + k} (epoch "
                         f"{self.epoch + 1}); {self._kept()}. Start a new run with a lower "
                         "lr (or amp=off if mixed precision overflowed) in another --workdir: "
-                        "a run resumes only with the settings it started with")
+                        "a run resumes only with the settings it started with"
+                    )
                 continue
             self.nonfinite_streak = 0
             self.epoch_sums += (loss * count, correct, count)
@@ -434,8 +500,13 @@ class Run:
         acc = wc / wn if wn else float("nan")
         lr = float(self.lr_table[self.global_step - 1])  # the rate the last step used
         bar.set_postfix_str(f"loss {mean:.4f} acc {100 * acc:.1f}% lr {lr:.4g}")
-        line = {"step": self.global_step, "epoch": self.epoch + 1,
-                "train_loss_window": mean, "train_acc_window": acc, "lr": lr}
+        line = {
+            "step": self.global_step,
+            "epoch": self.epoch + 1,
+            "train_loss_window": mean,
+            "train_acc_window": acc,
+            "lr": lr,
+        }
         if self.momentum_table is not None:
             line["momentum"] = float(self.momentum_table[self.global_step - 1])
         for sink in self.sinks:
@@ -446,8 +517,12 @@ class Run:
     def run_epoch(self) -> dict:
         """Train the rest of the current epoch and evaluate; the epoch's metrics."""
         r, b = self.recipe, self.backend
-        bar = console.progress(self.steps_per_epoch, self.step_in_epoch,
-                               f"epoch {self.epoch + 1}/{r.epochs}", b.is_main)
+        bar = console.progress(
+            self.steps_per_epoch,
+            self.step_in_epoch,
+            f"epoch {self.epoch + 1}/{r.epochs}",
+            b.is_main,
+        )
         pending: list = []
         t0, seen = time.perf_counter(), 0.0
         try:
@@ -474,8 +549,10 @@ class Run:
                         self._drain(pending)
                         self.save()
                         raise Preempted(self.global_step)
-                    if (r.checkpoint_every_steps
-                            and self.global_step % r.checkpoint_every_steps == 0):
+                    if (
+                        r.checkpoint_every_steps
+                        and self.global_step % r.checkpoint_every_steps == 0
+                    ):
                         seen += self._drain(pending)
                         self.save()
         except DataFailure as err:
@@ -491,10 +568,13 @@ class Run:
             self.save()  # the epoch's training is done; its evaluation is done on resume
             raise Preempted(self.global_step)
         loss_sum, correct, count, seen = map(float, b.all_sum(np.append(self.epoch_sums, seen)))
-        metrics = {"step": self.global_step, "epoch": self.epoch + 1,
-                   "train_loss": loss_sum / count if count else float("nan"),
-                   "train_acc": correct / count if count else float("nan"),
-                   "lr": float(self.lr_table[self.global_step - 1])}
+        metrics = {
+            "step": self.global_step,
+            "epoch": self.epoch + 1,
+            "train_loss": loss_sum / count if count else float("nan"),
+            "train_acc": correct / count if count else float("nan"),
+            "lr": float(self.lr_table[self.global_step - 1]),
+        }
         if self.momentum_table is not None:
             metrics["momentum"] = float(self.momentum_table[self.global_step - 1])
         try:
@@ -521,9 +601,11 @@ class Run:
 
     def describe(self) -> str:
         r, b = self.recipe, self.backend
-        return (f"{r.recipe}: {r.model} ({b.num_params():,} parameters) on {b.describe()}; "
-                f"{b.num_train} train / {b.num_eval} test images; {r.epochs} epochs of "
-                f"{self.steps_per_epoch} steps; workdir {self.record.workdir}")
+        return (
+            f"{r.recipe}: {r.model} ({b.num_params():,} parameters) on {b.describe()}; "
+            f"{b.num_train} train / {b.num_eval} test images; {r.epochs} epochs of "
+            f"{self.steps_per_epoch} steps; workdir {self.record.workdir}"
+        )
 
     def run(self) -> dict:
         """Train to the recipe's last epoch (from wherever the run stands) and return the final
@@ -559,8 +641,10 @@ class Run:
             if self.epoch < r.epochs and self.backend.any_process(self._stop_flag()):
                 raise Preempted(self.global_step)
         if not last and self.backend.is_main:
-            console.say(f"the run in {self.record.workdir} already finished {r.epochs} epochs "
-                        f"(best test accuracy {100 * self.best_acc:.2f}%)")
+            console.say(
+                f"the run in {self.record.workdir} already finished {r.epochs} epochs "
+                f"(best test accuracy {100 * self.best_acc:.2f}%)"
+            )
         return {"best_test_acc": self.best_acc, "global_step": self.global_step, **last}
 
 
@@ -578,17 +662,31 @@ def test_metrics(backend: Backend, between: Callable[[], None] | None = None) ->
     loss_sum, correct, count, confusion = backend.evaluate(between)
     # cannot happen unless sharding is broken
     if int(count) != backend.num_eval or int(confusion.sum()) != backend.num_eval:
-        raise RuntimeError(f"evaluated {int(count)} images ({int(confusion.sum())} in the "
-                           f"confusion matrix), the split has {backend.num_eval}")
+        raise RuntimeError(
+            f"evaluated {int(count)} images ({int(confusion.sum())} in the "
+            f"confusion matrix), the split has {backend.num_eval}"
+        )
     if int(np.trace(confusion)) != int(correct):
-        raise RuntimeError(f"the confusion matrix has {int(np.trace(confusion))} correct "
-                           f"answers, the count says {int(correct)}")
-    return {"test_loss": loss_sum / count, "test_acc": correct / count, "test_count": int(count),
-            "confusion": confusion}
+        raise RuntimeError(
+            f"the confusion matrix has {int(np.trace(confusion))} correct "
+            f"answers, the count says {int(correct)}"
+        )
+    return {
+        "test_loss": loss_sum / count,
+        "test_acc": correct / count,
+        "test_count": int(count),
+        "confusion": confusion,
+    }
 
 
-def train_and_evaluate(make: Factory, recipe: Recipe, workdir: str | Path, framework: str,
-                       stop_after_step: int | None = None, main_process: bool = True) -> dict:
+def train_and_evaluate(
+    make: Factory,
+    recipe: Recipe,
+    workdir: str | Path,
+    framework: str,
+    stop_after_step: int | None = None,
+    main_process: bool = True,
+) -> dict:
     """Train `recipe` in `workdir` (resuming what is there) and return the last metrics.
 
     Raises `Preempted` after writing a checkpoint when SIGTERM/SIGINT arrives (or, for tests,
@@ -609,8 +707,9 @@ def train_and_evaluate(make: Factory, recipe: Recipe, workdir: str | Path, frame
                 run.release()
 
 
-def evaluate_checkpoint(make: Factory, recipe: Recipe, workdir: str | Path,
-                        path: str | None) -> dict:
+def evaluate_checkpoint(
+    make: Factory, recipe: Recipe, workdir: str | Path, path: str | None
+) -> dict:
     """--eval-only: evaluate `path`, or the workdir's best checkpoint (else its last)."""
     backend = make(Path(workdir) / "checkpoints", False)
     try:
@@ -619,8 +718,10 @@ def evaluate_checkpoint(make: Factory, recipe: Recipe, workdir: str | Path,
         except UnusableCheckpoint as err:
             if "--checkpoint" in str(err):
                 raise
-            raise UserError(f"{err}; pass --checkpoint with a complete checkpoint (a run keeps "
-                            "best, last and the one before last)") from None
+            raise UserError(
+                f"{err}; pass --checkpoint with a complete checkpoint (a run keeps "
+                "best, last and the one before last)"
+            ) from None
 
         def between() -> None:  # a stop request ends an evaluation at once: nothing to save
             preemption.pause("eval")
@@ -629,18 +730,27 @@ def evaluate_checkpoint(make: Factory, recipe: Recipe, workdir: str | Path,
 
         metrics = test_metrics(backend, between)
         if backend.is_main:
-            console.say(f"{where}: test loss {metrics['test_loss']:.4f} acc "
-                        f"{100 * metrics['test_acc']:.2f}% on {metrics['test_count']} images "
-                        f"(epoch {meta['epoch']}, step {meta['global_step']})")
+            console.say(
+                f"{where}: test loss {metrics['test_loss']:.4f} acc "
+                f"{100 * metrics['test_acc']:.2f}% on {metrics['test_count']} images "
+                f"(epoch {meta['epoch']}, step {meta['global_step']})"
+            )
         return metrics
     finally:
         backend.close()
 
 
-def main(argv: list[str] | None, prog: str, framework: str, recipes: cli.RecipeBook,
-         train: Callable[[Recipe, str, str], Any],
-         evaluate: Callable[[Recipe, str, str | None, str], Any], flags=None, setup=None,
-         peer_lost: Callable[[BaseException], str | None] | None = None) -> int:
+def main(
+    argv: list[str] | None,
+    prog: str,
+    framework: str,
+    recipes: cli.RecipeBook,
+    train: Callable[[Recipe, str, str], Any],
+    evaluate: Callable[[Recipe, str, str | None, str], Any],
+    flags=None,
+    setup=None,
+    peer_lost: Callable[[BaseException], str | None] | None = None,
+) -> int:
     """The command line of both stacks: parse, then train(recipe, workdir, device) or
     evaluate(recipe, workdir, checkpoint, device); user mistakes are one line and exit 2.
 
@@ -649,6 +759,7 @@ def main(argv: list[str] | None, prog: str, framework: str, recipes: cli.RecipeB
     A stack may add `flags(parser)`, a `setup(args)` run right after parsing (flax_impl: join
     the other processes) and `peer_lost(err)`: the line that says another process of the run
     died, upon which this one exits at once with EXIT_PEER_LOST."""
+
     def main_rank() -> bool:  # torchrun (and flax_impl's processes): one line, not one each
         return os.environ.get("RANK", "0") == "0"
 
@@ -671,21 +782,31 @@ def main(argv: list[str] | None, prog: str, framework: str, recipes: cli.RecipeB
             return report(err, prog)
         except Preempted as stop:
             if main_rank() and stop.saved:
-                print(f"stopped after global step {stop}; checkpoint written, run the same "
-                      f"command to resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+                print(
+                    f"stopped after global step {stop}; checkpoint written, run the same "
+                    f"command to resume (exit code {EXIT_PREEMPTED})",
+                    file=sys.stderr,
+                )
             elif main_rank() and stop.doing == "evaluating":
-                print(f"stopped while evaluating; nothing was written, run the same command "
-                      f"to evaluate again (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+                print(
+                    f"stopped while evaluating; nothing was written, run the same command "
+                    f"to evaluate again (exit code {EXIT_PREEMPTED})",
+                    file=sys.stderr,
+                )
             elif main_rank():
-                print(f"stopped before training (at global step {stop}, nothing new to save); "
-                      f"run the same command to continue (exit code {EXIT_PREEMPTED})",
-                      file=sys.stderr)
+                print(
+                    f"stopped before training (at global step {stop}, nothing new to save); "
+                    f"run the same command to continue (exit code {EXIT_PREEMPTED})",
+                    file=sys.stderr,
+                )
             return EXIT_PREEMPTED
         except KeyboardInterrupt:
             if main_rank():
-                print(f"{prog}: interrupted at once (second SIGINT); checkpoints on disk are "
-                      "intact, run the same command to resume from the last one",
-                      file=sys.stderr)
+                print(
+                    f"{prog}: interrupted at once (second SIGINT); checkpoints on disk are "
+                    "intact, run the same command to resume from the last one",
+                    file=sys.stderr,
+                )
             return EXIT_INTERRUPTED
         except Exception as err:
             found = file_system_error(err)  # a write of the record, plots or event files

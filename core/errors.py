@@ -82,8 +82,9 @@ def _free_space(path: str) -> str:
         return "free space unknown"
 
 
-def file_system_error(err: BaseException, need_bytes: int | None = None,
-                      resumable: bool = True, where=None) -> UserError | None:
+def file_system_error(
+    err: BaseException, need_bytes: int | None = None, resumable: bool = True, where=None
+) -> UserError | None:
     """A failed write as the one line a user needs: which path, why, what is needed and that
     nothing was lost (the previous checkpoint and record stay; writes are atomic). None when
     `err` is not a file-system error of the kinds users cause (full disk, no permission, a
@@ -103,16 +104,23 @@ def file_system_error(err: BaseException, need_bytes: int | None = None,
         if code not in FILE_SYSTEM_ERRNOS:
             return None
     where = f" {path}" if path else ""
-    after = ("the last checkpoint and the record are intact: rerun the same command to resume"
-             if resumable else "no checkpoint was written yet: rerun the same command to start "
-             "again")
+    after = (
+        "the last checkpoint and the record are intact: rerun the same command to resume"
+        if resumable
+        else "no checkpoint was written yet: rerun the same command to start again"
+    )
     if code in _NO_SPACE:
         need = f", a checkpoint needs about {_megabytes(need_bytes)}" if need_bytes else ""
         place = path or os.getcwd()
-        return UserError(f"cannot write{where}: {why} ({_free_space(place)}{need}); free space "
-                         f"or pass another --workdir; {after}")
+        return UserError(
+            f"cannot write{where}: {why} ({_free_space(place)}{need}); free space "
+            f"or pass another --workdir; {after}"
+        )
     if code in _NOT_ALLOWED:
-        return UserError(f"cannot write{where}: {why}; make it writable or pass another "
-                         f"--workdir; {after}")
-    return UserError(f"cannot write{where}: {why} (a part of the path is a file, or the path is "
-                     f"too long); pass another --workdir; {after}")
+        return UserError(
+            f"cannot write{where}: {why}; make it writable or pass another --workdir; {after}"
+        )
+    return UserError(
+        f"cannot write{where}: {why} (a part of the path is a file, or the path is "
+        f"too long); pass another --workdir; {after}"
+    )

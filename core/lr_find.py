@@ -48,16 +48,27 @@ import numpy as np
 from core import console, preemption
 from core.cli import Parser, RecipeBook
 from core.errors import UserError, report
-from core.recipe import (SIZES, Recipe, apply_overrides, given_once, resume_differences,
-                                    world_lr)
+from core.recipe import SIZES, Recipe, apply_overrides, given_once, resume_differences, world_lr
 
 STEP_MODES = ("exp", "linear")
 # recipe keys a range test does not use (its own schedule replaces them): a run folder whose
 # recipe differs from the test's only in these is the same test
-SCHEDULE_ONLY = {"lr", "lr_reference_world_size", "epochs", "schedule", "onecycle_pct_start",
-                 "onecycle_div_factor", "onecycle_final_div_factor", "onecycle_base_momentum",
-                 "onecycle_max_momentum", "onecycle_anneal", "log_every_steps",
-                 "checkpoint_every_steps", "eval_batch_size", "eval_subset"}
+SCHEDULE_ONLY = {
+    "lr",
+    "lr_reference_world_size",
+    "epochs",
+    "schedule",
+    "onecycle_pct_start",
+    "onecycle_div_factor",
+    "onecycle_final_div_factor",
+    "onecycle_base_momentum",
+    "onecycle_max_momentum",
+    "onecycle_anneal",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "eval_batch_size",
+    "eval_subset",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,18 +89,28 @@ class RangeTest:
             if not ok:
                 raise UserError(msg)
 
-        need(math.isfinite(self.start_lr) and self.start_lr > 0,
-             f"--start-lr must be a positive number, got {self.start_lr}")
-        need(math.isfinite(self.end_lr) and self.end_lr > self.start_lr,
-             f"--end-lr ({self.end_lr}) must be larger than --start-lr ({self.start_lr})")
+        need(
+            math.isfinite(self.start_lr) and self.start_lr > 0,
+            f"--start-lr must be a positive number, got {self.start_lr}",
+        )
+        need(
+            math.isfinite(self.end_lr) and self.end_lr > self.start_lr,
+            f"--end-lr ({self.end_lr}) must be larger than --start-lr ({self.start_lr})",
+        )
         need(self.num_iter >= 2, f"--num-iter must be at least 2, got {self.num_iter}")
-        need(self.step_mode in STEP_MODES,
-             f"--step-mode must be one of {', '.join(STEP_MODES)}, got {self.step_mode!r}")
+        need(
+            self.step_mode in STEP_MODES,
+            f"--step-mode must be one of {', '.join(STEP_MODES)}, got {self.step_mode!r}",
+        )
         need(0 <= self.smooth_f < 1, f"--smooth-f must be in [0, 1), got {self.smooth_f}")
-        need(math.isfinite(self.diverge_th) and self.diverge_th > 1,
-             f"--diverge-th must be larger than 1, got {self.diverge_th}")
-        need(self.skip_start >= 0 and self.skip_end >= 0,
-             f"--skip-start and --skip-end must be >= 0, got {self.skip_start} and {self.skip_end}")
+        need(
+            math.isfinite(self.diverge_th) and self.diverge_th > 1,
+            f"--diverge-th must be larger than 1, got {self.diverge_th}",
+        )
+        need(
+            self.skip_start >= 0 and self.skip_end >= 0,
+            f"--skip-start and --skip-end must be >= 0, got {self.skip_start} and {self.skip_end}",
+        )
         return self
 
 
@@ -127,8 +148,10 @@ class Curve:
         self.smoothed.append(loss)
         self.best = min(self.best, loss)
         if loss > self.t.diverge_th * self.best:
-            self.stopped = (f"the smoothed loss passed {self.t.diverge_th:g} x its minimum at "
-                            f"step {len(self.raw) - 1} (lr {lr:.3g})")
+            self.stopped = (
+                f"the smoothed loss passed {self.t.diverge_th:g} x its minimum at "
+                f"step {len(self.raw) - 1} (lr {lr:.3g})"
+            )
             return False
         return True
 
@@ -140,13 +163,14 @@ class Curve:
 
 def _trimmed(smoothed: Sequence[float], skip_start: int, skip_end: int) -> np.ndarray:
     """The points a suggestion may pick: skipped at both ends, cut at a non-finite value."""
-    losses = np.asarray(smoothed[skip_start:max(len(smoothed) - skip_end, 0)], np.float64)
+    losses = np.asarray(smoothed[skip_start : max(len(smoothed) - skip_end, 0)], np.float64)
     finite = np.isfinite(losses)
     return losses if finite.all() else losses[: int(np.argmin(finite))]
 
 
-def suggest(lrs: Sequence[float], smoothed: Sequence[float], skip_start: int = 10,
-            skip_end: int = 5) -> tuple[float | None, int | None]:
+def suggest(
+    lrs: Sequence[float], smoothed: Sequence[float], skip_start: int = 10, skip_end: int = 5
+) -> tuple[float | None, int | None]:
     """torch-lr-finder's suggestion: lrs[argmin(np.gradient(smoothed))] over the trimmed
     points (a non-finite tail, where a test stopped, is left out as well)."""
     losses = _trimmed(smoothed, skip_start, skip_end)
@@ -156,8 +180,9 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], skip_start: int = 1
     return float(lrs[skip_start + k]), skip_start + k
 
 
-def lowest(lrs: Sequence[float], smoothed: Sequence[float], skip_start: int = 10,
-           skip_end: int = 5) -> float | None:
+def lowest(
+    lrs: Sequence[float], smoothed: Sequence[float], skip_start: int = 10, skip_end: int = 5
+) -> float | None:
     """The rate where the smoothed loss is lowest, over the same points (a steadier landmark
     than the steepest descent, which a spike in the curve can move by an order of magnitude)."""
     losses = _trimmed(smoothed, skip_start, skip_end)
@@ -185,8 +210,9 @@ def endless(backend, count: int):
         epoch += 1
 
 
-def run(make: Callable[[Path, bool, tuple], object], recipe: Recipe,
-        t: RangeTest) -> tuple[dict, bool]:
+def run(
+    make: Callable[[Path, bool, tuple], object], recipe: Recipe, t: RangeTest
+) -> tuple[dict, bool]:
     """Run the test with a backend made by make(checkpoint_dir, train, tables); (the result,
     whether this process is the one that writes)."""
     lrs = lr_schedule(t)
@@ -205,10 +231,12 @@ def run(make: Callable[[Path, bool, tuple], object], recipe: Recipe,
 def _run(b, recipe: Recipe, t: RangeTest, lrs: np.ndarray) -> dict:
     curve = Curve(t)
     if b.is_main:
-        console.say(f"LR range test of {recipe.recipe} ({recipe.model}) on {b.describe()}: "
-                    f"{t.num_iter} steps of batch {recipe.batch_size * b.replicas}, "
-                    f"lr {t.start_lr:g} -> "
-                    f"{t.end_lr:g} ({t.step_mode})")
+        console.say(
+            f"LR range test of {recipe.recipe} ({recipe.model}) on {b.describe()}: "
+            f"{t.num_iter} steps of batch {recipe.batch_size * b.replicas}, "
+            f"lr {t.start_lr:g} -> "
+            f"{t.end_lr:g} ({t.step_mode})"
+        )
     bar = console.progress(t.num_iter, 0, "lr range test", b.is_main)
     t0 = time.perf_counter()
     for i, batch in enumerate(endless(b, t.num_iter)):
@@ -228,17 +256,28 @@ def _run(b, recipe: Recipe, t: RangeTest, lrs: np.ndarray) -> dict:
     # the rates above are applied as they are; training scales the recipe's lr with the world
     # size when lr_reference_world_size is set, so the override that trains at rate r is
     # r * reference / replicas
-    scale = (recipe.lr_reference_world_size / b.replicas if recipe.lr_reference_world_size
-             else 1.0)
-    return {"recipe": recipe.recipe, "model": recipe.model, "batch_size": recipe.batch_size,
-            "replicas": b.replicas, "global_batch": recipe.batch_size * b.replicas,
-            "suggested_override": None if lr is None else lr * scale,
-            "options": dataclasses.asdict(t), "lr": curve.lrs, "loss_raw": curve.raw,
-            "loss_smoothed": curve.smoothed, "steps_run": len(curve.raw),
-            "stopped_early": curve.stopped, "suggested_lr": lr, "suggested_index": index,
-            "lowest_loss_lr": low,
-            "recipe_lr": world_lr(recipe, b.replicas), "seconds": time.perf_counter() - t0,
-            "device": b.describe(), "config": recipe.to_dict()}
+    scale = recipe.lr_reference_world_size / b.replicas if recipe.lr_reference_world_size else 1.0
+    return {
+        "recipe": recipe.recipe,
+        "model": recipe.model,
+        "batch_size": recipe.batch_size,
+        "replicas": b.replicas,
+        "global_batch": recipe.batch_size * b.replicas,
+        "suggested_override": None if lr is None else lr * scale,
+        "options": dataclasses.asdict(t),
+        "lr": curve.lrs,
+        "loss_raw": curve.raw,
+        "loss_smoothed": curve.smoothed,
+        "steps_run": len(curve.raw),
+        "stopped_early": curve.stopped,
+        "suggested_lr": lr,
+        "suggested_index": index,
+        "lowest_loss_lr": low,
+        "recipe_lr": world_lr(recipe, b.replicas),
+        "seconds": time.perf_counter() - t0,
+        "device": b.describe(),
+        "config": recipe.to_dict(),
+    }
 
 
 def write(result: dict, out: Path, framework: str) -> None:
@@ -248,18 +287,30 @@ def write(result: dict, out: Path, framework: str) -> None:
 
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "lr_find.json", json.dumps({"framework": framework, **result},
-                                                           indent=1) + "\n")
+        atomic_write_text(
+            out / "lr_find.json", json.dumps({"framework": framework, **result}, indent=1) + "\n"
+        )
     except OSError as err:
-        raise UserError(f"cannot write {out / 'lr_find.json'}: {err.strerror or err}; free "
-                        "space or pass another --workdir") from None
+        raise UserError(
+            f"cannot write {out / 'lr_find.json'}: {err.strerror or err}; free "
+            "space or pass another --workdir"
+        ) from None
     o = result["options"]
-    title = (f"{result['recipe']} ({result['model']}), {framework}: LR range test, "
-             f"batch {result['global_batch']}")
-    plot.lr_find_png(result["lr"], result["loss_smoothed"], out / "lr_find.png", title,
-                     suggestion=result["suggested_lr"], raw_losses=result["loss_raw"],
-                     skip_start=o["skip_start"], skip_end=o["skip_end"],
-                     log_lr=o["step_mode"] == "exp")
+    title = (
+        f"{result['recipe']} ({result['model']}), {framework}: LR range test, "
+        f"batch {result['global_batch']}"
+    )
+    plot.lr_find_png(
+        result["lr"],
+        result["loss_smoothed"],
+        out / "lr_find.png",
+        title,
+        suggestion=result["suggested_lr"],
+        raw_losses=result["loss_raw"],
+        skip_start=o["skip_start"],
+        skip_end=o["skip_end"],
+        log_lr=o["step_mode"] == "exp",
+    )
 
 
 # --- the command line -----------------------------------------------------------------------
@@ -267,14 +318,20 @@ def write(result: dict, out: Path, framework: str) -> None:
 
 def build_parser(prog: str, recipes: Sequence[str]) -> argparse.ArgumentParser:
     d = RangeTest()
-    p = Parser(prog=prog, allow_abbrev=False,
-                description="LR range test: train a recipe's model while the rate rises "
-                            "exponentially, plot the loss, suggest a rate (see README.md).",
-                epilog="overrides: key=value words change the recipe, e.g. batch_size=64")
+    p = Parser(
+        prog=prog,
+        allow_abbrev=False,
+        description="LR range test: train a recipe's model while the rate rises "
+        "exponentially, plot the loss, suggest a rate (see README.md).",
+        epilog="overrides: key=value words change the recipe, e.g. batch_size=64",
+    )
     p.add_argument("--recipe", help=f"one of: {', '.join(recipes)}")
     p.add_argument("--size", default="full", choices=SIZES)
-    p.add_argument("--workdir", help="a run folder: results go to WORKDIR/lr_find/ (the run's "
-                   "own files are not touched); default runs/<stack>/<recipe>-lr_find")
+    p.add_argument(
+        "--workdir",
+        help="a run folder: results go to WORKDIR/lr_find/ (the run's "
+        "own files are not touched); default runs/<stack>/<recipe>-lr_find",
+    )
     p.add_argument("--data-dir", help="where the dataset lives (default depends on the dataset)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--start-lr", type=float, default=d.start_lr)
@@ -295,10 +352,17 @@ def parse(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook):
     args = build_parser(prog, recipes.RECIPES).parse_intermixed_args(argv)
     if not args.recipe:
         raise UserError(f"--recipe is required; choose one of: {', '.join(recipes.RECIPES)}")
-    t = RangeTest(args.start_lr, args.end_lr, args.num_iter, args.step_mode, args.smooth_f,
-                  args.diverge_th, args.skip_start, args.skip_end).check()
-    recipe = apply_overrides(recipes.get_config(args.recipe, args.size),
-                             given_once(args.overrides))
+    t = RangeTest(
+        args.start_lr,
+        args.end_lr,
+        args.num_iter,
+        args.step_mode,
+        args.smooth_f,
+        args.diverge_th,
+        args.skip_start,
+        args.skip_end,
+    ).check()
+    recipe = apply_overrides(recipes.get_config(args.recipe, args.size), given_once(args.overrides))
     if args.data_dir is not None:
         if not args.data_dir.strip():
             raise UserError("--data-dir is empty; pass the folder that holds the dataset")
@@ -324,8 +388,10 @@ def _check_writable(out: Path) -> None:
     while not here.exists() and here != here.parent:
         here = here.parent
     if not here.is_dir() or not os.access(here, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the results into {out}: {here} is not a writable "
-                        "folder; pass --workdir with a folder you can write to")
+        raise UserError(
+            f"cannot write the results into {out}: {here} is not a writable "
+            "folder; pass --workdir with a folder you can write to"
+        )
 
 
 def _check_run(workdir: Path, recipe: Recipe) -> None:
@@ -341,14 +407,17 @@ def _check_run(workdir: Path, recipe: Recipe) -> None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{config} is unreadable; pass another --workdir") from None
     if saved.get("recipe") != recipe.recipe:
-        raise UserError(f"workdir {workdir} holds a run of recipe {saved.get('recipe')!r}, not "
-                        f"{recipe.recipe!r}; pass --recipe {saved.get('recipe')} with its "
-                        "overrides, or leave --workdir out")
-    diffs = [d for d in resume_differences(saved, recipe)
-             if d.split(":")[0] not in SCHEDULE_ONLY]
+        raise UserError(
+            f"workdir {workdir} holds a run of recipe {saved.get('recipe')!r}, not "
+            f"{recipe.recipe!r}; pass --recipe {saved.get('recipe')} with its "
+            "overrides, or leave --workdir out"
+        )
+    diffs = [d for d in resume_differences(saved, recipe) if d.split(":")[0] not in SCHEDULE_ONLY]
     if diffs:
-        raise UserError(f"workdir {workdir} holds a {recipe.recipe} run with other settings "
-                        f"({'; '.join(diffs[:4])}); pass the run's overrides, or leave --workdir out")
+        raise UserError(
+            f"workdir {workdir} holds a {recipe.recipe} run with other settings "
+            f"({'; '.join(diffs[:4])}); pass the run's overrides, or leave --workdir out"
+        )
 
 
 def suggestion_lines(result: dict, train_prog: str) -> list[str]:
@@ -358,21 +427,28 @@ def suggestion_lines(result: dict, train_prog: str) -> list[str]:
         lines.append(f"stopped after {result['steps_run']} steps: {result['stopped_early']}")
     if lr is None:
         o = result["options"]
-        lines.append(f"no suggestion: {result['steps_run']} steps leave fewer than 2 points "
-                     f"after skipping {o['skip_start']} + {o['skip_end']}; raise --num-iter or "
-                     "lower --skip-start/--skip-end")
+        lines.append(
+            f"no suggestion: {result['steps_run']} steps leave fewer than 2 points "
+            f"after skipping {o['skip_start']} + {o['skip_end']}; raise --num-iter or "
+            "lower --skip-start/--skip-end"
+        )
         return lines
-    lines.append(f"suggested lr {lr:.3g} (steepest descent of the smoothed loss; the recipe "
-                 f"trains at lr {result['recipe_lr']:.3g} here); the smoothed loss is lowest at "
-                 f"lr {result['lowest_loss_lr']:.3g}")
+    lines.append(
+        f"suggested lr {lr:.3g} (steepest descent of the smoothed loss; the recipe "
+        f"trains at lr {result['recipe_lr']:.3g} here); the smoothed loss is lowest at "
+        f"lr {result['lowest_loss_lr']:.3g}"
+    )
     override = result["suggested_override"]
     note = ""
     if override != lr:
         ref = result["config"]["lr_reference_world_size"]
-        note = (f" (the recipe's lr is the rate at {ref} replicas and scales with their number: "
-                f"{override:.3g} x {result['replicas']} / {ref} = {lr:.3g})")
-    lines.append(f"to train with it: {train_prog} --recipe {result['recipe']} "
-                 f"lr={override:.3g}{note}")
+        note = (
+            f" (the recipe's lr is the rate at {ref} replicas and scales with their number: "
+            f"{override:.3g} x {result['replicas']} / {ref} = {lr:.3g})"
+        )
+    lines.append(
+        f"to train with it: {train_prog} --recipe {result['recipe']} lr={override:.3g}{note}"
+    )
     return lines
 
 
@@ -388,8 +464,13 @@ def _stop(signum, frame):
     raise _Stopped(signum)
 
 
-def main(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook,
-         make: Callable[[Recipe, str], Callable]) -> int:
+def main(
+    argv: list[str] | None,
+    prog: str,
+    stack: str,
+    recipes: RecipeBook,
+    make: Callable[[Recipe, str], Callable],
+) -> int:
     """The command line of both stacks' lr_find. make(recipe, device) returns a factory
     (checkpoint_dir, train, tables) -> Backend. SIGINT and SIGTERM end it at once with one line
     and exit 128 + the signal's number (130, 143): the test writes its files only at the end,
@@ -404,8 +485,11 @@ def main(argv: list[str] | None, prog: str, stack: str, recipes: RecipeBook,
             raise _Stopped(signal.Signals[early])
         return _main(argv, prog, stack, recipes, make)
     except _Stopped as stop:
-        print(f"{prog}: {signal.Signals(stop.signum).name}: stopped; nothing written (exit code "
-              f"{128 + stop.signum})", file=sys.stderr)
+        print(
+            f"{prog}: {signal.Signals(stop.signum).name}: stopped; nothing written (exit code "
+            f"{128 + stop.signum})",
+            file=sys.stderr,
+        )
         return 128 + stop.signum
     finally:
         for sig, handler in previous.items():

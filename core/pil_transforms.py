@@ -26,8 +26,9 @@ BILINEAR = Image.BILINEAR
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def random_resized_crop_params(rng: np.random.Generator, width: int, height: int,
-                               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_params(
+    rng: np.random.Generator, width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """(top, left, height, width) of a crop, as torchvision's RandomResizedCrop chooses it."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -97,11 +98,13 @@ class BadImage(Exception):
             return CorruptData(
                 f"image file {self.path} is refused: {self.reason}; if the file is trusted, "
                 f"rerun the same command with max_image_pixels={self.pixels} (or 0 for no "
-                "limit), else replace it with a smaller copy")
+                "limit), else replace it with a smaller copy"
+            )
         return CorruptData(
             f"image file {self.path} is corrupt or not an image ({self.reason}); replace it "
             "with a good copy (removing it changes the training set, which a resumed run "
-            "refuses) and rerun the same command")
+            "refuses) and rerun the same command"
+        )
 
 
 def _reason(err: BaseException, path) -> str:
@@ -126,8 +129,9 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
         return img
     if img.mode in _SIXTEEN_BIT or img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
-        a = (np.clip(np.nan_to_num(a), 0, 1) * 255 if img.mode == "F"
-             else np.clip(a, 0, 65535) / 257)  # 257 = 65535 / 255: 8-bit x stored as 257 x
+        a = (
+            np.clip(np.nan_to_num(a), 0, 1) * 255 if img.mode == "F" else np.clip(a, 0, 65535) / 257
+        )  # 257 = 65535 / 255: 8-bit x stored as 257 x
         img = Image.fromarray(np.rint(a).astype(np.uint8))
     return img.convert(mode)
 
@@ -148,8 +152,12 @@ def _replace_pil_guard() -> None:
     Image.MAX_IMAGE_PIXELS = None
 
 
-def open_image(path: str | os.PathLike, channels: int = 3, max_pixels: int = PIL_PIXEL_LIMIT,
-               exif: bool = False) -> Image.Image:
+def open_image(
+    path: str | os.PathLike,
+    channels: int = 3,
+    max_pixels: int = PIL_PIXEL_LIMIT,
+    exif: bool = False,
+) -> Image.Image:
     """Decode an image file into a grey or RGB PIL image (`to_channels`), fully loaded.
 
     Any failure (a truncated or unidentified file, a decompression bomb, a decoder's own
@@ -165,9 +173,12 @@ def open_image(path: str | os.PathLike, channels: int = 3, max_pixels: int = PIL
             img = Image.open(fh)
             w, h = img.size
             if max_pixels and w * h > max_pixels:
-                raise BadImage(path, f"it has {w}x{h} = {w * h:,} pixels, more than the limit of "
-                               f"{max_pixels:,} (a guard against decompression bombs)",
-                               pixels=w * h)
+                raise BadImage(
+                    path,
+                    f"it has {w}x{h} = {w * h:,} pixels, more than the limit of "
+                    f"{max_pixels:,} (a guard against decompression bombs)",
+                    pixels=w * h,
+                )
             img.load()
     except BadImage:
         raise
@@ -179,8 +190,9 @@ def open_image(path: str | os.PathLike, channels: int = 3, max_pixels: int = PIL
         raise BadImage(path, _reason(err, path)) from None
 
 
-def train_image(img: Image.Image, rng: np.random.Generator, size: int, hflip: bool,
-                channels: int = 3) -> np.ndarray:
+def train_image(
+    img: Image.Image, rng: np.random.Generator, size: int, hflip: bool, channels: int = 3
+) -> np.ndarray:
     """RandomResizedCrop(size) + RandomHorizontalFlip as uint8 HWC."""
     img = to_channels(img, channels)
     top, left, h, w = random_resized_crop_params(rng, *img.size)

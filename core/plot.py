@@ -28,10 +28,16 @@ from core.records import TOP_K, _square, per_class_accuracy, top_confusions
 
 TRAIN_COLOUR, TEST_COLOUR = "#1f77b4", "#d62728"
 CURVE_PANELS = (  # panel title, (key, label, colour, marker) per series, scale of the values
-    ("loss", (("train_loss", "train", TRAIN_COLOUR, "o"),
-              ("test_loss", "test", TEST_COLOUR, "s")), 1.0),
-    ("accuracy (%)", (("train_acc", "train", TRAIN_COLOUR, "o"),
-                      ("test_acc", "test", TEST_COLOUR, "s")), 100.0),
+    (
+        "loss",
+        (("train_loss", "train", TRAIN_COLOUR, "o"), ("test_loss", "test", TEST_COLOUR, "s")),
+        1.0,
+    ),
+    (
+        "accuracy (%)",
+        (("train_acc", "train", TRAIN_COLOUR, "o"), ("test_acc", "test", TEST_COLOUR, "s")),
+        100.0,
+    ),
 )
 ANNOTATE_MAX = 20  # up to this many classes, each cell of the matrix shows its count
 MATRIX_MAX = 100  # above this many classes, only the most frequent confusions are drawn
@@ -54,13 +60,22 @@ def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> None:
 
 def _note(ax, text: str, y: float = 0.5) -> None:
     box = {"boxstyle": "round", "fc": "white", "ec": "#bbbbbb", "alpha": 0.9}
-    ax.text(0.5, y, text, transform=ax.transAxes, ha="center", va="center", fontsize=10,
-            color="#555555", bbox=box)
+    ax.text(
+        0.5,
+        y,
+        text,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=10,
+        color="#555555",
+        bbox=box,
+    )
 
 
 def _short(name: str, limit: int = 28) -> str:
     name = str(name)
-    return name if len(name) <= limit else name[:limit - 1] + "\u2026"
+    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
 
 
 # ------------------------------------------------------------------ learning curves
@@ -92,8 +107,9 @@ def curves_png(records: list[dict], path: str | os.PathLike, title: str = "") ->
             pts = [(r["epoch"], scale * r[key]) for r in rows if _finite(r.get(key))]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, color=colour, marker=marker, markersize=4, linewidth=1.5,
-                        label=label)
+                ax.plot(
+                    xs, ys, color=colour, marker=marker, markersize=4, linewidth=1.5, label=label
+                )
                 drawn += 1
         ax.set_title(name)
         ax.set_xlabel("epoch")
@@ -117,9 +133,17 @@ def _trim(values, skip_start: int, skip_end: int) -> np.ndarray:
     return a[skip_start:] if skip_end == 0 else a[skip_start:-skip_end]
 
 
-def lr_find_png(lrs, losses, path: str | os.PathLike, title: str = "",
-                suggestion: float | None = None, raw_losses=None, skip_start: int = 10,
-                skip_end: int = 5, log_lr: bool = True) -> None:
+def lr_find_png(
+    lrs,
+    losses,
+    path: str | os.PathLike,
+    title: str = "",
+    suggestion: float | None = None,
+    raw_losses=None,
+    skip_start: int = 10,
+    skip_end: int = 5,
+    log_lr: bool = True,
+) -> None:
     """The LR range test as a PNG: smoothed loss against learning rate (log axis when `log_lr`).
 
     Only ``lrs[skip_start:-skip_end]`` is drawn (``lrs[skip_start:]`` when `skip_end` is 0), as
@@ -149,8 +173,15 @@ def lr_find_png(lrs, losses, path: str | os.PathLike, title: str = "",
     if raw is not None and len(raw[0]):
         ax.plot(raw[0], raw[1], color="#1f77b4", alpha=0.3, linewidth=1, label="loss (raw)")
     if len(xs):
-        ax.plot(xs, ys, color="#1f77b4", linewidth=1.8, label="loss (smoothed)",
-                marker="o" if len(xs) <= 2 else None, markersize=4)
+        ax.plot(
+            xs,
+            ys,
+            color="#1f77b4",
+            linewidth=1.8,
+            label="loss (smoothed)",
+            marker="o" if len(xs) <= 2 else None,
+            markersize=4,
+        )
     if log_lr:
         ax.set_xscale("log")
     ax.set_xlabel("learning rate")
@@ -190,8 +221,11 @@ def lr_find_png(lrs, losses, path: str | os.PathLike, title: str = "",
         ax.set_xlim(*((c / 10, c * 10) if log_lr else (c - half, c + half)))
 
     if len(xs) <= 2:
-        _note(ax, f"only {len(xs)} point{'s' if len(xs) != 1 else ''} to draw "
-                  f"(skip_start={skip_start}, skip_end={skip_end})")
+        _note(
+            ax,
+            f"only {len(xs)} point{'s' if len(xs) != 1 else ''} to draw "
+            f"(skip_start={skip_start}, skip_end={skip_end})",
+        )
     handles, _ = ax.get_legend_handles_labels()
     if handles:
         ax.legend(loc="best")
@@ -212,12 +246,30 @@ def _confusion_panels(fig, m: np.ndarray, names: list[str]) -> None:
     labels = [_short(s, 24) for s in names]
 
     # many classes: cells fill the panel, so the rows line up with the bars beside them
-    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest",
-                   aspect="equal" if small else "auto")
-    fig.colorbar(im, ax=ax, fraction=0.046 if small else 0.02, aspect=20 if small else 50,
-                 pad=0.02, label="fraction of the true class")
-    ax.set_xticks(range(c), labels, fontsize=tick_fs, rotation=45 if small else 90,
-                  ha="right", rotation_mode="anchor")
+    im = ax.imshow(
+        norm,
+        cmap="Blues",
+        vmin=0.0,
+        vmax=1.0,
+        interpolation="nearest",
+        aspect="equal" if small else "auto",
+    )
+    fig.colorbar(
+        im,
+        ax=ax,
+        fraction=0.046 if small else 0.02,
+        aspect=20 if small else 50,
+        pad=0.02,
+        label="fraction of the true class",
+    )
+    ax.set_xticks(
+        range(c),
+        labels,
+        fontsize=tick_fs,
+        rotation=45 if small else 90,
+        ha="right",
+        rotation_mode="anchor",
+    )
     ax.set_yticks(range(c), labels, fontsize=tick_fs)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -229,14 +281,26 @@ def _confusion_panels(fig, m: np.ndarray, names: list[str]) -> None:
         fs = min(9.0, max(5.0, (4.6 / c) * 72 / max(digits, 2) * 1.4))
         for i in range(c):
             for j in range(c):
-                ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=fs,
-                        color="white" if norm[i, j] > 0.55 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(int(m[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=fs,
+                    color="white" if norm[i, j] > 0.55 else "black",
+                )
 
     accs = np.array(per_class_accuracy(m)) * 100
-    bars = bx.barh(range(c), np.nan_to_num(accs, nan=0.0), color="#4c72b0",
-                   height=0.7 if small else 0.8)
-    bx.bar_label(bars, labels=["n/a" if np.isnan(a) else f"{a:.1f}" for a in accs],
-                 padding=2, fontsize=min(tick_fs, 8) if small else min(tick_fs, 5))
+    bars = bx.barh(
+        range(c), np.nan_to_num(accs, nan=0.0), color="#4c72b0", height=0.7 if small else 0.8
+    )
+    bx.bar_label(
+        bars,
+        labels=["n/a" if np.isnan(a) else f"{a:.1f}" for a in accs],
+        padding=2,
+        fontsize=min(tick_fs, 8) if small else min(tick_fs, 5),
+    )
     bx.set_yticks(range(c), labels, fontsize=tick_fs)
     bx.set_ylim(c - 0.5, -0.5)  # class 0 on top, as in the matrix
     bx.set_xlim(0, 112)
@@ -264,14 +328,16 @@ def _top_confusions_panel(fig, m: np.ndarray, names: list[str]) -> None:
     ax.set_xlabel("test images")
     total = m.sum()
     acc = f"accuracy {100 * np.trace(m) / total:.2f}%, " if total > 0 else ""
-    ax.set_title(f"{len(top)} most frequent confusions (true -> predicted)\n"
-                 f"{m.shape[0]} classes, {acc}{shown} of {errors} errors shown", fontsize=10)
+    ax.set_title(
+        f"{len(top)} most frequent confusions (true -> predicted)\n"
+        f"{m.shape[0]} classes, {acc}{shown} of {errors} errors shown",
+        fontsize=10,
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, axis="x", alpha=0.3)
 
 
-def confusion_png(matrix, class_names: list[str], path: str | os.PathLike,
-                  title: str = "") -> None:
+def confusion_png(matrix, class_names: list[str], path: str | os.PathLike, title: str = "") -> None:
     """A confusion matrix (rows true class, columns predicted) as a PNG at `path`.
 
     Up to 100 classes: a heat map of the row-normalised matrix (counts written in the cells up
@@ -332,7 +398,13 @@ class Pictures:
         r = self.record
         confusion = r.read_confusion() if r.writer else None
         if confusion is not None and confusion["step"] == metrics["step"]:
-            title = (f"{r.recipe.recipe}, {r.framework}: test set at epoch {confusion['epoch']} "
-                     f"({100 * confusion['test_acc']:.2f}%)")
-            confusion_png(np.asarray(confusion["confusion"], np.int64), confusion["class_names"],
-                          r.workdir / "confusion.png", title)
+            title = (
+                f"{r.recipe.recipe}, {r.framework}: test set at epoch {confusion['epoch']} "
+                f"({100 * confusion['test_acc']:.2f}%)"
+            )
+            confusion_png(
+                np.asarray(confusion["confusion"], np.int64),
+                confusion["class_names"],
+                r.workdir / "confusion.png",
+                title,
+            )

@@ -45,8 +45,9 @@ def run_recipe(workdir: Path) -> Recipe:
     except FileNotFoundError:
         raise UserError(f"{workdir} has no config.json; pass --workdir of a training run") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as err:
-        raise UserError(f"{config} is unreadable ({err}); pass --workdir of a training run"
-                        ) from None
+        raise UserError(
+            f"{config} is unreadable ({err}); pass --workdir of a training run"
+        ) from None
 
 
 def find_checkpoint(workdir: Path, given: str | None) -> tuple[str, Path]:
@@ -61,19 +62,28 @@ def find_checkpoint(workdir: Path, given: str | None) -> tuple[str, Path]:
             return "flax_impl", p
         if not p.exists():
             raise UserError(f"--checkpoint {given} does not exist")
-        raise UserError(f"--checkpoint {given} is neither a torch_ref checkpoint file (such as "
-                        "RUN/checkpoints/best.pt) nor a flax_impl step folder (such as "
-                        "RUN/checkpoints/best/1234)")
+        raise UserError(
+            f"--checkpoint {given} is neither a torch_ref checkpoint file (such as "
+            "RUN/checkpoints/best.pt) nor a flax_impl step folder (such as "
+            "RUN/checkpoints/best/1234)"
+        )
     ckpt = workdir / "checkpoints"
     for kind in ("best", "last"):
         if (ckpt / f"{kind}.pt").is_file():
             return "torch_ref", ckpt / f"{kind}.pt"
-        steps = sorted((int(d.name) for d in (ckpt / kind).glob("*")
-                        if d.name.isdigit() and (d / "meta").exists()), reverse=True)
+        steps = sorted(
+            (
+                int(d.name)
+                for d in (ckpt / kind).glob("*")
+                if d.name.isdigit() and (d / "meta").exists()
+            ),
+            reverse=True,
+        )
         if steps:
             return "flax_impl", ckpt / kind / str(steps[0])
-    raise UserError(f"{workdir} holds no checkpoint (nothing in {ckpt}); train it first, or pass "
-                    "--checkpoint")
+    raise UserError(
+        f"{workdir} holds no checkpoint (nothing in {ckpt}); train it first, or pass --checkpoint"
+    )
 
 
 def check_model(meta: dict, recipe: Recipe, where: str) -> None:
@@ -82,12 +92,17 @@ def check_model(meta: dict, recipe: Recipe, where: str) -> None:
     have = {k: meta.get(k) for k in keys}
     want = {k: getattr(recipe, k) for k in keys}
     if have != want:
-        def say(d):
-            return (f"{d['recipe']}/{d['model']} ({d['num_classes']} classes, "
-                    f"{d['in_channels']} channels)")
 
-        raise UserError(f"checkpoint {where} holds a {say(have)} model, the run is {say(want)}; "
-                        "pass a checkpoint of this run, or the run it belongs to")
+        def say(d):
+            return (
+                f"{d['recipe']}/{d['model']} ({d['num_classes']} classes, "
+                f"{d['in_channels']} channels)"
+            )
+
+        raise UserError(
+            f"checkpoint {where} holds a {say(have)} model, the run is {say(want)}; "
+            "pass a checkpoint of this run, or the run it belongs to"
+        )
 
 
 def load_image(path: str, recipe: Recipe, max_pixels: int | None = None) -> np.ndarray:
@@ -106,8 +121,10 @@ def load_image(path: str, recipe: Recipe, max_pixels: int | None = None) -> np.n
         img = pil_transforms.open_image(path, recipe.in_channels, limit, exif=True)
     except pil_transforms.BadImage as bad:
         if bad.too_large:
-            raise UserError(f"{path} is refused: {bad.reason}; if the file is trusted, pass "
-                            f"--max-image-pixels {bad.pixels} (or 0 for no limit)") from None
+            raise UserError(
+                f"{path} is refused: {bad.reason}; if the file is trusted, pass "
+                f"--max-image-pixels {bad.pixels} (or 0 for no limit)"
+            ) from None
         raise UserError(f"{path} is not an image PIL can read ({bad.reason})") from None
     return prepare(img, recipe)
 
@@ -137,11 +154,15 @@ def top_k(logits: np.ndarray, names: Sequence[str], k: int) -> list[dict]:
 
 
 def build_parser(prog: str) -> Parser:
-    p = Parser(prog=prog, allow_abbrev=False,
-               description="Classify image files with a trained run (see README.md).")
+    p = Parser(
+        prog=prog,
+        allow_abbrev=False,
+        description="Classify image files with a trained run (see README.md).",
+    )
     p.add_argument("--workdir", required=True, help="the training run's folder")
-    p.add_argument("--checkpoint", help="a checkpoint of either stack (default: the run's best, "
-                   "else its last)")
+    p.add_argument(
+        "--checkpoint", help="a checkpoint of either stack (default: the run's best, else its last)"
+    )
     p.add_argument("--top", type=int, default=5, help="how many classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -151,9 +172,14 @@ def build_parser(prog: str) -> Parser:
 
 
 def add_pixel_limit(p: Parser) -> None:
-    p.add_argument("--max-image-pixels", type=int, metavar="N", help="refuse images of more "
-                   "pixels, a guard against decompression bombs (default: the run's "
-                   "max_image_pixels, PIL's limit; 0 = no limit)")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        metavar="N",
+        help="refuse images of more "
+        "pixels, a guard against decompression bombs (default: the run's "
+        "max_image_pixels, PIL's limit; 0 = no limit)",
+    )
 
 
 def pixel_limit(args, recipe: Recipe) -> int:
@@ -161,8 +187,9 @@ def pixel_limit(args, recipe: Recipe) -> int:
     if args.max_image_pixels is None:
         return recipe.max_image_pixels
     if args.max_image_pixels < 0:
-        raise UserError(f"--max-image-pixels must be 0 (no limit) or more, got "
-                        f"{args.max_image_pixels}")
+        raise UserError(
+            f"--max-image-pixels must be 0 (no limit) or more, got {args.max_image_pixels}"
+        )
     return args.max_image_pixels
 
 
@@ -186,8 +213,17 @@ def main(argv: list[str] | None, prog: str, load: Callable[..., tuple]) -> int:
         for path, row in zip(args.images, logits):
             top = top_k(row, names, k)
             if args.json:
-                print(json.dumps({"image": path, "checkpoint": where, "top": top,
-                                  "logits": [float(v) for v in row]}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "image": path,
+                            "checkpoint": where,
+                            "top": top,
+                            "logits": [float(v) for v in row],
+                        }
+                    ),
+                    flush=True,
+                )
             else:
                 shown = "  ".join(f"{t['name']} {100 * t['prob']:.1f}%" for t in top)
                 print(f"{path}: {shown}", flush=True)

@@ -76,15 +76,22 @@ def _handle(signum, frame):
         # half-done in memory; files on disk are safe (writes are atomic, a temporary file is
         # removed at the next start) and data-loading workers exit when they see the trainer gone
         if _state["announce"]:
-            print("SIGINT again: quitting at once; checkpoints on disk are intact, run the same "
-                  "command to resume from the last one", file=sys.stderr, flush=True)
+            print(
+                "SIGINT again: quitting at once; checkpoints on disk are intact, run the same "
+                "command to resume from the last one",
+                file=sys.stderr,
+                flush=True,
+            )
         sys.stdout.flush()
         os._exit(EXIT_INTERRUPTED)
     first = _state["signal"] is None
     _state["signal"] = signal.Signals(signum).name
     if first and _state["announce"]:
-        print(f"{signal.Signals(signum).name}: stopping after this step and writing a "
-              "checkpoint (SIGINT again to quit at once)", flush=True)
+        print(
+            f"{signal.Signals(signum).name}: stopping after this step and writing a "
+            "checkpoint (SIGINT again to quit at once)",
+            flush=True,
+        )
     if first and _state["waiting"]:
         _state["waiting"] = False
         raise StopWaiting

@@ -1,4 +1,5 @@
-"""Readers of the on-disk formats, in NumPy only: CIFAR python pickles, IDX files, ImageFolder trees.
+"""Readers of the on-disk formats, in NumPy only: CIFAR python pickles, IDX files, ImageFolder
+trees.
 
 Every reader returns images as uint8 arrays in NHWC order and labels as int64, checks what it read
 (shapes, sizes, label ranges) and raises `UserError` with the file and the fix when something is
@@ -22,8 +23,13 @@ FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's datas
 
 CIFAR_LAYOUT = {
     # dataset: (folder inside data_dir, train files, test file, label key, classes)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                "labels", 10),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        "labels",
+        10,
+    ),
     "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", 100),
 }
 CIFAR_ARCHIVE = {
@@ -57,6 +63,7 @@ class ArraySplit:
 
 # --- CIFAR python pickles -------------------------------------------------------------------------
 
+
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickle only what CIFAR batches hold: dicts, lists, strings, bytes and NumPy arrays.
 
@@ -64,9 +71,12 @@ class _CifarUnpickler(pickle.Unpickler):
     """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
         ("_codecs", "encode"),
     }
 
@@ -74,29 +84,36 @@ class _CifarUnpickler(pickle.Unpickler):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         if module.startswith("numpy.core"):
-            module = "numpy._core" + module[len("numpy.core"):]
+            module = "numpy._core" + module[len("numpy.core") :]
         return super().find_class(module, name)
 
 
-def _load_cifar_pickle(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    fix = (f"delete {path.parent} and run again to download it afresh, or extract the official "
-           "archive there")
+def _load_cifar_pickle(
+    path: Path, label_key: str, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    fix = (
+        f"delete {path.parent} and run again to download it afresh, or extract the official "
+        "archive there"
+    )
     try:
         with open(path, "rb") as fh:
             entry = _CifarUnpickler(fh, encoding="latin1").load()
     except FileNotFoundError:
         raise UserError(f"missing CIFAR file {path}; {fix}") from None
     except Exception as err:  # truncated or corrupt pickles raise many different types
-        raise UserError(f"CIFAR file {path} is truncated or corrupt ({type(err).__name__}); "
-                        f"{fix}") from None
+        raise UserError(
+            f"CIFAR file {path} is truncated or corrupt ({type(err).__name__}); {fix}"
+        ) from None
     try:
         data = np.asarray(entry["data"], dtype=np.uint8)
         labels = np.asarray(entry[label_key], dtype=np.int64)
     except (KeyError, TypeError, ValueError):
         raise UserError(f"CIFAR file {path} lacks 'data' or '{label_key}'; {fix}") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise UserError(f"CIFAR file {path} holds data of shape {data.shape} with "
-                        f"{len(labels)} labels, expected (N, 3072) and N labels; {fix}")
+        raise UserError(
+            f"CIFAR file {path} holds data of shape {data.shape} with "
+            f"{len(labels)} labels, expected (N, 3072) and N labels; {fix}"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise UserError(f"CIFAR file {path} has labels outside 0..{num_classes - 1}; {fix}")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # NCHW rows -> NHWC
@@ -110,8 +127,9 @@ def cifar_folder(dataset: str, data_dir: str | os.PathLike) -> Path:
 def read_cifar_names(dataset: str, data_dir: str | os.PathLike) -> list[str]:
     """The class names of the archive's meta file (label_names / fine_label_names); [] when
     the file is missing or unreadable (the names are only used to label pictures)."""
-    meta, key = (("batches.meta", "label_names") if dataset == "cifar10"
-                 else ("meta", "fine_label_names"))
+    meta, key = (
+        ("batches.meta", "label_names") if dataset == "cifar10" else ("meta", "fine_label_names")
+    )
     try:
         with open(cifar_folder(dataset, data_dir) / meta, "rb") as fh:
             entry = _CifarUnpickler(fh, encoding="latin1").load()
@@ -150,8 +168,10 @@ def write_cifar(dataset: str, data_dir: str | os.PathLike, train: tuple, test: t
         if dataset == "cifar10":
             meta = {"label_names": [f"class_{i}" for i in range(10)], "num_vis": 3072}
         else:
-            meta = {"fine_label_names": [f"fine_{i}" for i in range(100)],
-                    "coarse_label_names": [f"coarse_{i}" for i in range(20)]}
+            meta = {
+                "fine_label_names": [f"fine_{i}" for i in range(100)],
+                "coarse_label_names": [f"coarse_{i}" for i in range(20)],
+            }
         _Py2Pickler(fh, protocol=2).dump(meta)
     return root
 
@@ -189,8 +209,12 @@ class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler, whose opcodes ca
 
 def _write_cifar_pickle(path: Path, images: np.ndarray, labels: np.ndarray, label_key: str):
     rows = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), -1)
-    entry = {"batch_label": path.name, "data": rows.astype(np.uint8),
-             label_key: [int(v) for v in labels], "filenames": [f"{i}.png" for i in range(len(rows))]}
+    entry = {
+        "batch_label": path.name,
+        "data": rows.astype(np.uint8),
+        label_key: [int(v) for v in labels],
+        "filenames": [f"{i}.png" for i in range(len(rows))],
+    }
     if label_key == "fine_labels":
         entry["coarse_labels"] = [int(v) // 5 for v in labels]
     with open(path, "wb") as fh:
@@ -223,8 +247,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
-        raise UserError(f"IDX file {path} holds {len(raw) - header} bytes of data, its header "
-                        f"promises {expected} for shape {shape}; {fix}")
+        raise UserError(
+            f"IDX file {path} holds {len(raw) - header} bytes of data, its header "
+            f"promises {expected} for shape {shape}; {fix}"
+        )
     # a writable copy: torch refuses to wrap read-only memory without a warning
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
@@ -239,8 +265,10 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         fh.write(blob)
 
 
-FASHION_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                 False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -264,17 +292,21 @@ def read_fashion_mnist(data_dir: str | os.PathLike, train: bool) -> ArraySplit:
         raise UserError(
             f"no Fashion-MNIST IDX files ({FASHION_FILES[train][0]}[.gz] and its labels) in "
             f"{folder}; install Debian's dataset-fashion-mnist (files in "
-            f"{FASHION_MNIST_SYSTEM_DIR}) or pass --data-dir with the folder that holds them")
+            f"{FASHION_MNIST_SYSTEM_DIR}) or pass --data-dir with the folder that holds them"
+        )
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise UserError(f"Fashion-MNIST files in {folder} disagree: images {images.shape}, "
-                        f"labels {labels.shape}; reinstall the data")
+        raise UserError(
+            f"Fashion-MNIST files in {folder} disagree: images {images.shape}, "
+            f"labels {labels.shape}; reinstall the data"
+        )
     if len(labels) and labels.max() >= 10:
         raise UserError(f"Fashion-MNIST labels in {paths[1]} exceed 9; reinstall the data")
     return ArraySplit(np.ascontiguousarray(images[..., None]), labels.astype(np.int64), 10)
 
 
 # --- ImageFolder ----------------------------------------------------------------------------------
+
 
 def list_image_folder(root: str | os.PathLike, classes: list[str] | None = None):
     """List an ImageFolder tree: root/<class>/<image>. Returns (paths, labels, classes).
@@ -284,18 +316,23 @@ def list_image_folder(root: str | os.PathLike, classes: list[str] | None = None)
     """
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist; pass --data-dir with a folder that "
-                        "holds train/<class>/*.JPEG and val/<class>/*.JPEG")
+        raise UserError(
+            f"image folder {root} does not exist; pass --data-dir with a folder that "
+            "holds train/<class>/*.JPEG and val/<class>/*.JPEG"
+        )
     found = sorted(d.name for d in root.iterdir() if d.is_dir())
     if classes is None:
         classes = found
     elif set(found) - set(classes):
         extra = sorted(set(found) - set(classes))[:3]
-        raise UserError(f"{root} has class folders that train/ lacks (e.g. {extra}); the two "
-                        "splits must share their class folders")
+        raise UserError(
+            f"{root} has class folders that train/ lacks (e.g. {extra}); the two "
+            "splits must share their class folders"
+        )
     if not classes:
-        raise UserError(f"image folder {root} has no class sub-folders; expected "
-                        f"{root}/<class>/<image files>")
+        raise UserError(
+            f"image folder {root} has no class sub-folders; expected {root}/<class>/<image files>"
+        )
     paths, labels = [], []
     for index, name in enumerate(classes):
         folder = root / name
@@ -307,17 +344,31 @@ def list_image_folder(root: str | os.PathLike, classes: list[str] | None = None)
                     paths.append(os.path.join(dirpath, f))
                     labels.append(index)
     if not paths:
-        raise UserError(f"image folder {root} holds no image files "
-                        f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+        raise UserError(
+            f"image folder {root} holds no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
+        )
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 NHWC images scaled to [0, 1] (how recipe stats are made)."""
+    """Per-channel mean and std of uint8 NHWC images scaled to [0, 1] (how recipe stats are
+    made)."""
     x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
     return tuple(x.mean(0).round(4).tolist()), tuple(x.std(0).round(4).tolist())
 
 
-__all__ = ["ArraySplit", "read_cifar", "write_cifar", "cifar_present", "cifar_folder", "read_idx",
-           "write_idx", "read_fashion_mnist", "fashion_mnist_present", "list_image_folder",
-           "channel_stats", "FASHION_MNIST_SYSTEM_DIR", "CIFAR_ARCHIVE"]
+__all__ = [
+    "ArraySplit",
+    "read_cifar",
+    "write_cifar",
+    "cifar_present",
+    "cifar_folder",
+    "read_idx",
+    "write_idx",
+    "read_fashion_mnist",
+    "fashion_mnist_present",
+    "list_image_folder",
+    "channel_stats",
+    "FASHION_MNIST_SYSTEM_DIR",
+    "CIFAR_ARCHIVE",
+]

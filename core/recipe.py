@@ -1,6 +1,7 @@
 """The recipe schema: every knob of a run, typed, validated, overridable from the command line.
 
-A recipe is a frozen `Recipe`. The files in `configs/` build one with `make_recipe(**fields)` and say
+A recipe is a frozen `Recipe`. The files in `configs/` build one with `make_recipe(**fields)` and
+say
 where each number comes from. The command line changes fields with ``key=value`` overrides; an
 unknown key, a value that does not parse as the field's type, or a value out of range is a
 `UserError`, never a silently added key.
@@ -107,14 +108,30 @@ class Recipe:
 # Fields a resumed run may change without becoming a different run: where the data is, how it
 # is read and logged. Everything else shapes the numbers and must match the run in the workdir.
 RESUME_MAY_CHANGE = frozenset(
-    {"data_dir", "data_source", "download", "num_workers", "log_every_steps",
-     "checkpoint_every_steps", "eval_batch_size", "tensorboard", "max_image_pixels",
-     "resume_with_gap"}
+    {
+        "data_dir",
+        "data_source",
+        "download",
+        "num_workers",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "eval_batch_size",
+        "tensorboard",
+        "max_image_pixels",
+        "resume_with_gap",
+    }
 )
 
 # What `size="smoke"` does to any recipe: a handful of steps on a data subset, same code paths.
-SMOKE = dict(train_subset=256, eval_subset=200, epochs=2, batch_size=32, eval_batch_size=64,
-             num_workers=0, log_every_steps=2)
+SMOKE = dict(
+    train_subset=256,
+    eval_subset=200,
+    epochs=2,
+    batch_size=32,
+    eval_batch_size=64,
+    num_workers=0,
+    log_every_steps=2,
+)
 
 
 def make_recipe(*, size: str = "full", **fields) -> Recipe:
@@ -212,48 +229,79 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
 
 def validate(r: Recipe) -> Recipe:
     """Check ranges and combinations; return the recipe unchanged or raise UserError."""
+
     def need(ok: bool, msg: str):
         if not ok:
             raise UserError(msg)
 
-    for name in ("num_classes", "in_channels", "image_size", "epochs", "batch_size",
-                 "eval_batch_size", "log_every_steps"):
+    for name in (
+        "num_classes",
+        "in_channels",
+        "image_size",
+        "epochs",
+        "batch_size",
+        "eval_batch_size",
+        "log_every_steps",
+    ):
         need(getattr(r, name) >= 1, f"{name} must be at least 1 (got {getattr(r, name)})")
-    for name in ("crop_padding", "num_workers", "train_subset", "eval_subset", "eval_resize",
-                 "lr_reference_world_size", "checkpoint_every_steps", "seed", "max_image_pixels"):
+    for name in (
+        "crop_padding",
+        "num_workers",
+        "train_subset",
+        "eval_subset",
+        "eval_resize",
+        "lr_reference_world_size",
+        "checkpoint_every_steps",
+        "seed",
+        "max_image_pixels",
+    ):
         need(getattr(r, name) >= 0, f"{name} must be 0 or more (got {getattr(r, name)})")
     need(r.lr > 0, f"lr must be positive (got {r.lr})")
     need(0 <= r.momentum < 1, f"momentum must be in [0, 1) (got {r.momentum})")
     need(r.weight_decay >= 0, f"weight_decay must be 0 or more (got {r.weight_decay})")
     need(not r.nesterov or r.momentum > 0, "nesterov needs momentum > 0")
     need(0 < r.onecycle_pct_start < 1, "onecycle_pct_start must be in (0, 1)")
-    need(r.onecycle_div_factor > 0 and r.onecycle_final_div_factor > 0,
-         "onecycle_div_factor and onecycle_final_div_factor must be positive")
-    need(0 <= r.onecycle_base_momentum <= r.onecycle_max_momentum < 1,
-         "onecycle momenta must satisfy 0 <= base_momentum <= max_momentum < 1")
-    need(len(r.color_jitter) == 3 and all(0 <= v <= 1 for v in r.color_jitter),
-         "color_jitter must be three numbers in [0, 1]: brightness,contrast,saturation")
-    need(len(r.mean) == r.in_channels and len(r.std) == r.in_channels,
-         f"mean and std need {r.in_channels} values, one per input channel")
+    need(
+        r.onecycle_div_factor > 0 and r.onecycle_final_div_factor > 0,
+        "onecycle_div_factor and onecycle_final_div_factor must be positive",
+    )
+    need(
+        0 <= r.onecycle_base_momentum <= r.onecycle_max_momentum < 1,
+        "onecycle momenta must satisfy 0 <= base_momentum <= max_momentum < 1",
+    )
+    need(
+        len(r.color_jitter) == 3 and all(0 <= v <= 1 for v in r.color_jitter),
+        "color_jitter must be three numbers in [0, 1]: brightness,contrast,saturation",
+    )
+    need(
+        len(r.mean) == r.in_channels and len(r.std) == r.in_channels,
+        f"mean and std need {r.in_channels} values, one per input channel",
+    )
     need(all(s > 0 for s in r.std), "std values must be positive")
     need(r.cutout_holes >= 0, f"cutout_holes must be 0 or more (got {r.cutout_holes})")
     need(r.cutout_length >= 1, f"cutout_length must be at least 1 (got {r.cutout_length})")
-    need(not r.cutout_holes or r.cutout_length <= r.image_size,
-         f"cutout_length must be 1 to image_size={r.image_size} pixels (got {r.cutout_length})")
+    need(
+        not r.cutout_holes or r.cutout_length <= r.image_size,
+        f"cutout_length must be 1 to image_size={r.image_size} pixels (got {r.cutout_length})",
+    )
     for name in ("mixup_alpha", "cutmix_alpha"):
         need(getattr(r, name) >= 0, f"{name} must be 0 (off) or positive (got {getattr(r, name)})")
-    need(0 <= r.mix_switch_prob <= 1,
-         f"mix_switch_prob must be in [0, 1] (got {r.mix_switch_prob})")
-    need(0 <= r.label_smoothing < 1,
-         f"label_smoothing must be in [0, 1) (got {r.label_smoothing})")
+    need(
+        0 <= r.mix_switch_prob <= 1, f"mix_switch_prob must be in [0, 1] (got {r.mix_switch_prob})"
+    )
+    need(0 <= r.label_smoothing < 1, f"label_smoothing must be in [0, 1) (got {r.label_smoothing})")
     if r.model not in CIFAR_MODELS:
         need(r.shortcut == "projection", "shortcut=identity exists only for resnet20..resnet110")
     if r.dataset == "imagenet":
         need(r.pipeline == "dataloader", "imagenet does not fit in memory: use pipeline=dataloader")
-    need(not r.random_resized_crop or r.dataset == "imagenet",
-         "random_resized_crop is for imagenet; CIFAR and Fashion-MNIST crop with crop_padding")
-    need(r.crop_padding == 0 or not r.random_resized_crop,
-         "choose random_resized_crop or crop_padding, not both")
+    need(
+        not r.random_resized_crop or r.dataset == "imagenet",
+        "random_resized_crop is for imagenet; CIFAR and Fashion-MNIST crop with crop_padding",
+    )
+    need(
+        r.crop_padding == 0 or not r.random_resized_crop,
+        "choose random_resized_crop or crop_padding, not both",
+    )
     return r
 
 

@@ -38,8 +38,13 @@ from core.recipe import Recipe, resume_differences
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -47,11 +52,17 @@ def git_commit() -> str:
 
 def environment(libraries: dict[str, str], device: str) -> dict:
     return {
-        "python": sys.version.split()[0], "platform": platform.platform(),
-        "machine": platform.machine(), "processor": platform.processor(),
-        "cpu_count": os.cpu_count(), "host": socket.gethostname(), "device": device,
-        "git_commit": git_commit(), "libraries": libraries,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "host": socket.gethostname(),
+        "device": device,
+        "git_commit": git_commit(),
+        "libraries": libraries,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
     }
 
 
@@ -77,27 +88,35 @@ class RunRecord:
                     f"workdir {self.workdir} holds results of a run ({', '.join(held)}) but no "
                     "config.json, so it cannot be resumed safely and is not started over; move "
                     f"it aside (mv {self.workdir} {self.workdir}.old), which keeps those "
-                    "results, or pass another --workdir")
+                    "results, or pass another --workdir"
+                )
             return False
         try:
             saved = json.loads(self.config_path.read_text())
             saved_recipe, saved_framework = saved["recipe"], saved["framework"]
             self.saved_recipe = dict(saved_recipe)
         except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{self.config_path} is unreadable; move the workdir away or pass "
-                            "another --workdir") from None
+            raise UserError(
+                f"{self.config_path} is unreadable; move the workdir away or pass another --workdir"
+            ) from None
         fix = "pass another --workdir to start a new run"
         if saved_framework != self.framework:
-            raise UserError(f"workdir {self.workdir} holds a {saved_framework} run, not a "
-                            f"{self.framework} one; {fix}")
+            raise UserError(
+                f"workdir {self.workdir} holds a {saved_framework} run, not a "
+                f"{self.framework} one; {fix}"
+            )
         if saved_recipe.get("recipe") != self.recipe.recipe:
-            raise UserError(f"workdir {self.workdir} holds a run of recipe "
-                            f"{saved_recipe.get('recipe')!r}, not {self.recipe.recipe!r}; {fix}")
+            raise UserError(
+                f"workdir {self.workdir} holds a run of recipe "
+                f"{saved_recipe.get('recipe')!r}, not {self.recipe.recipe!r}; {fix}"
+            )
         diffs = resume_differences(saved_recipe, self.recipe)
         if diffs:
             shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
-            raise UserError(f"workdir {self.workdir} holds a {self.recipe.recipe} run with other "
-                            f"settings ({shown}); rerun with the same overrides to resume, or {fix}")
+            raise UserError(
+                f"workdir {self.workdir} holds a {self.recipe.recipe} run with other "
+                f"settings ({shown}); rerun with the same overrides to resume, or {fix}"
+            )
         return True
 
     def results(self) -> list[str]:
@@ -108,8 +127,9 @@ class RunRecord:
                 held.append("metrics.jsonl")
         except OSError:
             pass
-        if self.checkpoint_dir.is_dir() and any(p.is_file()
-                                                for p in self.checkpoint_dir.rglob("*")):
+        if self.checkpoint_dir.is_dir() and any(
+            p.is_file() for p in self.checkpoint_dir.rglob("*")
+        ):
             held.append("checkpoints/")
         return held
 
@@ -155,8 +175,10 @@ class RunRecord:
             tmp.unlink(missing_ok=True)
         config = {"framework": self.framework, "recipe": self.recipe.to_dict(), "argv": sys.argv}
         atomic_write_text(self.config_path, json.dumps(config, indent=2) + "\n")
-        atomic_write_text(self.workdir / "environment.json",
-                          json.dumps(environment(libraries, device), indent=2) + "\n")
+        atomic_write_text(
+            self.workdir / "environment.json",
+            json.dumps(environment(libraries, device), indent=2) + "\n",
+        )
 
     def rewind(self, step: int) -> None:
         """Drop what was written after `step` (the checkpoint a resumed run continues from):
@@ -205,13 +227,17 @@ class RunRecord:
 
         names = class_names(self.recipe)
         matrix = np.asarray(matrix, np.int64)
-        record = {"epoch": metrics["epoch"], "step": metrics["step"],
-                  "test_acc": metrics["test_acc"], "class_names": names,
-                  "per_class_test_acc": [None if a != a else a
-                                         for a in per_class_accuracy(matrix)],
-                  "top_confusions": [{"true": t, "predicted": p, "count": n}
-                                     for t, p, n in top_confusions(matrix, names)],
-                  "confusion": matrix.tolist()}
+        record = {
+            "epoch": metrics["epoch"],
+            "step": metrics["step"],
+            "test_acc": metrics["test_acc"],
+            "class_names": names,
+            "per_class_test_acc": [None if a != a else a for a in per_class_accuracy(matrix)],
+            "top_confusions": [
+                {"true": t, "predicted": p, "count": n} for t, p, n in top_confusions(matrix, names)
+            ],
+            "confusion": matrix.tolist(),
+        }
         atomic_write_text(self.workdir / "confusion.json", json.dumps(record) + "\n")
 
     def read_confusion(self) -> dict | None:
@@ -282,14 +308,17 @@ class WorkdirLock:
         if workdir.exists() and not workdir.is_dir():
             raise UserError(f"workdir {workdir} is a file; pass --workdir with a folder")
         self.fd = None
-        self.created = next((p for p in reversed([workdir, *workdir.parents])
-                             if not p.exists()), None)  # the first folder this makes
+        self.created = next(
+            (p for p in reversed([workdir, *workdir.parents]) if not p.exists()), None
+        )  # the first folder this makes
         try:
             workdir.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
         except OSError as err:
-            raise UserError(f"cannot use {workdir} as a run folder ({err.strerror}); pass a "
-                            "--workdir you can write to") from None
+            raise UserError(
+                f"cannot use {workdir} as a run folder ({err.strerror}); pass a "
+                "--workdir you can write to"
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -299,14 +328,23 @@ class WorkdirLock:
                 raise UserError(
                     f"workdir {workdir} is in use by another run ({holder}); wait for it to "
                     "finish, or stop it (kill -TERM PID writes a checkpoint; the same command "
-                    "then resumes it), or pass another --workdir") from None
-            raise UserError(f"cannot lock {self.path} ({err.strerror}); the file system of "
-                            f"{workdir} does not support locks: pass a --workdir on a local "
-                            "disk") from None
+                    "then resumes it), or pass another --workdir"
+                ) from None
+            raise UserError(
+                f"cannot lock {self.path} ({err.strerror}); the file system of "
+                f"{workdir} does not support locks: pass a --workdir on a local "
+                "disk"
+            ) from None
         preemption.HELD_FDS.add(self.fd)  # forked data-loading workers close their copy
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
-                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
+        os.pwrite(
+            self.fd,
+            (
+                f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            ).encode(),
+            0,
+        )
 
     def release(self, tidy: bool = False) -> None:
         """Drop the lock. `tidy` (a start that failed): remove the folders this lock made if
@@ -314,8 +352,9 @@ class WorkdirLock:
         if self.fd is None:
             return
         workdir = self.path.parent
-        tidy = (tidy and self.created is not None
-                and [p.name for p in workdir.iterdir()] == [self.NAME])
+        tidy = (
+            tidy and self.created is not None and [p.name for p in workdir.iterdir()] == [self.NAME]
+        )
         if tidy:
             self.path.unlink()  # while still held: no other start can lock it in between
         preemption.HELD_FDS.discard(self.fd)

@@ -80,8 +80,15 @@ class Draws:
 def cutout_boxes(cy: np.ndarray, cx: np.ndarray, length: int, h: int, w: int) -> np.ndarray:
     """(B, holes) centre rows and columns -> (B, holes, 4) squares y0, y1, x0, x1, clipped."""
     y0, x0 = cy - length // 2, cx - length // 2
-    return np.stack([np.clip(y0, 0, h), np.clip(y0 + length, 0, h),
-                     np.clip(x0, 0, w), np.clip(x0 + length, 0, w)], axis=-1).astype(np.int32)
+    return np.stack(
+        [
+            np.clip(y0, 0, h),
+            np.clip(y0 + length, 0, h),
+            np.clip(x0, 0, w),
+            np.clip(x0 + length, 0, w),
+        ],
+        axis=-1,
+    ).astype(np.int32)
 
 
 def cutmix_box(lam: float, cy: int, cx: int, h: int, w: int) -> tuple[np.ndarray, float]:
@@ -90,8 +97,7 @@ def cutmix_box(lam: float, cy: int, cx: int, h: int, w: int) -> tuple[np.ndarray
     rh, rw = int(r * h), int(r * w)
     y0, y1 = max(cy - rh, 0), min(cy + rh, h)
     x0, x1 = max(cx - rw, 0), min(cx + rw, w)
-    return (np.array([y0, y1, x0, x1], np.int32),
-            float(1.0 - (x1 - x0) * (y1 - y0) / (w * h)))
+    return (np.array([y0, y1, x0, x1], np.int32), float(1.0 - (x1 - x0) * (y1 - y0) / (w * h)))
 
 
 def draw(r: Recipe, epoch: int, step: int, batch: int, groups: int, h: int, w: int) -> Draws:
@@ -122,4 +128,3 @@ def draw(r: Recipe, epoch: int, step: int, batch: int, groups: int, h: int, w: i
         for start, stop in group_bounds(batch, groups):
             partner[start:stop] = start + rng.permutation(stop - start)
     return Draws(holes, kind, lam, box, partner)
-

@@ -43,8 +43,11 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(num_examples)
 
 
-def steps_in_epoch(num_examples: int, global_batch: int, drop_last: bool, world_size: int = 1) -> int:
-    """Steps per epoch. A last partial batch too small to give every process one example is dropped."""
+def steps_in_epoch(
+    num_examples: int, global_batch: int, drop_last: bool, world_size: int = 1
+) -> int:
+    """Steps per epoch. A last partial batch too small to give every process one example is
+    dropped."""
     full, rest = divmod(num_examples, global_batch)
     return full + (0 if drop_last or rest < world_size else 1)
 
@@ -59,16 +62,18 @@ class StepSlice:
 
     @property
     def local_indices(self) -> np.ndarray:
-        return self.global_indices[self.start:self.stop]
+        return self.global_indices[self.start : self.stop]
 
     @property
     def global_size(self) -> int:
         return len(self.global_indices)
 
 
-def step_slice(perm: np.ndarray, step: int, batch_size: int, world_size: int, rank: int) -> StepSlice:
+def step_slice(
+    perm: np.ndarray, step: int, batch_size: int, world_size: int, rank: int
+) -> StepSlice:
     global_batch = batch_size * world_size
-    idx = perm[step * global_batch:(step + 1) * global_batch]
+    idx = perm[step * global_batch : (step + 1) * global_batch]
     if len(idx) == global_batch:
         start = rank * batch_size
         return StepSlice(idx, start, start + batch_size)
@@ -95,8 +100,15 @@ class AugmentParams:
         return AugmentParams(*(getattr(self, f.name)[sl] for f in dataclasses.fields(self)))
 
 
-def augment_params(seed: int, epoch: int, step: int, batch: int, pad: int, hflip: bool,
-                   jitter: tuple[float, float, float]) -> AugmentParams:
+def augment_params(
+    seed: int,
+    epoch: int,
+    step: int,
+    batch: int,
+    pad: int,
+    hflip: bool,
+    jitter: tuple[float, float, float],
+) -> AugmentParams:
     """Draw the augmentation of one global batch from (seed, epoch, step)."""
     rng = np.random.default_rng([seed, _AUGMENT, epoch, step])
     crop = rng.integers(0, 2 * pad + 1, size=(2, batch)) if pad else np.zeros((2, batch), np.int64)
@@ -134,7 +146,7 @@ class StepPlan:
     @property
     def local_params(self) -> AugmentParams:
         """This process's share of the batch-level draws."""
-        return self.params[self.slice.start:self.slice.stop]
+        return self.params[self.slice.start : self.slice.stop]
 
     def image_rng(self, position: int) -> np.random.Generator:
         return image_rng(self.seed, self.epoch, self.step, position)
@@ -148,8 +160,15 @@ class TrainPlan:
     process passes the global batch and world_size 1 and takes its rows itself.
     """
 
-    def __init__(self, recipe: Recipe, num_examples: int, batch_size: int, world_size: int = 1,
-                 rank: int = 0, mix_groups: int | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        num_examples: int,
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        mix_groups: int | None = None,
+    ):
         self.recipe, self.num_examples = recipe, num_examples
         # MixUp/CutMix partners stay inside each replica's share of the global batch
         self.mix_groups = world_size if mix_groups is None else mix_groups
@@ -157,8 +176,10 @@ class TrainPlan:
         self.global_batch = batch_size * world_size
         self.steps = steps_in_epoch(num_examples, self.global_batch, recipe.drop_last, world_size)
         if self.steps < 1:
-            raise UserError(f"{num_examples} training images make no full batch of "
-                            f"{self.global_batch}; lower batch_size or set drop_last=false")
+            raise UserError(
+                f"{num_examples} training images make no full batch of "
+                f"{self.global_batch}; lower batch_size or set drop_last=false"
+            )
         # RandomResizedCrop draws its box (and flip) per image; the batch-level draws then carry
         # the colour jitter only
         rrc = recipe.random_resized_crop
@@ -170,12 +191,14 @@ class TrainPlan:
         if perm is None:
             perm = epoch_permutation(self.num_examples, r.seed, epoch)
         sl = step_slice(perm, step, self.batch_size, self.world_size, self.rank)
-        params = augment_params(r.seed, epoch, step, sl.global_size, self._pad, self._flip,
-                                r.color_jitter)
+        params = augment_params(
+            r.seed, epoch, step, sl.global_size, self._pad, self._flip, r.color_jitter
+        )
         draws = None
         if regularisers.enabled(r):
-            draws = regularisers.draw(r, epoch, step, sl.global_size, self.mix_groups,
-                                      r.image_size, r.image_size)
+            draws = regularisers.draw(
+                r, epoch, step, sl.global_size, self.mix_groups, r.image_size, r.image_size
+            )
         return StepPlan(r.seed, epoch, step, sl, params, draws)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[StepPlan]:

@@ -36,9 +36,16 @@ def cosine_per_epoch(base_lr: float, epochs: int, steps_per_epoch: int, eta_min:
     return eta_min + (base_lr - eta_min) * c * c
 
 
-def onecycle(max_lr: float, total_steps: int, pct_start: float = 0.3, anneal: str = "cos",
-             div_factor: float = 25.0, final_div_factor: float = 1e4,
-             base_momentum: float = 0.85, max_momentum: float = 0.95):
+def onecycle(
+    max_lr: float,
+    total_steps: int,
+    pct_start: float = 0.3,
+    anneal: str = "cos",
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    base_momentum: float = 0.85,
+    max_momentum: float = 0.95,
+):
     """(lr, momentum) per step as torch's OneCycleLR (two phases) produces them."""
     initial = max_lr / div_factor
     minimum = initial / final_div_factor
@@ -48,10 +55,14 @@ def onecycle(max_lr: float, total_steps: int, pct_start: float = 0.3, anneal: st
     up = s <= end_up
     pct_up = s / end_up if end_up > 0 else np.ones_like(s)
     pct_down = (s - end_up) / (end_down - end_up)
-    lr = np.where(up, _anneal(anneal, initial, max_lr, pct_up),
-                  _anneal(anneal, max_lr, minimum, pct_down))
-    mom = np.where(up, _anneal(anneal, max_momentum, base_momentum, pct_up),
-                   _anneal(anneal, base_momentum, max_momentum, pct_down))
+    lr = np.where(
+        up, _anneal(anneal, initial, max_lr, pct_up), _anneal(anneal, max_lr, minimum, pct_down)
+    )
+    mom = np.where(
+        up,
+        _anneal(anneal, max_momentum, base_momentum, pct_up),
+        _anneal(anneal, base_momentum, max_momentum, pct_down),
+    )
     return lr, mom
 
 
@@ -67,8 +78,17 @@ def for_recipe(recipe: Recipe, steps_per_epoch: int, world_size: int):
     total = recipe.epochs * steps_per_epoch
     peak = world_lr(recipe, world_size)
     if recipe.schedule == "cosine_per_epoch":
-        return (cosine_per_epoch(peak, recipe.epochs, steps_per_epoch),
-                np.full(total, recipe.momentum))
-    return onecycle(peak, total, recipe.onecycle_pct_start, recipe.onecycle_anneal,
-                    recipe.onecycle_div_factor, recipe.onecycle_final_div_factor,
-                    recipe.onecycle_base_momentum, recipe.onecycle_max_momentum)
+        return (
+            cosine_per_epoch(peak, recipe.epochs, steps_per_epoch),
+            np.full(total, recipe.momentum),
+        )
+    return onecycle(
+        peak,
+        total,
+        recipe.onecycle_pct_start,
+        recipe.onecycle_anneal,
+        recipe.onecycle_div_factor,
+        recipe.onecycle_final_div_factor,
+        recipe.onecycle_base_momentum,
+        recipe.onecycle_max_momentum,
+    )

@@ -40,40 +40,52 @@ _TMP_PREFIX = ".tensorboard-rewind."  # must not contain "tfevents": TensorBoard
 _FLUSH_EVERY_STEPS = 10
 
 # (tag, key, scale): what each sink method writes, in this order
-STEP_SCALARS = (("Loss/train_step", "train_loss_window", 1.0),
-                ("Accuracy/train_step", "train_acc_window", 100.0),
-                ("LR", "lr", 1.0),
-                ("Momentum", "momentum", 1.0))
-EPOCH_SCALARS = (("Loss/train", "train_loss", 1.0),
-                 ("Accuracy/train", "train_acc", 100.0),
-                 ("Loss/val", "test_loss", 1.0),
-                 ("Accuracy/val", "test_acc", 100.0),
-                 ("Throughput/train_images_per_s", "train_images_per_s", 1.0),
-                 ("Time/epoch_s", "epoch_time", 1.0),
-                 ("Epoch", "epoch", 1.0))
+STEP_SCALARS = (
+    ("Loss/train_step", "train_loss_window", 1.0),
+    ("Accuracy/train_step", "train_acc_window", 100.0),
+    ("LR", "lr", 1.0),
+    ("Momentum", "momentum", 1.0),
+)
+EPOCH_SCALARS = (
+    ("Loss/train", "train_loss", 1.0),
+    ("Accuracy/train", "train_acc", 100.0),
+    ("Loss/val", "test_loss", 1.0),
+    ("Accuracy/val", "test_acc", 100.0),
+    ("Throughput/train_images_per_s", "train_images_per_s", 1.0),
+    ("Time/epoch_s", "epoch_time", 1.0),
+    ("Epoch", "epoch", 1.0),
+)
 
 
 def _import_tensorboard() -> types.SimpleNamespace:
     """The tensorboard pieces the sink uses; UserError when tensorboard is not installed."""
     try:
         import tensorboard.compat  # noqa: F401  (cheap: resolves nothing)
+
         # tensorboard.compat.tf imports tensorflow when it is installed, unless a module
         # tensorboard.compat.notf exists (tensorboard's own "no TensorFlow" switch): declare it,
         # so that the event writer uses tensorboard's pure-Python stub and never loads TensorFlow
-        sys.modules.setdefault("tensorboard.compat.notf",
-                               types.ModuleType("tensorboard.compat.notf"))
+        sys.modules.setdefault(
+            "tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf")
+        )
         from google.protobuf.message import DecodeError
         from tensorboard.compat.proto import event_pb2, summary_pb2
         from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
         from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError as e:
-        raise UserError(f"TensorBoard logging needs the tensorboard package ({e}): "
-                        f"pip install tensorboard, or set tensorboard=false") from None
-    return types.SimpleNamespace(DecodeError=DecodeError, event_pb2=event_pb2,
-                                 summary_pb2=summary_pb2, masked_crc32c=masked_crc32c,
-                                 EventFileWriter=EventFileWriter,
-                                 RecordWriter=RecordWriter)
+        raise UserError(
+            f"TensorBoard logging needs the tensorboard package ({e}): "
+            f"pip install tensorboard, or set tensorboard=false"
+        ) from None
+    return types.SimpleNamespace(
+        DecodeError=DecodeError,
+        event_pb2=event_pb2,
+        summary_pb2=summary_pb2,
+        masked_crc32c=masked_crc32c,
+        EventFileWriter=EventFileWriter,
+        RecordWriter=RecordWriter,
+    )
 
 
 def read_records(path: str | os.PathLike, masked_crc32c) -> Iterator[bytes]:
@@ -83,15 +95,15 @@ def read_records(path: str | os.PathLike, masked_crc32c) -> Iterator[bytes]:
     data = Path(path).read_bytes()
     pos = 0
     while pos + 12 <= len(data):
-        header = data[pos:pos + 8]
+        header = data[pos : pos + 8]
         (length,) = struct.unpack("<Q", header)
-        if struct.unpack("<I", data[pos + 8:pos + 12])[0] != masked_crc32c(header):
+        if struct.unpack("<I", data[pos + 8 : pos + 12])[0] != masked_crc32c(header):
             return
         end = pos + 12 + length + 4
         if end > len(data):
             return
-        body = data[pos + 12:end - 4]
-        if struct.unpack("<I", data[end - 4:end])[0] != masked_crc32c(body):
+        body = data[pos + 12 : end - 4]
+        if struct.unpack("<I", data[end - 4 : end])[0] != masked_crc32c(body):
             return
         yield body
         pos = end
@@ -127,13 +139,22 @@ class TensorBoardSink:
             return
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._rewind()
-        self._w = self._tb.EventFileWriter(str(self.logdir), max_queue_size=100, flush_secs=30,
-                                           filename_suffix="." + os.urandom(3).hex())
+        self._w = self._tb.EventFileWriter(
+            str(self.logdir),
+            max_queue_size=100,
+            flush_secs=30,
+            filename_suffix="." + os.urandom(3).hex(),
+        )
         name = getattr(self._w, "_file_name", None)  # not public: only reported, never relied on
         self.path = Path(name) if name else None
         ev = self._tb.event_pb2
-        self._w.add_event(ev.Event(wall_time=time.time(), step=self.resume_step + 1,
-                                   session_log=ev.SessionLog(status=ev.SessionLog.START)))
+        self._w.add_event(
+            ev.Event(
+                wall_time=time.time(),
+                step=self.resume_step + 1,
+                session_log=ev.SessionLog(status=ev.SessionLog.START),
+            )
+        )
         self._w.flush()
 
     # --- resume --------------------------------------------------------------------------------
@@ -160,11 +181,14 @@ class TensorBoardSink:
                     seen.add(rec)
                     kept.append(rec)
         if header is None:
-            header = tb.event_pb2.Event(wall_time=time.time(),
-                                        file_version="brain.Event:2").SerializeToString()
+            header = tb.event_pb2.Event(
+                wall_time=time.time(), file_version="brain.Event:2"
+            ).SerializeToString()
         # one second before the writer's own name, which takes time.time() after this
-        final = self.logdir / (f"events.out.tfevents.{int(time.time()) - 1:010d}."
-                               f"{socket.gethostname()}.{os.getpid()}.rewound")
+        final = self.logdir / (
+            f"events.out.tfevents.{int(time.time()) - 1:010d}."
+            f"{socket.gethostname()}.{os.getpid()}.rewound"
+        )
         tmp = self.logdir / f"{_TMP_PREFIX}{os.getpid()}.tmp"
         try:
             with open(tmp, "wb") as fh:
@@ -192,9 +216,13 @@ class TensorBoardSink:
                 values.append(self._tb.summary_pb2.Summary.Value(tag=tag, simple_value=scale * v))
         if not values:
             return False
-        self._w.add_event(self._tb.event_pb2.Event(
-            wall_time=time.time(), step=int(metrics["step"]),
-            summary=self._tb.summary_pb2.Summary(value=values)))
+        self._w.add_event(
+            self._tb.event_pb2.Event(
+                wall_time=time.time(),
+                step=int(metrics["step"]),
+                summary=self._tb.summary_pb2.Summary(value=values),
+            )
+        )
         return True
 
     def log_step(self, metrics: dict) -> None:

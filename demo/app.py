@@ -37,8 +37,11 @@ def best_accuracy(workdir: Path) -> str:
                 best = m
     except (OSError, ValueError):
         pass
-    return ("no epoch finished" if best is None
-            else f"{100 * best['test_acc']:.2f}% (epoch {best['epoch']})")
+    return (
+        "no epoch finished"
+        if best is None
+        else f"{100 * best['test_acc']:.2f}% (epoch {best['epoch']})"
+    )
 
 
 def test_examples(recipe, folder: Path) -> list[str]:
@@ -50,8 +53,9 @@ def test_examples(recipe, folder: Path) -> list[str]:
     if recipe.dataset == "imagenet":
         return []
     try:
-        split = datasets.load_split(recipe.replace(eval_subset=EXAMPLES),
-                                    datasets.resolve_data_dir(recipe), train=False)
+        split = datasets.load_split(
+            recipe.replace(eval_subset=EXAMPLES), datasets.resolve_data_dir(recipe), train=False
+        )
     except (UserError, OSError):
         return []
     paths = []
@@ -104,19 +108,25 @@ def build(workdir: str | Path, checkpoint: str | None = None, max_pixels: int | 
         try:
             x = predict.load_image(image, recipe, max_pixels)[None]
         except UserError as err:  # the page and API clients get predict's line, not a trace
-            raise gr.Error(str(err).replace(image, Path(image).name),
-                           print_exception=False) from None
+            raise gr.Error(
+                str(err).replace(image, Path(image).name), print_exception=False
+            ) from None
         t, f = torch_fn(x)[0], flax_fn(x)[0]
         labels = [{n["name"]: n["prob"] for n in predict.top_k(z, names, 5)} for z in (t, f)]
         gap = float(np.abs(t - f).max())
         same = "same" if np.argmax(t) == np.argmax(f) else "DIFFERENT"
-        return (labels[0], labels[1],
-                f"largest logit difference torch_ref vs flax_impl: {gap:.2e} "
-                f"(largest logit {float(np.abs(t).max()):.2f}); top class: {same}")
+        return (
+            labels[0],
+            labels[1],
+            f"largest logit difference torch_ref vs flax_impl: {gap:.2e} "
+            f"(largest logit {float(np.abs(t).max()):.2f}); top class: {same}",
+        )
 
     with gr.Blocks(title=f"{recipe.recipe}: {recipe.model}", analytics_enabled=False) as page:
-        gr.Markdown(f"## {recipe.recipe}: {recipe.model}, best test accuracy "
-                    f"{best_accuracy(workdir)}\ncheckpoint `{where}`, served by both stacks")
+        gr.Markdown(
+            f"## {recipe.recipe}: {recipe.model}, best test accuracy "
+            f"{best_accuracy(workdir)}\ncheckpoint `{where}`, served by both stacks"
+        )
         with gr.Row():
             image = image_file_input(gr, label="image", elem_id="image")
             with gr.Column():
@@ -127,8 +137,7 @@ def build(workdir: str | Path, checkpoint: str | None = None, max_pixels: int | 
             flax_out = gr.Label(num_top_classes=5, label="flax_impl", elem_id="flax_impl")
         if examples:
             gr.Examples(examples, inputs=image, label="test-set images")
-        go.click(classify, inputs=image, outputs=[torch_out, flax_out, parity],
-                 api_name="predict")
+        go.click(classify, inputs=image, outputs=[torch_out, flax_out, parity], api_name="predict")
     return page
 
 
@@ -160,8 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         page = build(args.workdir, args.checkpoint, limit)
         print(f"demo on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
-        page.launch(server_name=args.host, server_port=args.port, share=False, quiet=True,
-                    footer_links=[], ssr_mode=False)
+        page.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            quiet=True,
+            footer_links=[],
+            ssr_mode=False,
+        )
         return 0
     except UserError as err:
         return report(err, PROG)

@@ -33,12 +33,13 @@ def _gray(x):
 
 def color_jitter(x, factors, order):
     """torchvision's ColorJitter(brightness, contrast, saturation) on float NHWC in [0, 1]."""
+
     def blend(img, other, f):
         return jnp.clip(f * img + (1 - f) * other, 0, 1)
 
     for position in range(3):
         op = order[:, position].reshape(-1, 1, 1, 1)
-        f = jnp.take_along_axis(factors, order[:, position:position + 1], axis=1)
+        f = jnp.take_along_axis(factors, order[:, position : position + 1], axis=1)
         f = f.reshape(-1, 1, 1, 1).astype(x.dtype)
         bright = jnp.clip(f * x, 0, 1)
         contrast = blend(x, jnp.mean(_gray(x), axis=(1, 2, 3), keepdims=True), f)

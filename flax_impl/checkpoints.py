@@ -35,10 +35,14 @@ class Checkpoints:
     def _manager(self, kind: str) -> ocp.CheckpointManager:
         if kind not in self._managers:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=KEEP_LAST if kind == "last" else 1, create=True,
-                enable_async_checkpointing=False, cleanup_tmp_directories=True)
-            self._managers[kind] = ocp.CheckpointManager(self.root / kind, options=options,
-                                                         item_names=("state", "meta"))
+                max_to_keep=KEEP_LAST if kind == "last" else 1,
+                create=True,
+                enable_async_checkpointing=False,
+                cleanup_tmp_directories=True,
+            )
+            self._managers[kind] = ocp.CheckpointManager(
+                self.root / kind, options=options, item_names=("state", "meta")
+            )
         return self._managers[kind]
 
     def save(self, step: int, state, meta: dict, best: bool) -> None:
@@ -64,8 +68,9 @@ class Checkpoints:
             except Exception as err:  # truncated files, foreign trees, wrong shapes
                 first = str(err).split("See full TensorStore details")[0].strip()
                 first = first.splitlines()[0][:200] if first else ""
-                raise UnusableCheckpoint(f"checkpoint {where} cannot be restored "
-                                         f"({type(err).__name__}: {first})") from None
+                raise UnusableCheckpoint(
+                    f"checkpoint {where} cannot be restored ({type(err).__name__}: {first})"
+                ) from None
 
         # the small JSON item first: a checkpoint of another run is named as such, not as a
         # tree that fails to match
@@ -79,8 +84,10 @@ class Checkpoints:
         found = []
         for kind in ("last", "best"):
             if (self.root / kind).is_dir():
-                found += [str(self.root / kind / str(step))
-                          for step in sorted(self._manager(kind).all_steps(), reverse=True)]
+                found += [
+                    str(self.root / kind / str(step))
+                    for step in sorted(self._manager(kind).all_steps(), reverse=True)
+                ]
         return found
 
     def restore(self, template, where: str, check):
@@ -94,9 +101,11 @@ class Checkpoints:
         if path is not None:
             p = Path(path).absolute()
             if not p.is_dir() or not p.name.isdigit() or not any(p.iterdir()):
-                raise UserError(f"--checkpoint {path} is not a flax_impl checkpoint (an Orbax "
-                                "step folder such as WORKDIR/checkpoints/best/1234) nor a "
-                                "torch_ref .pt file; pass one of those")
+                raise UserError(
+                    f"--checkpoint {path} is not a flax_impl checkpoint (an Orbax "
+                    "step folder such as WORKDIR/checkpoints/best/1234) nor a "
+                    "torch_ref .pt file; pass one of those"
+                )
             self.root = p.parent.parent
             self._managers.clear()
             return self._restore(p.parent.name, int(p.name), template, check)
@@ -129,6 +138,7 @@ def quiet_closed_loop_errors() -> None:
     """After a failed Orbax restore, TensorStore callbacks may still fire into Orbax's closed
     asyncio loop from other threads and print "Event loop is closed" tracebacks; they carry no
     information (the failure was already reported in one line). Drop exactly those."""
+
     def closed_loop(exc) -> bool:
         return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
 
@@ -136,13 +146,19 @@ def quiet_closed_loop_errors() -> None:
     # its traceback and then raises it to the caller, where the command reports it in one line
     # (or, resuming, falls back to an earlier checkpoint): drop Orbax's own error records
     logging.getLogger("absl").addFilter(
-        lambda record: not (record.levelno >= logging.ERROR
-                            and f"{os.sep}orbax{os.sep}" in record.pathname))
+        lambda record: (
+            not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        )
+    )
     # and a second failing write of the same save surfaces as an unretrieved asyncio task
     logging.getLogger("asyncio").addFilter(
-        lambda record: not ("Task exception was never retrieved" in record.getMessage()
-                            and "orbax" in str(record.__dict__.get("future", ""))
-                            + record.getMessage()))
+        lambda record: (
+            not (
+                "Task exception was never retrieved" in record.getMessage()
+                and "orbax" in str(record.__dict__.get("future", "")) + record.getMessage()
+            )
+        )
+    )
     thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
     threading.excepthook = lambda a: None if closed_loop(a.exc_value) else thread_hook(a)
     sys.unraisablehook = lambda a: None if closed_loop(a.exc_value) else unraisable_hook(a)

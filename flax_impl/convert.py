@@ -5,7 +5,8 @@
 
 Names: torch's ``layer2.0.downsample.1.running_var`` is Flax's
 ``batch_stats/layer2_0/downsample_1/var``. Layouts: convolution weights OIHW <-> HWIO kernels,
-linear weights (out, in) <-> (in, out) kernels; BatchNorm ``weight``/``bias`` <-> ``scale``/``bias``,
+linear weights (out, in) <-> (in, out) kernels; BatchNorm ``weight``/``bias`` <->
+``scale``/``bias``,
 ``running_mean``/``running_var`` <-> ``mean``/``var``, and ``num_batches_tracked`` is carried as an
 int32 counter. Only transposes and copies: the round trip is bit-exact, in float32 and float64.
 torch is imported only by `flax_to_torch` (and only if you call it).
@@ -18,7 +19,11 @@ import re
 
 import numpy as np
 
-_STATS = {"running_mean": "mean", "running_var": "var", "num_batches_tracked": "num_batches_tracked"}
+_STATS = {
+    "running_mean": "mean",
+    "running_var": "var",
+    "num_batches_tracked": "num_batches_tracked",
+}
 _STATS_BACK = {v: k for k, v in _STATS.items()}
 
 
@@ -121,17 +126,24 @@ def read_orbax(step_dir) -> tuple[dict, dict]:
     from core.errors import UserError
 
     p = Path(step_dir).absolute()
-    manager = ocp.CheckpointManager(p.parent, item_names=("state", "meta"),
-                                    options=ocp.CheckpointManagerOptions(
-                                        create=False, enable_async_checkpointing=False))
+    manager = ocp.CheckpointManager(
+        p.parent,
+        item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
+    )
     try:
-        meta = dict(manager.restore(int(p.name), args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"])
-        state = manager.restore(int(p.name), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))["state"]
+        meta = dict(
+            manager.restore(int(p.name), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
+        )
+        state = manager.restore(
+            int(p.name), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )["state"]
     except Exception as err:  # truncated files, foreign trees
-        raise UserError(f"checkpoint {p} cannot be read ({type(err).__name__}); pass another "
-                        "--checkpoint") from None
+        raise UserError(
+            f"checkpoint {p} cannot be read ({type(err).__name__}); pass another --checkpoint"
+        ) from None
     finally:
         manager.close()
     variables = {k: jax.tree_util.tree_map(np.asarray, state[k]) for k in ("params", "batch_stats")}
@@ -150,8 +162,10 @@ def read_torch(path) -> dict:
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
     except Exception as err:  # truncated zip, bad pickle, foreign content
-        raise UserError(f"{path} is truncated, corrupt or not a torch_ref checkpoint "
-                        f"({type(err).__name__}); pass another --checkpoint") from None
+        raise UserError(
+            f"{path} is truncated, corrupt or not a torch_ref checkpoint "
+            f"({type(err).__name__}); pass another --checkpoint"
+        ) from None
     if not isinstance(state, dict) or not str(state.get("format", "")).startswith("torch_ref/"):
         raise UserError(f"{path} is not a torch_ref checkpoint; pass another --checkpoint")
     return state

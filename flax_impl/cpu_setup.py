@@ -67,8 +67,10 @@ def decide(environ, backends_initialised: bool, n_cores: int) -> tuple[str | Non
 
     fusion = environ.get(FUSION_SWITCH, "1").strip().lower()
     if fusion not in ("0", "1", "false", "true", "off", "on", ""):
-        state["fusion"] = (f"invalid: {FUSION_SWITCH}={environ[FUSION_SWITCH]!r} is not a switch; "
-                           "set it to 0 (off) or 1 (on)")
+        state["fusion"] = (
+            f"invalid: {FUSION_SWITCH}={environ[FUSION_SWITCH]!r} is not a switch; "
+            "set it to 0 (off) or 1 (on)"
+        )
     elif fusion in ("0", "false", "off"):
         state["fusion"] = f"off ({FUSION_SWITCH}={environ[FUSION_SWITCH]})"
     elif "--xla_backend_extra_options" in flags:
@@ -81,8 +83,10 @@ def decide(environ, backends_initialised: bool, n_cores: int) -> tuple[str | Non
 
     wanted = environ.get(DEVICES_SWITCH, "").strip()
     if wanted and not (wanted.isdigit() and int(wanted) >= 1):
-        state["devices"] = (f"invalid: {DEVICES_SWITCH}={environ[DEVICES_SWITCH]!r} is not a "
-                            "number of devices; set it to 1 or more (1: one device, as JAX's default)")
+        state["devices"] = (
+            f"invalid: {DEVICES_SWITCH}={environ[DEVICES_SWITCH]!r} is not a "
+            "number of devices; set it to 1 or more (1: one device, as JAX's default)"
+        )
     elif DEVICES in flags:
         state["devices"] = f"left to XLA_FLAGS (it sets {DEVICES})"
     elif blocked:
@@ -127,7 +131,7 @@ def check() -> None:
         if value.startswith("invalid: "):
             from core.errors import UserError
 
-            raise UserError(value[len("invalid: "):])
+            raise UserError(value[len("invalid: ") :])
 
 
 def summary() -> str:
@@ -140,5 +144,9 @@ def splits(devices, *batch_sizes: int) -> bool:
     over them evenly: the trainer then runs on one device instead of refusing the recipe. A
     device count the user chose keeps its one-line error."""
     chosen_by_default = _state.get("devices", "").endswith(" cores)")
-    return not (chosen_by_default and len(devices) > 1 and devices[0].platform == "cpu"
-                and any(b % len(devices) for b in batch_sizes))
+    return not (
+        chosen_by_default
+        and len(devices) > 1
+        and devices[0].platform == "cpu"
+        and any(b % len(devices) for b in batch_sizes)
+    )

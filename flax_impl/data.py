@@ -29,8 +29,12 @@ from core import datasets, pil_transforms, readers, sampling
 from core.errors import UserError
 from core.recipe import Recipe
 
-TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "fashion_mnist": "fashion_mnist",
-              "imagenet": "imagenet2012"}
+TFDS_NAMES = {
+    "cifar10": "cifar10",
+    "cifar100": "cifar100",
+    "fashion_mnist": "fashion_mnist",
+    "imagenet": "imagenet2012",
+}
 
 
 def _pad(array: np.ndarray, rows: int) -> np.ndarray:
@@ -47,11 +51,19 @@ class _Rows:
     that, to the number of examples rounded up to a multiple of `multiple` (the devices the
     batch splits over): a batch larger than the set is the set, as in torch_ref."""
 
-    def __init__(self, global_batch: int, process_index: int, process_count: int,
-                 num_examples: int | None = None, multiple: int = 1):
+    def __init__(
+        self,
+        global_batch: int,
+        process_index: int,
+        process_count: int,
+        num_examples: int | None = None,
+        multiple: int = 1,
+    ):
         if global_batch % process_count:
-            raise UserError(f"the global batch of {global_batch} does not split over "
-                            f"{process_count} processes; change batch_size")
+            raise UserError(
+                f"the global batch of {global_batch} does not split over "
+                f"{process_count} processes; change batch_size"
+            )
         rows = global_batch
         if num_examples is not None and num_examples < global_batch:
             m = math.lcm(multiple, process_count)
@@ -61,7 +73,7 @@ class _Rows:
 
     def take(self, values: np.ndarray) -> np.ndarray:
         """This process's rows of a (possibly short) global-batch array, padded to full size."""
-        return _pad(values[self.start:self.start + self.per_process], self.per_process)
+        return _pad(values[self.start : self.start + self.per_process], self.per_process)
 
     def mask(self, n_real: int) -> np.ndarray:
         idx = np.arange(self.start, self.start + self.per_process)
@@ -71,26 +83,37 @@ class _Rows:
 class InMemoryTrain:
     """Training batches over an in-memory split whose arrays the trainer puts on the devices."""
 
-    def __init__(self, split: readers.ArraySplit, recipe: Recipe, global_batch: int,
-                 process_index: int = 0, process_count: int = 1, mix_groups: int = 1,
-                 pad_multiple: int = 1):
+    def __init__(
+        self,
+        split: readers.ArraySplit,
+        recipe: Recipe,
+        global_batch: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        mix_groups: int = 1,
+        pad_multiple: int = 1,
+    ):
         self.recipe, self.global_batch = recipe, global_batch
         self.arrays = (split.images, split.labels.astype(np.int32))
         self.num_examples = len(split)
-        self.rows = _Rows(global_batch, process_index, process_count, self.num_examples,
-                          pad_multiple)
-        self.plan = sampling.TrainPlan(recipe, self.num_examples, global_batch,
-                                       mix_groups=mix_groups)
+        self.rows = _Rows(
+            global_batch, process_index, process_count, self.num_examples, pad_multiple
+        )
+        self.plan = sampling.TrainPlan(
+            recipe, self.num_examples, global_batch, mix_groups=mix_groups
+        )
         self.steps = self.plan.steps
         self.jitter = any(recipe.color_jitter)
 
     def batch(self, sp: sampling.StepPlan) -> dict:
         p = sp.params
-        batch = {"index": self.rows.take(sp.slice.global_indices.astype(np.int32)),
-                 "mask": self.rows.mask(sp.slice.global_size),
-                 "crop_y": self.rows.take(p.crop_y.astype(np.int32)),
-                 "crop_x": self.rows.take(p.crop_x.astype(np.int32)),
-                 "flip": self.rows.take(p.flip)}
+        batch = {
+            "index": self.rows.take(sp.slice.global_indices.astype(np.int32)),
+            "mask": self.rows.mask(sp.slice.global_size),
+            "crop_y": self.rows.take(p.crop_y.astype(np.int32)),
+            "crop_x": self.rows.take(p.crop_x.astype(np.int32)),
+            "flip": self.rows.take(p.flip),
+        }
         if self.jitter:
             batch["jitter"] = self.rows.take(p.jitter)
             batch["jitter_order"] = self.rows.take(p.jitter_order.astype(np.int32))
@@ -106,16 +129,26 @@ class InMemoryTrain:
 class InMemoryEval:
     """Exact eval: the test split in order, the last batch padded and masked."""
 
-    def __init__(self, split: readers.ArraySplit, recipe: Recipe, global_batch: int,
-                 process_index: int = 0, process_count: int = 1, pad_multiple: int = 1):
+    def __init__(
+        self,
+        split: readers.ArraySplit,
+        recipe: Recipe,
+        global_batch: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        pad_multiple: int = 1,
+    ):
         self.arrays = (split.images, split.labels.astype(np.int32))
         self.num_examples, self.global_batch = len(split), global_batch
-        self.rows = _Rows(global_batch, process_index, process_count, self.num_examples,
-                          pad_multiple)
+        self.rows = _Rows(
+            global_batch, process_index, process_count, self.num_examples, pad_multiple
+        )
 
     def __iter__(self):
         for start in range(0, self.num_examples, self.global_batch):
-            idx = np.arange(start, min(start + self.global_batch, self.num_examples), dtype=np.int32)
+            idx = np.arange(
+                start, min(start + self.global_batch, self.num_examples), dtype=np.int32
+            )
             yield {"index": self.rows.take(idx), "mask": self.rows.mask(len(idx))}
 
 
@@ -167,13 +200,21 @@ class ImageFiles:
 class _Images:
     """Images decoded by a pool of threads (PIL releases the GIL while it decodes and resizes)."""
 
-    def __init__(self, images, recipe: Recipe, global_batch: int,
-                 process_index: int = 0, process_count: int = 1, pad_multiple: int = 1):
+    def __init__(
+        self,
+        images,
+        recipe: Recipe,
+        global_batch: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        pad_multiple: int = 1,
+    ):
         self.images, self.labels = images, images.labels
         self.recipe, self.global_batch = recipe, global_batch
         self.num_examples = len(images)
-        self.rows = _Rows(global_batch, process_index, process_count, self.num_examples,
-                          pad_multiple)
+        self.rows = _Rows(
+            global_batch, process_index, process_count, self.num_examples, pad_multiple
+        )
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, recipe.num_workers))
         self.arrays = None  # nothing held on the devices: batches carry their images
 
@@ -185,25 +226,36 @@ class ImagesTrain(_Images):
 
     def __init__(self, *args, mix_groups: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.plan = sampling.TrainPlan(self.recipe, self.num_examples, self.global_batch,
-                                       mix_groups=mix_groups)
+        self.plan = sampling.TrainPlan(
+            self.recipe, self.num_examples, self.global_batch, mix_groups=mix_groups
+        )
         self.steps = self.plan.steps
 
     def _load(self, i: int, rng: np.random.Generator) -> np.ndarray:
         r = self.recipe
-        return pil_transforms.train_image(self.images.image(int(i)), rng, r.image_size, r.hflip,
-                                          r.in_channels)
+        return pil_transforms.train_image(
+            self.images.image(int(i)), rng, r.image_size, r.hflip, r.in_channels
+        )
 
     def batch(self, sp: sampling.StepPlan) -> dict:
         r, rows, sl = self.recipe, self.rows, sp.slice
         positions = range(rows.start, min(rows.start + rows.per_process, sl.global_size))
         images = np.zeros((0, r.image_size, r.image_size, r.in_channels), np.uint8)
         if positions:  # a short last batch can leave a process no rows
-            images = np.stack(list(self.pool.map(self._load, sl.global_indices[rows.start:],
-                                                 [sp.image_rng(k) for k in positions])))
-        batch = {"images": _pad(images, rows.per_process),
-                 "labels": rows.take(self.labels[sl.global_indices]),
-                 "mask": rows.mask(sl.global_size)}
+            images = np.stack(
+                list(
+                    self.pool.map(
+                        self._load,
+                        sl.global_indices[rows.start :],
+                        [sp.image_rng(k) for k in positions],
+                    )
+                )
+            )
+        batch = {
+            "images": _pad(images, rows.per_process),
+            "labels": rows.take(self.labels[sl.global_indices]),
+            "mask": rows.mask(sl.global_size),
+        }
         if any(r.color_jitter):
             batch["jitter"] = rows.take(sp.params.jitter)
             batch["jitter_order"] = rows.take(sp.params.jitter_order.astype(np.int32))
@@ -220,19 +272,26 @@ class ImagesEval(_Images):
 
     def _load(self, i: int) -> np.ndarray:
         r = self.recipe
-        return pil_transforms.eval_image(self.images.image(int(i)), r.eval_resize, r.image_size,
-                                         r.in_channels)
+        return pil_transforms.eval_image(
+            self.images.image(int(i)), r.eval_resize, r.image_size, r.in_channels
+        )
 
     def _batches(self):
         r = self.recipe
         for start in range(0, self.num_examples, self.global_batch):
             idx = np.arange(start, min(start + self.global_batch, self.num_examples))
-            mine = idx[self.rows.start:self.rows.start + self.rows.per_process]
+            mine = idx[self.rows.start : self.rows.start + self.rows.per_process]
             shape = (0, r.image_size, r.image_size, r.in_channels)
-            images = (np.stack(list(self.pool.map(self._load, mine))) if len(mine)
-                      else np.zeros(shape, np.uint8))
-            yield {"images": _pad(images, self.rows.per_process),
-                   "labels": self.rows.take(self.labels[idx]), "mask": self.rows.mask(len(idx))}
+            images = (
+                np.stack(list(self.pool.map(self._load, mine)))
+                if len(mine)
+                else np.zeros(shape, np.uint8)
+            )
+            yield {
+                "images": _pad(images, self.rows.per_process),
+                "labels": self.rows.take(self.labels[idx]),
+                "mask": self.rows.mask(len(idx)),
+            }
 
     def __iter__(self):
         return iter(_Prefetch(self._batches()))
@@ -262,21 +321,33 @@ def _imagenet_images(recipe: Recipe, train: bool):
         images.labels = images.labels()
         subset = recipe.train_subset if train else recipe.eval_subset
         if subset and subset < len(images):
-            raise UserError("train_subset/eval_subset are not supported for imagenet2012 from "
-                            "TFDS; use ImageNet folders for subsets")
+            raise UserError(
+                "train_subset/eval_subset are not supported for imagenet2012 from "
+                "TFDS; use ImageNet folders for subsets"
+            )
         return images
     root = datasets.ensure_present(recipe)
     paths, labels = datasets.imagenet_listing(recipe, root, train)
     return ImageFiles(paths, labels, recipe.in_channels, recipe.max_image_pixels)
 
 
-def build_train(recipe: Recipe, global_batch: int, process_index: int = 0,
-                process_count: int = 1, mix_groups: int = 1, pad_multiple: int = 1):
+def build_train(
+    recipe: Recipe,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    mix_groups: int = 1,
+    pad_multiple: int = 1,
+):
     """Training batches for a recipe; UserError when the data is not there. `mix_groups`: the
     data-parallel replicas whose shares MixUp/CutMix partners stay within (as torch_ref's DDP
     processes); `pad_multiple`: the devices a batch splits over."""
-    where = dict(process_index=process_index, process_count=process_count, mix_groups=mix_groups,
-                 pad_multiple=pad_multiple)
+    where = dict(
+        process_index=process_index,
+        process_count=process_count,
+        mix_groups=mix_groups,
+        pad_multiple=pad_multiple,
+    )
     if recipe.dataset == "imagenet":
         return ImagesTrain(_imagenet_images(recipe, True), recipe, global_batch, **where)
     return InMemoryTrain(load_in_memory(recipe, True), recipe, global_batch, **where)
@@ -289,20 +360,38 @@ def regulariser_rows(rows: "_Rows | None", d) -> dict:
     host's float64 numbers until the device casts them."""
     take = rows.take if rows is not None else (lambda a: a)
     n = len(d.partner)
-    return {"holes": take(d.holes), "partner": take(d.partner),
-            "lam": take(np.full(n, d.lam)), "one_minus_lam": take(np.full(n, d.one_minus_lam)),
-            "mix_kind": take(np.full(n, d.kind, np.int32)), "box": take(np.tile(d.box, (n, 1)))}
+    return {
+        "holes": take(d.holes),
+        "partner": take(d.partner),
+        "lam": take(np.full(n, d.lam)),
+        "one_minus_lam": take(np.full(n, d.one_minus_lam)),
+        "mix_kind": take(np.full(n, d.kind, np.int32)),
+        "box": take(np.tile(d.box, (n, 1))),
+    }
 
 
-def build_eval(recipe: Recipe, global_batch: int, process_index: int = 0, process_count: int = 1,
-               pad_multiple: int = 1):
+def build_eval(
+    recipe: Recipe,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    pad_multiple: int = 1,
+):
     """Test batches for a recipe, every image exactly once."""
-    where = dict(process_index=process_index, process_count=process_count,
-                 pad_multiple=pad_multiple)
+    where = dict(
+        process_index=process_index, process_count=process_count, pad_multiple=pad_multiple
+    )
     if recipe.dataset == "imagenet":
         return ImagesEval(_imagenet_images(recipe, False), recipe, global_batch, **where)
     return InMemoryEval(load_in_memory(recipe, False), recipe, global_batch, **where)
 
 
-__all__ = ["build_train", "build_eval", "InMemoryTrain", "InMemoryEval", "ImagesTrain", "ImagesEval",
-           "ImageFiles"]
+__all__ = [
+    "build_train",
+    "build_eval",
+    "InMemoryTrain",
+    "InMemoryEval",
+    "ImagesTrain",
+    "ImagesEval",
+    "ImageFiles",
+]

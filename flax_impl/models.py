@@ -29,16 +29,29 @@ import flax.linen as nn
 
 from core import model_table
 
-__all__ = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-           "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "build_model",
-           "BatchNorm", "CifarResNet", "ResNet"]
+__all__ = [
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "build_model",
+    "BatchNorm",
+    "CifarResNet",
+    "ResNet",
+]
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaiming_normal_ fan_out
 
 
 def torch_linear_init(fan_in: int):
     """PyTorch's nn.Linear default: weight and bias uniform in +-1/sqrt(fan_in)."""
-    bound = 1.0 / fan_in ** 0.5
+    bound = 1.0 / fan_in**0.5
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -101,9 +114,17 @@ class _Net(nn.Module):
 
     def conv(self, features, kernel, stride=1, name=None):
         pad = (kernel - 1) // 2
-        return nn.Conv(features, (kernel, kernel), (stride, stride), [(pad, pad), (pad, pad)],
-                       use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=conv_init, name=name)
+        return nn.Conv(
+            features,
+            (kernel, kernel),
+            (stride, stride),
+            [(pad, pad), (pad, pad)],
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=conv_init,
+            name=name,
+        )
 
     def bn(self, name=None):
         return BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -111,9 +132,14 @@ class _Net(nn.Module):
     def head(self, x, num_classes):
         x = jnp.mean(x, axis=(1, 2))  # global average pooling
         fan_in = x.shape[-1]
-        return nn.Dense(num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=torch_linear_init(fan_in), bias_init=torch_linear_init(fan_in),
-                        name="fc")(x)
+        return nn.Dense(
+            num_classes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=torch_linear_init(fan_in),
+            bias_init=torch_linear_init(fan_in),
+            name="fc",
+        )(x)
 
 
 class BasicBlock(_Net):
@@ -173,8 +199,14 @@ class CifarResNet(_Net):
             for b in range(n):
                 stride = model_table.stride(i, b)
                 kind = self.shortcut if (stride != 1 or cin != width) else "none"
-                x = BasicBlock(features=width, stride=stride, shortcut=kind, dtype=self.dtype,
-                               param_dtype=self.param_dtype, name=f"layer{i + 1}_{b}")(x, train, mask)
+                x = BasicBlock(
+                    features=width,
+                    stride=stride,
+                    shortcut=kind,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=f"layer{i + 1}_{b}",
+                )(x, train, mask)
                 cin = width
         return self.head(x, self.num_classes)
 
@@ -204,29 +236,51 @@ class ResNet(_Net):
                 stride = model_table.stride(i, b)
                 out = planes * self.spec.expansion
                 kind = "projection" if (stride != 1 or cin != out) else "none"
-                x = block(features=planes, stride=stride, shortcut=kind, dtype=self.dtype,
-                               param_dtype=self.param_dtype, name=f"layer{i + 1}_{b}")(x, train, mask)
+                x = block(
+                    features=planes,
+                    stride=stride,
+                    shortcut=kind,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=f"layer{i + 1}_{b}",
+                )(x, train, mask)
                 cin = out
         return self.head(x, self.num_classes)
 
 
 def _cifar(name: str):
-    def make(num_classes=10, in_channels=3, shortcut="projection", dtype=jnp.float32,
-             param_dtype=jnp.float32) -> CifarResNet:
+    def make(
+        num_classes=10,
+        in_channels=3,
+        shortcut="projection",
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ) -> CifarResNet:
         del in_channels  # Flax infers input channels from the data
-        return CifarResNet(spec=model_table.MODELS[name], num_classes=num_classes,
-                           shortcut=shortcut, dtype=dtype, param_dtype=param_dtype)
+        return CifarResNet(
+            spec=model_table.MODELS[name],
+            num_classes=num_classes,
+            shortcut=shortcut,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
 
     make.__name__ = make.__qualname__ = name
     return make
 
 
 def _imagenet(name: str):
-    def make(num_classes=1000, stem="imagenet", in_channels=3, dtype=jnp.float32,
-             param_dtype=jnp.float32) -> ResNet:
+    def make(
+        num_classes=1000, stem="imagenet", in_channels=3, dtype=jnp.float32, param_dtype=jnp.float32
+    ) -> ResNet:
         del in_channels
-        return ResNet(spec=model_table.MODELS[name], num_classes=num_classes, stem=stem,
-                      dtype=dtype, param_dtype=param_dtype)
+        return ResNet(
+            spec=model_table.MODELS[name],
+            num_classes=num_classes,
+            stem=stem,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
 
     make.__name__ = make.__qualname__ = name
     return make

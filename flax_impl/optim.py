@@ -7,7 +7,8 @@ torch.optim.SGD(lr, momentum, nesterov, weight_decay) per step, with g the gradi
     u <- g + momentum_t * b if nesterov else b
     p <- p - lr_t * u
 
-which is ``add_decayed_weights -> trace(decay=momentum_t, nesterov) -> scale_by_learning_rate(lr_t)``.
+which is ``add_decayed_weights -> trace(decay=momentum_t, nesterov) ->
+scale_by_learning_rate(lr_t)``.
 The rate and momentum of step t are read from float32 tables of
 `core.schedules` (torch's values, rounded once), so OneCycle's momentum cycling works
 through `optax.inject_hyperparams`. The order matters: decaying the weights after the momentum
@@ -41,18 +42,23 @@ def torch_sgd(lr, momentum, nesterov: bool, weight_decay: float) -> optax.Gradie
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
     if callable(momentum) or momentum:
-        parts.append(optax.inject_hyperparams(optax.trace, static_args=("nesterov",))(
-            decay=momentum, nesterov=nesterov))
+        parts.append(
+            optax.inject_hyperparams(optax.trace, static_args=("nesterov",))(
+                decay=momentum, nesterov=nesterov
+            )
+        )
     parts.append(optax.scale_by_learning_rate(lr))
     return optax.chain(*parts)
 
 
-def for_recipe(recipe: Recipe, steps_per_epoch: int, world_size: int, dtype=jnp.float32,
-               tables=None):
+def for_recipe(
+    recipe: Recipe, steps_per_epoch: int, world_size: int, dtype=jnp.float32, tables=None
+):
     """(optax transformation, lr schedule, momentum schedule) for a recipe; `tables` (lr per
     step, momentum per step) replace the recipe's schedule (the LR range test)."""
-    lr_values, mom_values = (tables if tables is not None
-                             else schedules.for_recipe(recipe, steps_per_epoch, world_size))
+    lr_values, mom_values = (
+        tables if tables is not None else schedules.for_recipe(recipe, steps_per_epoch, world_size)
+    )
     lr = table_schedule(lr_values, dtype)
     momentum = table_schedule(mom_values, dtype)
     return torch_sgd(lr, momentum, recipe.nesterov, recipe.weight_decay), lr, momentum

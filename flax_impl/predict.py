@@ -32,9 +32,13 @@ def load_variables(recipe: Recipe, checkpoint: str | None, workdir: Path):
         return variables, str(path)
     state = convert.read_torch(path)
     predict.check_model(state, recipe, str(path))
-    print(f"note: {path} is a torch_ref checkpoint; converted to Flax with flax_impl.convert",
-          file=sys.stderr)
-    return convert.torch_to_flax(state["model_state"]), f"{path} (a torch_ref checkpoint, converted)"
+    print(
+        f"note: {path} is a torch_ref checkpoint; converted to Flax with flax_impl.convert",
+        file=sys.stderr,
+    )
+    return convert.torch_to_flax(
+        state["model_state"]
+    ), f"{path} (a torch_ref checkpoint, converted)"
 
 
 def logits_fn(variables, recipe: Recipe, device: str = "auto"):
@@ -45,8 +49,9 @@ def logits_fn(variables, recipe: Recipe, device: str = "auto"):
 
     @jax.jit
     def apply(v, images):
-        x = augment.to_float_normalized(images, tuple(recipe.mean), tuple(recipe.std), None,
-                                        jnp.float32)
+        x = augment.to_float_normalized(
+            images, tuple(recipe.mean), tuple(recipe.std), None, jnp.float32
+        )
         return model.apply(v, x, train=False)
 
     def run(images: np.ndarray) -> np.ndarray:

@@ -48,8 +48,10 @@ class TrainState:
 def compute_dtype(recipe: Recipe, platform: str):
     """bf16 compute on GPU/TPU unless the recipe says otherwise; float32 on CPU."""
     if recipe.amp == "fp16":
-        raise UserError("flax_impl has no fp16 loss scaling; use amp=bf16 (bf16 compute, "
-                        "float32 parameters) or amp=off")
+        raise UserError(
+            "flax_impl has no fp16 loss scaling; use amp=bf16 (bf16 compute, "
+            "float32 parameters) or amp=off"
+        )
     if recipe.amp == "bf16" or (recipe.amp == "auto" and platform != "cpu"):
         return jnp.bfloat16
     return jnp.float32
@@ -64,8 +66,12 @@ def create_state(model, tx, rng, image_shape, param_dtype=jnp.float32) -> TrainS
 
 def state_from_variables(variables, tx) -> TrainState:
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params),
+    )
 
 
 def prepare_inputs(batch: dict, source, aug: dict, dtype):
@@ -76,8 +82,9 @@ def prepare_inputs(batch: dict, source, aug: dict, dtype):
     else:
         images, labels = batch["images"], batch["labels"]
     if "crop_y" in batch:
-        images = augment.crop_flip(images, aug["pad"], batch["crop_y"], batch["crop_x"],
-                                   batch["flip"])
+        images = augment.crop_flip(
+            images, aug["pad"], batch["crop_y"], batch["crop_x"], batch["flip"]
+        )
     jitter = (batch["jitter"], batch["jitter_order"]) if "jitter" in batch else None
     return augment.to_float_normalized(images, aug["mean"], aug["std"], jitter, dtype), labels
 
@@ -105,13 +112,23 @@ def train_loss(logits, labels, mask, smoothing: float = 0.0, mix=None):
     ce = cross_entropy(logits, labels, smoothing)
     if mix is not None:
         partner_labels, lam, rest = mix
-        ce = ce * lam.astype(ce.dtype) + cross_entropy(logits, partner_labels,
-                                                       smoothing) * rest.astype(ce.dtype)
+        ce = ce * lam.astype(ce.dtype) + cross_entropy(
+            logits, partner_labels, smoothing
+        ) * rest.astype(ce.dtype)
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def train_step(state: TrainState, batch: dict, source=None, *, model, tx, aug: dict, dtype,
-               smoothing: float = 0.0):
+def train_step(
+    state: TrainState,
+    batch: dict,
+    source=None,
+    *,
+    model,
+    tx,
+    aug: dict,
+    dtype,
+    smoothing: float = 0.0,
+):
     """One SGD step on the (global) batch; returns (new state, metrics of this batch)."""
     x, labels = prepare_inputs(batch, source, aug, dtype)
     mask = batch["mask"]
@@ -123,8 +140,13 @@ def train_step(state: TrainState, batch: dict, source=None, *, model, tx, aug: d
         dominant = jnp.where(lam >= 0.5, labels, partner_labels)
 
     def loss_fn(params):
-        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                      train=True, mask=mask, mutable=["batch_stats"])
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mask=mask,
+            mutable=["batch_stats"],
+        )
         loss = train_loss(logits, labels, mask, smoothing, mix)
         return loss, (updates["batch_stats"], logits)
 
@@ -132,10 +154,15 @@ def train_step(state: TrainState, batch: dict, source=None, *, model, tx, aug: d
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     correct = jnp.sum((jnp.argmax(logits, -1) == dominant) * mask)
-    metrics = {"loss": loss, "correct": correct, "count": jnp.sum(mask),
-               "finite": jnp.isfinite(loss)}
-    new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state)
+    metrics = {
+        "loss": loss,
+        "correct": correct,
+        "count": jnp.sum(mask),
+        "finite": jnp.isfinite(loss),
+    }
+    new = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
     return new, metrics
 
 
@@ -144,14 +171,18 @@ def eval_step(state: TrainState, batch: dict, source=None, *, model, aug: dict, 
     the prediction and whether it is real (the host counts the confusion matrix from them: a
     few integers per image, where a matrix per batch would be 1000 x 1000 for ImageNet)."""
     x, labels = prepare_inputs(batch, source, aug, dtype)
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
-                         train=False)
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
     _, ce, count = masked_cross_entropy(logits, labels, batch["mask"])
     pred = jnp.argmax(logits, -1)
     correct = jnp.sum((pred == labels) * batch["mask"])
-    return {"loss_sum": jnp.sum(ce * batch["mask"]), "correct": correct, "count": count,
-            "labels": labels.astype(jnp.int32), "pred": pred.astype(jnp.int32),
-            "real": batch["mask"] > 0}
+    return {
+        "loss_sum": jnp.sum(ce * batch["mask"]),
+        "correct": correct,
+        "count": count,
+        "labels": labels.astype(jnp.int32),
+        "pred": pred.astype(jnp.int32),
+        "real": batch["mask"] > 0,
+    }
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -167,19 +198,22 @@ class Steps:
     `replicate`), or None when batches carry their images.
     """
 
-    def __init__(self, model, tx, aug: dict, mesh: Mesh, dtype=jnp.float32,
-                 smoothing: float = 0.0):
+    def __init__(self, model, tx, aug: dict, mesh: Mesh, dtype=jnp.float32, smoothing: float = 0.0):
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         self.split = NamedSharding(mesh, P(DATA_AXIS))
         # on a batch already placed by `put_batch`: (state, batch, source) -> (state, metrics)
         self.train_placed = jax.jit(
-            functools.partial(train_step, model=model, tx=tx, aug=aug, dtype=dtype,
-                              smoothing=smoothing),
-            donate_argnums=(0,), out_shardings=(self.replicated, self.replicated))
+            functools.partial(
+                train_step, model=model, tx=tx, aug=aug, dtype=dtype, smoothing=smoothing
+            ),
+            donate_argnums=(0,),
+            out_shardings=(self.replicated, self.replicated),
+        )
         self.evaluate_placed = jax.jit(
             functools.partial(eval_step, model=model, aug=aug, dtype=dtype),
-            out_shardings=self.replicated)
+            out_shardings=self.replicated,
+        )
 
     def replicate(self, tree):
         """A copy of `tree` on every device of the mesh (state, in-memory datasets)."""
@@ -190,7 +224,8 @@ class Steps:
         if jax.process_count() == 1:
             return jax.device_put(batch, self.split)
         return jax.tree_util.tree_map(
-            lambda a: jax.make_array_from_process_local_data(self.split, a), batch)
+            lambda a: jax.make_array_from_process_local_data(self.split, a), batch
+        )
 
     def train(self, state: TrainState, batch: dict, source=None):
         """One step on a host batch (this process's rows): place it, then step."""

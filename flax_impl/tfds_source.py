@@ -42,7 +42,8 @@ def open_source(name: str, data_dir: str, split: str):
             f"TFDS data set {name} (split {split}) is not prepared in the array_record format in "
             f"{where} ({type(err).__name__}); prepare it with `tfds build {name} "
             f"--file_format=array_record --data_dir DIR` (needs TensorFlow), or use "
-            "data_source=files") from None
+            "data_source=files"
+        ) from None
 
 
 def load_split(name: str, data_dir: str, train: bool, recipe) -> readers.ArraySplit:
@@ -78,7 +79,8 @@ class ImageSource:
             raise CorruptData(
                 f"record {i} of imagenet2012's {self.split} split in {self.where} does not "
                 f"decode ({type(err).__name__}: {' '.join(str(err).split())[:160]}); prepare "
-                "the data set again from good files and rerun the same command") from None
+                "the data set again from good files and rerun the same command"
+            ) from None
 
     def labels(self) -> np.ndarray:
         return np.asarray([self._record(i)["label"] for i in range(len(self.src))], np.int64)
@@ -128,6 +130,9 @@ def prepare(name: str, data_dir: str | Path, splits: dict) -> Path:
 
     Local.name = official.name
     builder = Local(data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            compute_stats=tfds.download.ComputeStatsMode.SKIP
+        )
+    )
     return Path(builder.data_dir)

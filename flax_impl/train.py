@@ -1,4 +1,5 @@
-"""Train a recipe with JAX/Flax: ``python -m flax_impl.train --recipe NAME [--workdir DIR] [k=v ...]``.
+"""Train a recipe with JAX/Flax: ``python -m flax_impl.train --recipe NAME [--workdir DIR] [k=v
+...]``.
 
 The loop, its cadences, records and checkpoint contents are the run driver's
 (`core.driver`), as for torch_ref; this module is JAX's side of it, `FlaxBackend`. One
@@ -56,34 +57,48 @@ class FlaxBackend:
     per_process_metrics = False  # the jitted step's metrics cover the global batch
     nonfinite_steps_allowed = 0
 
-    def __init__(self, recipe: Recipe, checkpoint_dir: Path, devices=None, train: bool = True,
-                 tables=None):
+    def __init__(
+        self, recipe: Recipe, checkpoint_dir: Path, devices=None, train: bool = True, tables=None
+    ):
         cpu_setup.check()
         if recipe.pipeline == "dataloader" and recipe.dataset != "imagenet":
-            raise UserError("pipeline=dataloader is torch_ref's DataLoader + PIL path; flax_impl "
-                            "augments in-memory sets inside its jitted step: drop the override")
+            raise UserError(
+                "pipeline=dataloader is torch_ref's DataLoader + PIL path; flax_impl "
+                "augments in-memory sets inside its jitted step: drop the override"
+            )
         self.recipe = recipe
         self.devices = list(devices or jax.devices())
-        if not cpu_setup.splits(self.devices, recipe.batch_size * jax.process_count(),
-                                recipe.eval_batch_size * jax.process_count()):
+        if not cpu_setup.splits(
+            self.devices,
+            recipe.batch_size * jax.process_count(),
+            recipe.eval_batch_size * jax.process_count(),
+        ):
             self.devices = self.devices[:1]  # the default host devices: one, not an error
         self.is_main = jax.process_index() == 0
         self.num_processes = jax.process_count()
         self.dtype = steps.compute_dtype(recipe, self.devices[0].platform)
         # data-parallel replicas in torch_ref's sense: accelerators, or processes on CPU
-        self.replicas = (len(self.devices) if self.devices[0].platform != "cpu"
-                         else self.num_processes)
-        batch, eval_batch = (recipe.batch_size * self.replicas,
-                             recipe.eval_batch_size * self.replicas)
+        self.replicas = (
+            len(self.devices) if self.devices[0].platform != "cpu" else self.num_processes
+        )
+        batch, eval_batch = (
+            recipe.batch_size * self.replicas,
+            recipe.eval_batch_size * self.replicas,
+        )
         for name, size in (("batch_size", batch), ("eval_batch_size", eval_batch)):
             if size % len(self.devices):
-                raise UserError(f"a global batch of {size} does not split over "
-                                f"{len(self.devices)} devices; make {name} a multiple of "
-                                f"{len(self.devices)}")
+                raise UserError(
+                    f"a global batch of {size} does not split over "
+                    f"{len(self.devices)} devices; make {name} a multiple of "
+                    f"{len(self.devices)}"
+                )
         where = (jax.process_index(), self.num_processes)
         pad = len(self.devices)  # a batch larger than the data is padded only to the data
-        self.train_batches = (data.build_train(recipe, batch, *where, mix_groups=self.replicas,
-                                               pad_multiple=pad) if train else None)
+        self.train_batches = (
+            data.build_train(recipe, batch, *where, mix_groups=self.replicas, pad_multiple=pad)
+            if train
+            else None
+        )
         self.steps_per_epoch = self.train_batches.steps if train else 1
         self.num_train = self.train_batches.num_examples if train else 0
         self.eval_batches = data.build_eval(recipe, eval_batch, *where, pad_multiple=pad)
@@ -91,11 +106,13 @@ class FlaxBackend:
         self.model = build_model(recipe, self.dtype)
         tx, _, _ = optim.for_recipe(recipe, self.steps_per_epoch, self.replicas, tables=tables)
         aug = {"pad": recipe.crop_padding, "mean": tuple(recipe.mean), "std": tuple(recipe.std)}
-        self.steps = steps.Steps(self.model, tx, aug, steps.make_mesh(self.devices), self.dtype,
-                                 recipe.label_smoothing)
+        self.steps = steps.Steps(
+            self.model, tx, aug, steps.make_mesh(self.devices), self.dtype, recipe.label_smoothing
+        )
         shape = (recipe.image_size, recipe.image_size, recipe.in_channels)
         self.state = self.steps.replicate(
-            steps.create_state(self.model, tx, jax.random.PRNGKey(recipe.seed), shape))
+            steps.create_state(self.model, tx, jax.random.PRNGKey(recipe.seed), shape)
+        )
         self.train_source = self._source(self.train_batches)
         self.eval_source = self._source(self.eval_batches)
         self.ckpt = checkpoints.Checkpoints(checkpoint_dir)
@@ -117,11 +134,16 @@ class FlaxBackend:
         import optax
         import orbax.checkpoint as ocp
 
-        return {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", jax.__version__),
-                "flax": flax.__version__, "optax": optax.__version__,
-                "orbax-checkpoint": getattr(ocp, "__version__", "unknown"),
-                "numpy": np.__version__, "xla_cpu": cpu_setup.summary(),
-                "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+        return {
+            "jax": jax.__version__,
+            "jaxlib": getattr(jax.lib, "__version__", jax.__version__),
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+            "orbax-checkpoint": getattr(ocp, "__version__", "unknown"),
+            "numpy": np.__version__,
+            "xla_cpu": cpu_setup.summary(),
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        }
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
@@ -136,8 +158,10 @@ class FlaxBackend:
         return metrics
 
     def fetch(self, handles: list) -> np.ndarray:
-        return np.array([[m["loss"], m["correct"], m["count"], m["finite"]]
-                         for m in jax.device_get(handles)], np.float64)
+        return np.array(
+            [[m["loss"], m["correct"], m["count"], m["finite"]] for m in jax.device_get(handles)],
+            np.float64,
+        )
 
     def all_sum(self, values: np.ndarray) -> np.ndarray:
         return np.asarray(values, np.float64)  # metrics are global already
@@ -161,16 +185,21 @@ class FlaxBackend:
         for m in out:
             real = np.asarray(m["real"], bool)
             np.add.at(confusion, (np.asarray(m["labels"])[real], np.asarray(m["pred"])[real]), 1)
-        return (*(sum(float(m[k]) for m in out) for k in ("loss_sum", "correct", "count")),
-                confusion)
+        return (
+            *(sum(float(m[k]) for m in out) for k in ("loss_sum", "correct", "count")),
+            confusion,
+        )
 
     def end_epoch(self) -> None:
         pass  # the schedules are tables indexed by the step
 
     def digest(self) -> str:
         h = hashlib.sha256()
-        leaves = jax.device_get(jax.tree_util.tree_leaves(
-            (self.state.params, self.state.batch_stats, self.state.opt_state)))
+        leaves = jax.device_get(
+            jax.tree_util.tree_leaves(
+                (self.state.params, self.state.batch_stats, self.state.opt_state)
+            )
+        )
         for leaf in leaves:
             h.update(np.ascontiguousarray(leaf).tobytes())
         return h.hexdigest()[:16]
@@ -196,13 +225,18 @@ class FlaxBackend:
 
             state = convert.read_torch(path)
             predict.check_model(state, self.recipe, path)
-            print(f"note: {path} is a torch_ref checkpoint; converted to Flax with "
-                  "flax_impl.convert", file=sys.stderr)
+            print(
+                f"note: {path} is a torch_ref checkpoint; converted to Flax with flax_impl.convert",
+                file=sys.stderr,
+            )
             v = convert.torch_to_flax(state["model_state"])
-            self.state = self.steps.replicate(self.state.replace(params=v["params"],
-                                                                 batch_stats=v["batch_stats"]))
-            return ({k: state[k] for k in ("epoch", "global_step")},
-                    f"{path} (converted from torch_ref)")
+            self.state = self.steps.replicate(
+                self.state.replace(params=v["params"], batch_stats=v["batch_stats"])
+            )
+            return (
+                {k: state[k] for k in ("epoch", "global_step")},
+                f"{path} (converted from torch_ref)",
+            )
         self.state, meta, where = self.ckpt.restore_for_eval(self.state, path, check)
         return meta, str(where)
 
@@ -216,15 +250,23 @@ def backend_factory(recipe: Recipe, devices=None, tables=None) -> driver.Factory
     return lambda ckpt_dir, train: FlaxBackend(recipe, ckpt_dir, devices, train, tables)
 
 
-def train_and_evaluate(recipe: Recipe, workdir: str | Path, devices=None,
-                       stop_after_step: int | None = None) -> dict:
+def train_and_evaluate(
+    recipe: Recipe, workdir: str | Path, devices=None, stop_after_step: int | None = None
+) -> dict:
     """core.driver.train_and_evaluate with this stack (resumes; may raise Preempted)."""
-    return driver.train_and_evaluate(backend_factory(recipe, devices), recipe, workdir, STACK,
-                                     stop_after_step, jax.process_index() == 0)
+    return driver.train_and_evaluate(
+        backend_factory(recipe, devices),
+        recipe,
+        workdir,
+        STACK,
+        stop_after_step,
+        jax.process_index() == 0,
+    )
 
 
-def evaluate_checkpoint(recipe: Recipe, workdir: str | Path, path: str | None = None,
-                        devices=None) -> dict:
+def evaluate_checkpoint(
+    recipe: Recipe, workdir: str | Path, path: str | None = None, devices=None
+) -> dict:
     """--eval-only: `path`, or the workdir's best checkpoint (else its last), evaluated."""
     return driver.evaluate_checkpoint(backend_factory(recipe, devices), recipe, workdir, path)
 
@@ -232,16 +274,31 @@ def evaluate_checkpoint(recipe: Recipe, workdir: str | Path, path: str | None = 
 def main(argv: list[str] | None = None) -> int:
     checkpoints.quiet_closed_loop_errors()
     return driver.main(
-        argv, PROG, STACK, configs,
+        argv,
+        PROG,
+        STACK,
+        configs,
         lambda recipe, workdir, device: train_and_evaluate(recipe, workdir, pick_devices(device)),
-        lambda recipe, workdir, path, device: evaluate_checkpoint(recipe, workdir, path,
-                                                                  pick_devices(device)),
-        flags=multihost.add_flags, setup=multihost.initialize, peer_lost=multihost.peer_lost)
+        lambda recipe, workdir, path, device: evaluate_checkpoint(
+            recipe, workdir, path, pick_devices(device)
+        ),
+        flags=multihost.add_flags,
+        setup=multihost.initialize,
+        peer_lost=multihost.peer_lost,
+    )
 
 
 if __name__ == "__main__":
     checkpoints.exit_with(main())
 
 
-__all__ = ["train_and_evaluate", "evaluate_checkpoint", "backend_factory", "FlaxBackend", "main",
-           "Preempted", "EXIT_PREEMPTED", "NonFiniteLoss"]
+__all__ = [
+    "train_and_evaluate",
+    "evaluate_checkpoint",
+    "backend_factory",
+    "FlaxBackend",
+    "main",
+    "Preempted",
+    "EXIT_PREEMPTED",
+    "NonFiniteLoss",
+]

@@ -123,9 +123,13 @@ def run_torch(case: Case, dtype, threads: int | None = None, timed: bool = False
         loss = F.cross_entropy(logits, y)
         loss.backward()
         grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
-        stats = {k: v.numpy().copy() for k, v in model.state_dict().items()
-                 if "running" in k or "num_batches" in k}
+        stats = {
+            k: v.numpy().copy()
+            for k, v in model.state_dict().items()
+            if "running" in k or "num_batches" in k
+        }
         train_logits = logits.detach().numpy().copy()
+
         def step():
             model.zero_grad()
             F.cross_entropy(model(x), y).backward()
@@ -139,8 +143,9 @@ def run_torch(case: Case, dtype, threads: int | None = None, timed: bool = False
 def run_flax(case: Case, dtype, timed: bool = False) -> Forward:
     jdt = jnp.float64 if dtype == np.float64 else jnp.float32
     variables = convert.torch_to_flax(torch_model(case).state_dict())
-    variables = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype) if a.dtype.kind == "f"
-                                       else a, variables)
+    variables = jax.tree_util.tree_map(
+        lambda a: np.asarray(a, dtype) if a.dtype.kind == "f" else a, variables
+    )
     model = flax_model(case, jdt)
     x_np, y_np = inputs(case)
     x = jnp.asarray(x_np.transpose(0, 2, 3, 1), jdt)
@@ -148,8 +153,9 @@ def run_flax(case: Case, dtype, timed: bool = False) -> Forward:
     eval_logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
 
     def loss_fn(params, batch_stats, x, y):
-        logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                  mutable=["batch_stats"])
+        logits, upd = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
         ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1).mean()
         return ce, (logits, upd["batch_stats"])
 
@@ -161,8 +167,10 @@ def run_flax(case: Case, dtype, timed: bool = False) -> Forward:
         on_device = jax.device_put((variables["params"], variables["batch_stats"]))
         seconds = median_seconds(lambda: jax.block_until_ready(grad_fn(*on_device, x, y)))
     grads_t = {k: v.numpy() for k, v in convert.flax_to_torch({"params": grads}).items()}
-    stats_t = {k: v.numpy() for k, v in convert.flax_to_torch(
-        {"params": {}, "batch_stats": new_stats}).items()}
+    stats_t = {
+        k: v.numpy()
+        for k, v in convert.flax_to_torch({"params": {}, "batch_stats": new_stats}).items()
+    }
     return Forward(eval_logits, np.asarray(logits), stats_t, grads_t, seconds)
 
 
@@ -207,8 +215,10 @@ def model_parity(case: Case, timed: bool = False) -> ModelParity:
     t_model = torch_model(case)
     variables = convert.torch_to_flax(t_model.state_dict())
     back = convert.flax_to_torch(variables)
-    exact = all(torch.equal(back[k], v) and back[k].dtype == v.dtype
-                for k, v in t_model.state_dict().items()) and set(back) == set(t_model.state_dict())
+    exact = all(
+        torch.equal(back[k], v) and back[k].dtype == v.dtype
+        for k, v in t_model.state_dict().items()
+    ) and set(back) == set(t_model.state_dict())
     flax_count = sum(np.asarray(a).size for a in jax.tree_util.tree_leaves(variables["params"]))
     with jax.enable_x64(True):
         t64, f64 = run_torch(case, np.float64), run_flax(case, np.float64)
@@ -217,23 +227,32 @@ def model_parity(case: Case, timed: bool = False) -> ModelParity:
     grads_noise = (worst(t32.grads, t64.grads)[0], worst(f32.grads, f64.grads)[0])
     g32, where = worst(f32.grads, t32.grads)
     return ModelParity(
-        case=case, torch_params=sum(p.numel() for p in t_model.parameters()),
-        flax_params=flax_count, round_trip_exact=exact,
+        case=case,
+        torch_params=sum(p.numel() for p in t_model.parameters()),
+        flax_params=flax_count,
+        round_trip_exact=exact,
         f64_eval_logits=rel(f64.eval_logits, t64.eval_logits),
         f64_train_logits=rel(f64.train_logits, t64.train_logits),
-        f64_stats=worst(f64.stats, t64.stats)[0], f64_grads=worst(f64.grads, t64.grads)[0],
+        f64_stats=worst(f64.stats, t64.stats)[0],
+        f64_grads=worst(f64.grads, t64.grads)[0],
         f32_eval_logits=rel(f32.eval_logits, t32.eval_logits),
         f32_eval_logits_abs=max_abs(f32.eval_logits, t32.eval_logits),
         f32_stats=worst(f32.stats, t32.stats)[0],
         f32_stats_abs=worst(f32.stats, t32.stats, max_abs)[0],
-        f32_grads=g32, f32_grads_abs=worst(f32.grads, t32.grads, max_abs)[0],
+        f32_grads=g32,
+        f32_grads_abs=worst(f32.grads, t32.grads, max_abs)[0],
         f32_grads_where=where,
-        torch_noise_grads=grads_noise[0], flax_noise_grads=grads_noise[1],
-        torch_noise_stats=stats_noise[0], flax_noise_stats=stats_noise[1],
-        torch_seconds=t32.seconds, flax_seconds=f32.seconds)
+        torch_noise_grads=grads_noise[0],
+        flax_noise_grads=grads_noise[1],
+        torch_noise_stats=stats_noise[0],
+        flax_noise_stats=stats_noise[1],
+        torch_seconds=t32.seconds,
+        flax_seconds=f32.seconds,
+    )
 
 
 # --- optimizer and schedules --------------------------------------------------------------------
+
 
 def torch_schedule(recipe, steps_per_epoch: int, world_size: int = 1):
     """(lr, momentum) at every step of a whole run, from torch's own schedulers as torch_ref
@@ -270,15 +289,18 @@ def schedule_parity(recipe, steps_per_epoch: int, world_size: int = 1) -> dict:
     steps = jnp.arange(len(want_lr))
     lr32 = np.asarray(jax.jit(jax.vmap(lr_fn))(steps), np.float64)
     m32 = np.asarray(jax.jit(jax.vmap(m_fn))(steps), np.float64)
-    return {"steps": len(want_lr),
-            "lr_f64": float(np.max(np.abs(lr64 - want_lr) / want_lr)),
-            "momentum_f64": float(np.max(np.abs(m64 - want_m) / want_m)),
-            "lr_f32": float(np.max(np.abs(lr32 - want_lr) / want_lr)),
-            "momentum_f32": float(np.max(np.abs(m32 - want_m) / want_m))}
+    return {
+        "steps": len(want_lr),
+        "lr_f64": float(np.max(np.abs(lr64 - want_lr) / want_lr)),
+        "momentum_f64": float(np.max(np.abs(m64 - want_m) / want_m)),
+        "lr_f32": float(np.max(np.abs(lr32 - want_lr) / want_lr)),
+        "momentum_f32": float(np.max(np.abs(m32 - want_m) / want_m)),
+    }
 
 
-def optimizer_parity(recipe, steps: int = 20, steps_per_epoch: int = 5, dtype=np.float64,
-                     tx=None) -> float:
+def optimizer_parity(
+    recipe, steps: int = 20, steps_per_epoch: int = 5, dtype=np.float64, tx=None
+) -> float:
     """Worst relative parameter difference after `steps` updates of torch.optim.SGD (as torch_ref
     builds it) and the optax chain (flax_impl.optim, or `tx`) on identical gradients."""
     import warnings

@@ -52,25 +52,48 @@ def make_batches(recipe: Recipe, split: readers.ArraySplit, count: int) -> list[
         perm = sampling.epoch_permutation(len(split), recipe.seed, epoch)
         for step in range(min(steps_per_epoch, count - len(out))):
             sl = sampling.step_slice(perm, step, recipe.batch_size, 1, 0)
-            p = sampling.augment_params(recipe.seed, epoch, step, sl.global_size,
-                                        recipe.crop_padding, recipe.hflip, recipe.color_jitter)
+            p = sampling.augment_params(
+                recipe.seed,
+                epoch,
+                step,
+                sl.global_size,
+                recipe.crop_padding,
+                recipe.hflip,
+                recipe.color_jitter,
+            )
             idx = sl.local_indices
-            img = augment.crop_flip(torch.from_numpy(split.images[idx]), recipe.crop_padding,
-                                    torch.from_numpy(p.crop_y), torch.from_numpy(p.crop_x),
-                                    torch.from_numpy(p.flip)).numpy()
+            img = augment.crop_flip(
+                torch.from_numpy(split.images[idx]),
+                recipe.crop_padding,
+                torch.from_numpy(p.crop_y),
+                torch.from_numpy(p.crop_x),
+                torch.from_numpy(p.flip),
+            ).numpy()
             jit = any(recipe.color_jitter)
             draws = None
             if regularisers.enabled(recipe):
-                draws = regularisers.draw(recipe, epoch, step, sl.global_size, 1,
-                                          *img.shape[1:3])
-            out.append(Batch(img, split.labels[idx], p.jitter if jit else None,
-                             p.jitter_order if jit else None, draws))
+                draws = regularisers.draw(recipe, epoch, step, sl.global_size, 1, *img.shape[1:3])
+            out.append(
+                Batch(
+                    img,
+                    split.labels[idx],
+                    p.jitter if jit else None,
+                    p.jitter_order if jit else None,
+                    draws,
+                )
+            )
         epoch += 1
     return out
 
 
-def run_torch(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch: int,
-              dtype=torch.float32, tables=None) -> np.ndarray:
+def run_torch(
+    recipe: Recipe,
+    batches: list[Batch],
+    state_dict,
+    steps_per_epoch: int,
+    dtype=torch.float32,
+    tables=None,
+) -> np.ndarray:
     model = build_torch(recipe)
     model.load_state_dict(state_dict)
     model = model.to(dtype=dtype, memory_format=torch.channels_last)
@@ -82,10 +105,14 @@ def run_torch(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for k, b in enumerate(batches):
-            params = (sampling.AugmentParams(None, None, None, b.jitter, b.jitter_order)
-                      if b.jitter is not None else None)
-            x = augment.to_float_normalized(torch.from_numpy(b.images), mean, std, True,
-                                            params, b.jitter is not None, dtype)
+            params = (
+                sampling.AugmentParams(None, None, None, b.jitter, b.jitter_order)
+                if b.jitter is not None
+                else None
+            )
+            x = augment.to_float_normalized(
+                torch.from_numpy(b.images), mean, std, True, params, b.jitter is not None, dtype
+            )
             x, targets = augment.regularise(x, torch.from_numpy(b.labels), b.draws)
             loss = torch_steps.train_loss(model(x), targets, recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -97,20 +124,36 @@ def run_torch(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch:
     return np.asarray(losses)
 
 
-def run_flax(recipe: Recipe, batches: list[Batch], state_dict, steps_per_epoch: int,
-             dtype=jnp.float32, tables=None) -> np.ndarray:
+def run_flax(
+    recipe: Recipe,
+    batches: list[Batch],
+    state_dict,
+    steps_per_epoch: int,
+    dtype=jnp.float32,
+    tables=None,
+) -> np.ndarray:
     model = build_flax(recipe, dtype, dtype)
     tx, _, _ = optim.for_recipe(recipe, steps_per_epoch, 1, dtype=dtype, tables=tables)
     variables = convert.torch_to_flax(state_dict)
     variables = jax.tree_util.tree_map(
-        lambda a: jnp.asarray(a, dtype) if a.dtype.kind == "f" else jnp.asarray(a), variables)
-    fns = steps.Steps(model, tx, {"pad": 0, "mean": recipe.mean, "std": recipe.std},
-                      steps.make_mesh(jax.devices()[:1]), dtype, recipe.label_smoothing)
+        lambda a: jnp.asarray(a, dtype) if a.dtype.kind == "f" else jnp.asarray(a), variables
+    )
+    fns = steps.Steps(
+        model,
+        tx,
+        {"pad": 0, "mean": recipe.mean, "std": recipe.std},
+        steps.make_mesh(jax.devices()[:1]),
+        dtype,
+        recipe.label_smoothing,
+    )
     state = fns.replicate(steps.state_from_variables(variables, tx))
     pending = []
     for b in batches:
-        batch = {"images": b.images, "labels": b.labels.astype(np.int32),
-                 "mask": np.ones(len(b.labels), np.float32)}
+        batch = {
+            "images": b.images,
+            "labels": b.labels.astype(np.int32),
+            "mask": np.ones(len(b.labels), np.float32),
+        }
         if b.jitter is not None:
             batch["jitter"], batch["jitter_order"] = b.jitter, b.jitter_order.astype(np.int32)
         if b.draws is not None:
@@ -137,38 +180,50 @@ class ShortRun:
 
         cross = np.abs(windowed(self.flax) - windowed(self.torch))
         up, down = self.torch_nudged
-        self_noise = np.max([np.abs(windowed(a) - windowed(b))
-                             for a, b in ((up, self.torch), (down, self.torch), (up, down))], 0)
+        self_noise = np.max(
+            [
+                np.abs(windowed(a) - windowed(b))
+                for a, b in ((up, self.torch), (down, self.torch), (up, down))
+            ],
+            0,
+        )
         f64 = np.abs(self.f64_flax - self.f64_torch) / np.abs(self.f64_torch)
-        return {"first_step_rel": float(abs(self.flax[0] - self.torch[0]) / self.torch[0]),
-                "first5_max_rel": float(np.max(np.abs(self.flax[:5] - self.torch[:5])
-                                               / self.torch[:5])),
-                "window_cross_max": float(cross.max()),
-                "window_self_max": float(self_noise.max()),
-                "f64_steps": len(self.f64_torch),
-                "f64_max_rel": float(f64.max()),
-                "final_window_torch": float(windowed(self.torch)[-1]),
-                "final_window_flax": float(windowed(self.flax)[-1])}
+        return {
+            "first_step_rel": float(abs(self.flax[0] - self.torch[0]) / self.torch[0]),
+            "first5_max_rel": float(
+                np.max(np.abs(self.flax[:5] - self.torch[:5]) / self.torch[:5])
+            ),
+            "window_cross_max": float(cross.max()),
+            "window_self_max": float(self_noise.max()),
+            "f64_steps": len(self.f64_torch),
+            "f64_max_rel": float(f64.max()),
+            "final_window_torch": float(windowed(self.torch)[-1]),
+            "final_window_flax": float(windowed(self.flax)[-1]),
+        }
 
 
 def nudge(state_dict: dict, direction: float) -> dict:
     """Every floating tensor moved one ulp (to the next float32) towards `direction`."""
-    return {k: torch.nextafter(v, torch.full_like(v, direction)) if v.is_floating_point() else v
-            for k, v in state_dict.items()}
+    return {
+        k: torch.nextafter(v, torch.full_like(v, direction)) if v.is_floating_point() else v
+        for k, v in state_dict.items()
+    }
 
 
-def short_run(recipe: Recipe, split: readers.ArraySplit, steps_count: int = 200,
-              f64_steps: int = 5) -> ShortRun:
+def short_run(
+    recipe: Recipe, split: readers.ArraySplit, steps_count: int = 200, f64_steps: int = 5
+) -> ShortRun:
     torch.manual_seed(recipe.seed)
     state_dict = build_torch(recipe).state_dict()
     steps_per_epoch = sampling.steps_in_epoch(len(split), recipe.batch_size, recipe.drop_last)
     batches = make_batches(recipe, split, steps_count)
     t = run_torch(recipe, batches, state_dict, steps_per_epoch)
-    nudged = tuple(run_torch(recipe, batches, nudge(state_dict, direction), steps_per_epoch)
-                   for direction in (np.inf, -np.inf))
+    nudged = tuple(
+        run_torch(recipe, batches, nudge(state_dict, direction), steps_per_epoch)
+        for direction in (np.inf, -np.inf)
+    )
     f = run_flax(recipe, batches, state_dict, steps_per_epoch)
-    t64 = run_torch(recipe, batches[:f64_steps], state_dict, steps_per_epoch,
-                    dtype=torch.float64)
+    t64 = run_torch(recipe, batches[:f64_steps], state_dict, steps_per_epoch, dtype=torch.float64)
     with jax.enable_x64(True):
         f64 = run_flax(recipe, batches[:f64_steps], state_dict, steps_per_epoch, jnp.float64)
     return ShortRun(recipe.recipe, steps_count, t, nudged, f, t64, f64)

@@ -28,9 +28,18 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def recipe(imagefolder_dir):
-    r = apply_overrides(get_config("imagenet", "smoke"),
-                        ["model=resnet18", "num_classes=3", "image_size=32", "eval_resize=36",
-                         "batch_size=4", "train_subset=0", "num_workers=2"])
+    r = apply_overrides(
+        get_config("imagenet", "smoke"),
+        [
+            "model=resnet18",
+            "num_classes=3",
+            "image_size=32",
+            "eval_resize=36",
+            "batch_size=4",
+            "train_subset=0",
+            "num_workers=2",
+        ],
+    )
     return r.replace(data_dir=str(imagefolder_dir))
 
 
@@ -59,11 +68,20 @@ def test_imagenet_batches_are_the_same_in_both_stacks(recipe, epoch):
         assert np.array_equal(y, fb["labels"])
         assert np.array_equal(params.jitter, fb["jitter"])
         assert np.array_equal(params.jitter_order, fb["jitter_order"])
-        want = torch_augment.to_float_normalized(
-            torch.from_numpy(x), mean, std, False, params, True).numpy().transpose(0, 2, 3, 1)
-        got = np.asarray(flax_augment.to_float_normalized(
-            jnp.asarray(x), tuple(recipe.mean), tuple(recipe.std),
-            (jnp.asarray(fb["jitter"]), jnp.asarray(fb["jitter_order"])), jnp.float32))
+        want = (
+            torch_augment.to_float_normalized(torch.from_numpy(x), mean, std, False, params, True)
+            .numpy()
+            .transpose(0, 2, 3, 1)
+        )
+        got = np.asarray(
+            flax_augment.to_float_normalized(
+                jnp.asarray(x),
+                tuple(recipe.mean),
+                tuple(recipe.std),
+                (jnp.asarray(fb["jitter"]), jnp.asarray(fb["jitter_order"])),
+                jnp.float32,
+            )
+        )
         atol = 8 * np.finfo(np.float32).eps / min(recipe.std)  # see the module docstring
         np.testing.assert_allclose(got, want, rtol=0, atol=atol)
 

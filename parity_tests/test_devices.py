@@ -32,8 +32,15 @@ from torch_ref.models import build_model
 from torch_ref import optim
 
 WORLD, PER_RANK = 2, 8
-OVERRIDES = [f"batch_size={PER_RANK}", "epochs=2", "train_subset=0", "eval_subset=0",
-             "eval_batch_size=8", "num_workers=0", "log_every_steps=1"]
+OVERRIDES = [
+    f"batch_size={PER_RANK}",
+    "epochs=2",
+    "train_subset=0",
+    "eval_subset=0",
+    "eval_batch_size=8",
+    "num_workers=0",
+    "log_every_steps=1",
+]
 N_TRAIN, N_TEST = 61, 37  # 61 = 3 full global batches of 16 + 13, split 7/6: uneven shares
 
 
@@ -48,9 +55,24 @@ def run_torchrun(workdir, data_dir, extra=()):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     changed = {x.split("=")[0] for x in extra}  # the command line takes each key once
     overrides = [x for x in OVERRIDES if x.split("=")[0] not in changed] + list(extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-           "--standalone", "-m", "torch_ref.train", "--recipe", "fashion_mnist", "--size",
-           "smoke", "--data-dir", str(data_dir), "--workdir", str(workdir), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        "--standalone",
+        "-m",
+        "torch_ref.train",
+        "--recipe",
+        "fashion_mnist",
+        "--size",
+        "smoke",
+        "--data-dir",
+        str(data_dir),
+        "--workdir",
+        str(workdir),
+        *overrides,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -60,8 +82,12 @@ def one_process_reference(recipe):
     model = build_model(recipe)
     model = model.to(memory_format=torch.channels_last)
     global_recipe = recipe.replace(batch_size=PER_RANK * WORLD)  # one process, global batch
-    batches = data.InMemoryTrain(data.load_split(global_recipe, data.resolve_data_dir(recipe),
-                                                 True), global_recipe, "cpu", Dist())
+    batches = data.InMemoryTrain(
+        data.load_split(global_recipe, data.resolve_data_dir(recipe), True),
+        global_recipe,
+        "cpu",
+        Dist(),
+    )
     opt, sched, when = optim.for_recipe(model, recipe, batches.steps, WORLD)
     assert when == "epoch"  # the loop below steps it once per epoch
     model.train()
@@ -73,8 +99,11 @@ def one_process_reference(recipe):
             loss = 0
             for rank, (a, b) in enumerate(shares):
                 if rank == 1:  # rank 0's running statistics are the ones DDP keeps
-                    saved = {k: v.clone() for k, v in model.state_dict().items() if "running"
-                             in k or "num_batches" in k}
+                    saved = {
+                        k: v.clone()
+                        for k, v in model.state_dict().items()
+                        if "running" in k or "num_batches" in k
+                    }
                 loss = loss + F.cross_entropy(model(x[a:b]), y[a:b]) * (b - a) / n
             opt.zero_grad()
             loss.backward()
@@ -95,7 +124,8 @@ def test_ddp_two_processes_equal_one_process(small_fashion, tmp_path):
     proc = run_torchrun(tmp_path / "ddp", small_fashion)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recipe = apply_overrides(get_config("fashion_mnist", "smoke"), OVERRIDES).replace(
-        data_dir=str(small_fashion))
+        data_dir=str(small_fashion)
+    )
     ddp = checkpoints.load(tmp_path / "ddp" / "checkpoints" / checkpoints.LAST)["model_state"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -153,8 +183,10 @@ def test_eight_devices_equal_one_device(fashion_dir):
             s8, m8 = fns8.train(s8, batch, src8)
         assert len(s8.params["fc"]["kernel"].sharding.device_set) == 8
         assert s8.params["fc"]["kernel"].dtype == jnp.float64
-        for a, b in zip(jax.tree_util.tree_leaves((s1.params, s1.batch_stats)),
-                        jax.tree_util.tree_leaves((s8.params, s8.batch_stats))):
+        for a, b in zip(
+            jax.tree_util.tree_leaves((s1.params, s1.batch_stats)),
+            jax.tree_util.tree_leaves((s8.params, s8.batch_stats)),
+        ):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             assert np.linalg.norm(a - b) <= 1e-10 * max(np.linalg.norm(a), 1e-12)
     _, batches, fns1, s1 = _setup(fashion_dir, ONE)
@@ -169,5 +201,3 @@ def test_eval_counts_each_image_once_on_eight_devices(fashion_dir, tmp_path):
     r = recipe_for("fashion_mnist", fashion_dir, "eval_batch_size=24")  # 40 = 24 + 16 (padded)
     out = flax_train(r.replace(epochs=1), tmp_path / "eight")
     assert out["test_count"] == 40
-
-

@@ -29,8 +29,9 @@ def test_same_weights_give_the_same_confusion_matrix(fashion_dir, tmp_path):
 
     fb = FlaxBackend(recipe, tmp_path / "f", jax.devices()[:1], False)
     variables = convert.torch_to_flax(tb.model.state_dict())
-    fb.state = fb.steps.replicate(fb.state.replace(params=variables["params"],
-                                                   batch_stats=variables["batch_stats"]))
+    fb.state = fb.steps.replicate(
+        fb.state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    )
     f_loss, f_correct, f_count, f_conf = fb.evaluate()
 
     with torch.no_grad():

@@ -39,8 +39,7 @@ def curves():
     state_dict = build_torch(recipe).state_dict()
     spe = sampling.steps_in_epoch(len(split), recipe.batch_size, recipe.drop_last)
     batches = short_runs.make_batches(recipe, split, STEPS)
-    t64 = short_runs.run_torch(recipe, batches, state_dict, spe, dtype=torch.float64,
-                               tables=tables)
+    t64 = short_runs.run_torch(recipe, batches, state_dict, spe, dtype=torch.float64, tables=tables)
     with jax.enable_x64(True):
         f64 = short_runs.run_flax(recipe, batches, state_dict, spe, jnp.float64, tables=tables)
     out = []

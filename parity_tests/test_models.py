@@ -14,14 +14,17 @@ Bounds, and why they are those sizes:
 The contract, and why these are its two levels: parity_tests/README.md.
 """
 
+import numpy as np
 import pytest
 
 from parity_tests import checks
 
 CASES = checks.all_cases()
+DEEPEST = ("resnet110", "resnet101", "resnet152")
+TIERED = [pytest.param(c, marks=pytest.mark.slow) if c.name in DEEPEST else c for c in CASES]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[c.label for c in CASES])
+@pytest.fixture(scope="module", params=TIERED, ids=[c.label for c in CASES])
 def parity(request):
     return checks.model_parity(request.param)
 
@@ -50,3 +53,24 @@ def test_float32_train_mode_within_float32_noise(parity):
     stats_noise = max(parity.torch_noise_stats, parity.flax_noise_stats)
     assert parity.f32_grads <= 4 * grad_noise + 1e-6, (parity.f32_grads_where, grad_noise)
     assert parity.f32_stats <= 4 * stats_noise + 1e-6
+
+
+# The deepest models (ResNet-110, -101, -152) repeat the blocks of ResNet-56 and ResNet-50 with
+# more of them: their numbers above are the slow tier (`pytest -m slow`, ~6 minutes here), while
+# this cheap test keeps every model's architecture equal in the default run.
+@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+def test_every_models_parameters_have_the_same_shapes(case):
+    import jax
+    import jax.numpy as jnp
+
+    from flax_impl import convert
+
+    torch_shapes = {
+        k: tuple(v.shape) for k, v in checks.torch_model(case).state_dict().items()
+    }
+    x = jnp.zeros((1, case.size, case.size, 3), jnp.float32)
+    model = checks.flax_model(case, jnp.float32)
+    flax_vars = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+    flax_shapes = jax.tree_util.tree_map(lambda a: tuple(a.shape), flax_vars)
+    converted = convert.torch_to_flax({k: np.zeros(s, np.float32) for k, s in torch_shapes.items()})
+    assert jax.tree_util.tree_map(lambda a: tuple(a.shape), converted) == flax_shapes

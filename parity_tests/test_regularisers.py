@@ -68,8 +68,9 @@ def reference_apply(x: np.ndarray, d: reg.Draws) -> np.ndarray:
     return x
 
 
-def reference_loss(logits: np.ndarray, labels: np.ndarray, d: reg.Draws | None,
-                   smoothing: float) -> float:
+def reference_loss(
+    logits: np.ndarray, labels: np.ndarray, d: reg.Draws | None, smoothing: float
+) -> float:
     """Mean over the batch of lam * CE_eps(y) + (1 - lam) * CE_eps(y[partner])."""
     z = logits - logits.max(1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
@@ -84,9 +85,15 @@ def reference_loss(logits: np.ndarray, labels: np.ndarray, d: reg.Draws | None,
         return float(ce(labels).mean())
     return float((d.lam * ce(labels) + d.one_minus_lam * ce(labels[d.partner])).mean())
 
+
 B, H, W, C, K = 12, 16, 16, 3, 10
-ALL_ON = ["cutout_holes=2", "cutout_length=6", "mixup_alpha=0.4", "cutmix_alpha=1.0",
-          "label_smoothing=0.1"]
+ALL_ON = [
+    "cutout_holes=2",
+    "cutout_length=6",
+    "mixup_alpha=0.4",
+    "cutmix_alpha=1.0",
+    "label_smoothing=0.1",
+]
 
 
 def recipe(*extra):
@@ -145,15 +152,18 @@ def test_no_regulariser_draws_nothing_and_changes_no_existing_draw():
     assert not reg.enabled(r) and sampling.TrainPlan(r, 500, 64).step(0, 0).regularisers is None
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("mixup_alpha=-0.2", "mixup_alpha must be 0 (off) or positive"),
-    ("cutmix_alpha=-1", "cutmix_alpha must be 0 (off) or positive"),
-    ("cutout_holes=1,cutout_length=40", "cutout_length must be 1 to image_size=32"),
-    ("cutout_length=0", "cutout_length must be at least 1"),
-    ("label_smoothing=1", "label_smoothing must be in [0, 1)"),
-    ("cutout_holes=-1", "cutout_holes must be 0 or more"),
-    ("mix_switch_prob=1.5", "mix_switch_prob must be in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("mixup_alpha=-0.2", "mixup_alpha must be 0 (off) or positive"),
+        ("cutmix_alpha=-1", "cutmix_alpha must be 0 (off) or positive"),
+        ("cutout_holes=1,cutout_length=40", "cutout_length must be 1 to image_size=32"),
+        ("cutout_length=0", "cutout_length must be at least 1"),
+        ("label_smoothing=1", "label_smoothing must be in [0, 1)"),
+        ("cutout_holes=-1", "cutout_holes must be 0 or more"),
+        ("mix_switch_prob=1.5", "mix_switch_prob must be in [0, 1]"),
+    ],
+)
 def test_bad_values_are_user_errors(override, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
         apply_overrides(get_config("cifar10"), override.split(","))
@@ -274,16 +284,20 @@ def test_flax_equals_torch_in_float64(kind):
     assert np.array_equal(ours, reference_apply(x, d))
     with jax.enable_x64(True):
         theirs, (partner_y, lam, rest) = flax_apply(x, y, d)
-        mix = None if kind == "none" else (jnp.asarray(partner_y), jnp.asarray(lam),
-                                           jnp.asarray(rest))
-        flax_loss = float(flax_steps.train_loss(jnp.asarray(logits), jnp.asarray(y),
-                                                jnp.ones(B), 0.1, mix))
+        mix = (
+            None
+            if kind == "none"
+            else (jnp.asarray(partner_y), jnp.asarray(lam), jnp.asarray(rest))
+        )
+        flax_loss = float(
+            flax_steps.train_loss(jnp.asarray(logits), jnp.asarray(y), jnp.ones(B), 0.1, mix)
+        )
     assert np.array_equal(theirs, ours)
     torch_loss = torch_steps.train_loss(torch.from_numpy(logits), targets, 0.1).item()
     assert abs(flax_loss - torch_loss) <= 1e-12 * torch_loss
 
 
-# --- level 2: a short run with everything on --------------------------------------------------------
+# --- level 2: a short run with everything on ------------------------------------------------------
 
 
 RUN_RECIPE = apply_overrides(get_config("cifar10").replace(batch_size=32), ALL_ON)
@@ -293,8 +307,9 @@ RUN_STEPS = 12  # of 20 per epoch (640 images)
 @pytest.fixture(scope="module")
 def short_run():
     images, labels = samples.patterned_images(640, 32, 3, 10, seed=0)
-    return short_runs.short_run(RUN_RECIPE, readers.ArraySplit(images, labels, 10),
-                                steps_count=RUN_STEPS)
+    return short_runs.short_run(
+        RUN_RECIPE, readers.ArraySplit(images, labels, 10), steps_count=RUN_STEPS
+    )
 
 
 def test_short_run_with_regularisers_agrees(short_run):
@@ -305,11 +320,12 @@ def test_short_run_with_regularisers_agrees(short_run):
     assert gaps["f64_steps"] == 5 and gaps["f64_max_rel"] < 1e-10, gaps
 
 
-# --- traps --------------------------------------------------------------------------------------------
+# --- traps ----------------------------------------------------------------------------------------
 
 
 def test_trap_lam_not_corrected_after_clipping_is_caught(monkeypatch):
     """A CutMix that keeps the Beta draw's lam after clipping the box at the border."""
+
     def uncorrected(lam, cy, cx, h, w):
         box, _ = ORIGINAL_CUTMIX_BOX(lam, cy, cx, h, w)
         return box, lam
@@ -338,12 +354,14 @@ def eval_loss_gap() -> float:
         variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, C), jnp.float64))
         state = flax_steps.TrainState(jnp.zeros((), jnp.int32), variables["params"], {}, None)
         batch = {"images": images, "labels": labels, "mask": np.ones(B)}
-        got = float(flax_steps.eval_step(state, batch, model=model, aug=aug,
-                                         dtype=jnp.float64)["loss_sum"])
+        got = float(
+            flax_steps.eval_step(state, batch, model=model, aug=aug, dtype=jnp.float64)["loss_sum"]
+        )
         x, _ = flax_steps.prepare_inputs(batch, None, aug, jnp.float64)
         logits = np.array(model.apply(variables, x))
-    want = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long(),
-                           reduction="sum").item()
+    want = F.cross_entropy(
+        torch.from_numpy(logits), torch.from_numpy(labels).long(), reduction="sum"
+    ).item()
     return abs(got - want) / want
 
 
@@ -353,8 +371,11 @@ def test_eval_is_never_smoothed():
 
 def test_trap_smoothing_at_eval_is_caught(monkeypatch):
     smoothing_everywhere = functools.partial(ORIGINAL_CROSS_ENTROPY, smoothing=0.1)
-    monkeypatch.setattr(flax_steps, "cross_entropy",
-                        lambda logits, labels, smoothing=0.0: smoothing_everywhere(logits, labels))
+    monkeypatch.setattr(
+        flax_steps,
+        "cross_entropy",
+        lambda logits, labels, smoothing=0.0: smoothing_everywhere(logits, labels),
+    )
     assert eval_loss_gap() > 1e-3
 
 

@@ -22,10 +22,12 @@ from torch_ref import predict as torch_predict, train as torch_train
 
 pytestmark = pytest.mark.skipif(
     not readers.fashion_mnist_present(readers.FASHION_MNIST_SYSTEM_DIR),
-    reason="Debian's dataset-fashion-mnist is not installed")
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 
-RECIPE = get_config("fashion_mnist").replace(epochs=1, train_subset=4096, batch_size=64,
-                                             log_every_steps=16)
+RECIPE = get_config("fashion_mnist").replace(
+    epochs=1, train_subset=4096, batch_size=64, log_every_steps=16
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +50,13 @@ def near_ties(logits: np.ndarray) -> int:
 def test_each_stack_evaluates_the_others_checkpoint(runs, trained_by, tmp_path, capsys):
     root, test = runs
     run = root / trained_by
-    own = (torch_train if trained_by == "torch_ref" else flax_train)
-    other = (flax_train if trained_by == "torch_ref" else torch_train)
-    ckpt = (run / "checkpoints" / "best.pt" if trained_by == "torch_ref" else
-            max((run / "checkpoints" / "best").iterdir(), key=lambda p: int(p.name)))
+    own = torch_train if trained_by == "torch_ref" else flax_train
+    other = flax_train if trained_by == "torch_ref" else torch_train
+    ckpt = (
+        run / "checkpoints" / "best.pt"
+        if trained_by == "torch_ref"
+        else max((run / "checkpoints" / "best").iterdir(), key=lambda p: int(p.name))
+    )
     mine = own.evaluate_checkpoint(RECIPE, run)
     theirs = other.evaluate_checkpoint(RECIPE, tmp_path / "elsewhere", str(ckpt))
     assert "checkpoint; converted to" in capsys.readouterr().err  # the note on stderr
@@ -77,17 +82,26 @@ def test_a_predicted_file_has_the_evaluations_logits(runs, tmp_path, capsys):
     Image.fromarray(test.images[0, :, :, 0]).save(png)
     out = {}
     for name, stack in (("torch_ref", torch_predict), ("flax_impl", flax_predict)):
-        assert stack.main(["--workdir", str(root / "torch_ref"), "--json", "--device", "cpu",
-                           str(png)]) == 0
+        assert (
+            stack.main(
+                ["--workdir", str(root / "torch_ref"), "--json", "--device", "cpu", str(png)]
+            )
+            == 0
+        )
         out[name] = json.loads(capsys.readouterr().out)
     direct = torch_predict.load(RECIPE, None, root / "torch_ref", "cpu")[0](test.images[:256])[0]
     # a batch of 1 against a batch of 256: oneDNN blocks the convolutions differently
     np.testing.assert_allclose(out["torch_ref"]["logits"], direct, rtol=0, atol=1e-5)
-    assert [t["name"] for t in out["torch_ref"]["top"]] == [t["name"] for t in
-                                                            out["flax_impl"]["top"]]
+    assert [t["name"] for t in out["torch_ref"]["top"]] == [
+        t["name"] for t in out["flax_impl"]["top"]
+    ]
     # probabilities: softmax of logits ~1e-6 apart
-    np.testing.assert_allclose([t["prob"] for t in out["flax_impl"]["top"]],
-                               [t["prob"] for t in out["torch_ref"]["top"]], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        [t["prob"] for t in out["flax_impl"]["top"]],
+        [t["prob"] for t in out["torch_ref"]["top"]],
+        rtol=0,
+        atol=1e-5,
+    )
 
 
 def test_16_bit_and_float_files_get_their_8_bit_copies_logits(runs, tmp_path):
@@ -106,11 +120,16 @@ def test_16_bit_and_float_files_get_their_8_bit_copies_logits(runs, tmp_path):
     wide = grey.astype(np.uint16) * 257  # 8-bit x as a 16-bit file stores it
     copies = {"8-bit": [], "I;16": [], "I;16B": [], "I": [], "F": [], "RGB16": []}
     for i, g in enumerate(grey):
-        files = {"8-bit": (Image.fromarray(g), "png"), "I;16": (Image.fromarray(wide[i]), "png"),
-                 "I;16B": (Image.frombytes("I;16B", g.shape[::-1],
-                                           wide[i].astype(">u2").tobytes()), "tif"),
-                 "I": (Image.fromarray(wide[i].astype(np.int32)), "tif"),
-                 "F": (Image.fromarray(g.astype(np.float32) / 255), "tif")}
+        files = {
+            "8-bit": (Image.fromarray(g), "png"),
+            "I;16": (Image.fromarray(wide[i]), "png"),
+            "I;16B": (
+                Image.frombytes("I;16B", g.shape[::-1], wide[i].astype(">u2").tobytes()),
+                "tif",
+            ),
+            "I": (Image.fromarray(wide[i].astype(np.int32)), "tif"),
+            "F": (Image.fromarray(g.astype(np.float32) / 255), "tif"),
+        }
         for mode, (img, ext) in files.items():
             path = tmp_path / f"{i}-{mode}.{ext}"
             img.save(path)

@@ -9,7 +9,8 @@ Bounds:
   rounding ~10x per step, so later float64 steps stop proving anything.
 - the whole float32 curve, in 20-step window means: the cross-framework gap is at most 3x torch's
   own largest gap between itself and copies started one ulp above and below (pure float32
-  rounding, same code, three pairs: measured 0.075 on fashion_mnist, 0.098 on cifar10) plus 0.02. A wrong schedule,
+  rounding, same code, three pairs: measured 0.075 on fashion_mnist, 0.098 on cifar10) plus 0.02. A
+  wrong schedule,
   optimizer or augmentation shows up as a systematic gap of >0.1 in loss, growing window by window.
 """
 

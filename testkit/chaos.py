@@ -40,14 +40,36 @@ from pathlib import Path
 
 from testkit import samples
 
-OVERRIDES = ["train_subset=0", "eval_subset=0", "epochs=3", "batch_size=32", "eval_batch_size=64",
-             "checkpoint_every_steps=2", "log_every_steps=1", "num_workers=0"]
+OVERRIDES = [
+    "train_subset=0",
+    "eval_subset=0",
+    "epochs=3",
+    "batch_size=32",
+    "eval_batch_size=64",
+    "checkpoint_every_steps=2",
+    "log_every_steps=1",
+    "num_workers=0",
+]
 REPO = Path(__file__).resolve().parent.parent
 
 
 def command(stack: str, data_dir: Path, workdir: Path) -> list[str]:
-    return [sys.executable, "-m", f"{stack}.train", "--recipe", "fashion_mnist", "--size", "smoke",
-            "--data-dir", str(data_dir), "--workdir", str(workdir), "--device", "cpu", *OVERRIDES]
+    return [
+        sys.executable,
+        "-m",
+        f"{stack}.train",
+        "--recipe",
+        "fashion_mnist",
+        "--size",
+        "smoke",
+        "--data-dir",
+        str(data_dir),
+        "--workdir",
+        str(workdir),
+        "--device",
+        "cpu",
+        *OVERRIDES,
+    ]
 
 
 def _env() -> dict:
@@ -63,8 +85,9 @@ def epoch_records(workdir: Path) -> list[dict]:
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
         if "state_digest" in m:
-            out.append({k: v for k, v in m.items() if k not in ("epoch_time",
-                                                                 "train_images_per_s")})
+            out.append(
+                {k: v for k, v in m.items() if k not in ("epoch_time", "train_images_per_s")}
+            )
     return out
 
 
@@ -81,15 +104,17 @@ def temporaries(workdir: Path) -> set[str]:
     return found
 
 
-def run_once(cmd: list[str], kill_after: float | None,
-             aim_at_write: Path | None = None) -> tuple[int, bool]:
+def run_once(
+    cmd: list[str], kill_after: float | None, aim_at_write: Path | None = None
+) -> tuple[int, bool]:
     """Run the command; SIGKILL it after `kill_after` seconds if it is still running, or, with
     `aim_at_write` (the run's workdir), at the first moment after that when this run has a write
     in progress there (leftovers of an earlier kill do not count). Returns (exit code, whether it
     was killed)."""
     stale = temporaries(aim_at_write) if aim_at_write is not None else set()
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            cwd=REPO)
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO
+    )
     start, killed = time.monotonic(), False
     while kill_after is not None and proc.poll() is None:
         due = time.monotonic() - start >= kill_after
@@ -118,8 +143,9 @@ def where_killed(workdir: Path, stale: set[str]) -> str:
     return "outside a write"
 
 
-def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=print,
-                min_inside: int = 0) -> dict:
+def check_stack(
+    stack: str, kills: int, root: Path, rng: random.Random, log=print, min_inside: int = 0
+) -> dict:
     """`kills` SIGKILLs, every other one aimed into a write; then, while fewer than `min_inside`
     kills have landed inside a write, more aimed kills (at most `kills` more). An aimed kill can
     still miss: the write may finish between the moment it is seen and the signal's delivery."""
@@ -131,6 +157,7 @@ def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=prin
     reference = epoch_records(ref_dir)
     killed, attempts, cycles, identical = 0, 0, 0, True
     landed = {"before the first checkpoint": 0, "outside a write": 0, "inside a write": 0}
+
     def wanted() -> bool:
         return killed < kills or (landed["inside a write"] < min_inside and killed < 2 * kills)
 
@@ -156,30 +183,63 @@ def check_stack(stack: str, kills: int, root: Path, rng: random.Random, log=prin
                 raise RuntimeError("the run never finished")
         identical &= epoch_records(run_dir) == reference
     got = epoch_records(run_dir)
-    result = {"stack": stack, "kills": killed, "kills_landed": landed, "runs": attempts,
-              "cycles": cycles,
-              "identical": identical, "final_digest": got[-1]["state_digest"] if got else None,
-              "reference_digest": reference[-1]["state_digest"]}
+    result = {
+        "stack": stack,
+        "kills": killed,
+        "kills_landed": landed,
+        "runs": attempts,
+        "cycles": cycles,
+        "identical": identical,
+        "final_digest": got[-1]["state_digest"] if got else None,
+        "reference_digest": reference[-1]["state_digest"],
+    }
     log(json.dumps(result))
     return result
 
 
 # --- group stops at the trainer's pause points ----------------------------------------------
 
-IMAGE_OVERRIDES = ["model=resnet18", "num_classes=3", "image_size=32", "eval_resize=36",
-                   "batch_size=4", "eval_batch_size=4", "epochs=2", "train_subset=0",
-                   "eval_subset=0", "num_workers=2", "log_every_steps=1",
-                   "checkpoint_every_steps=2"]
+IMAGE_OVERRIDES = [
+    "model=resnet18",
+    "num_classes=3",
+    "image_size=32",
+    "eval_resize=36",
+    "batch_size=4",
+    "eval_batch_size=4",
+    "epochs=2",
+    "train_subset=0",
+    "eval_subset=0",
+    "num_workers=2",
+    "log_every_steps=1",
+    "checkpoint_every_steps=2",
+]
 # (pause point, signal): write:3 is the first checkpoint's write (config.json and
 # environment.json are the first two atomic writes of a run)
-STOPS = [("start", signal.SIGTERM), ("step:3", signal.SIGTERM), ("write:3", signal.SIGTERM),
-         ("eval:2", signal.SIGINT)]
+STOPS = [
+    ("start", signal.SIGTERM),
+    ("step:3", signal.SIGTERM),
+    ("write:3", signal.SIGTERM),
+    ("eval:2", signal.SIGINT),
+]
 
 
 def image_command(stack: str, data_dir: Path, workdir: Path) -> list[str]:
-    return [sys.executable, "-m", f"{stack}.train", "--recipe", "imagenet", "--size", "smoke",
-            "--data-dir", str(data_dir), "--workdir", str(workdir), "--device", "cpu",
-            *IMAGE_OVERRIDES]
+    return [
+        sys.executable,
+        "-m",
+        f"{stack}.train",
+        "--recipe",
+        "imagenet",
+        "--size",
+        "smoke",
+        "--data-dir",
+        str(data_dir),
+        "--workdir",
+        str(workdir),
+        "--device",
+        "cpu",
+        *IMAGE_OVERRIDES,
+    ]
 
 
 def children(pid: int) -> list[int]:
@@ -202,8 +262,15 @@ def paused(cmd: list[str], point: str, flag: Path, timeout: float = 300) -> subp
     `point` (core.preemption.pause)."""
     env = dict(_env(), TRAINER_PAUSE_AT=point, TRAINER_PAUSE_FILE=str(flag))
     flag.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     while not flag.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -214,8 +281,9 @@ def paused(cmd: list[str], point: str, flag: Path, timeout: float = 300) -> subp
     return proc
 
 
-def group_stop(cmd: list[str], point: str, sig: int, flag: Path,
-               workers_first: bool = False) -> tuple[int, str]:
+def group_stop(
+    cmd: list[str], point: str, sig: int, flag: Path, workers_first: bool = False
+) -> tuple[int, str]:
     """Pause the run at `point`, signal its whole process group (with `workers_first`, each
     worker alone first, then the group); (exit code, stderr)."""
     proc = paused(cmd, point, flag)
@@ -241,20 +309,26 @@ def check_group_stops(stack: str, root: Path, stops=STOPS, log=print) -> dict:
         code, err = group_stop(cmd, point, sig, root / "paused")
         one_line = len(err.strip().splitlines()) == 1 and "Traceback" not in err
         run_once(cmd, None)
-        results[point] = (code == 75 and one_line and epoch_records(workdir) == reference)
+        results[point] = code == 75 and one_line and epoch_records(workdir) == reference
     result = {"stack": stack, "group_stops": results, "identical": all(results.values())}
     log(json.dumps(result))
     return result
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m testkit.chaos", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m testkit.chaos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--stack", choices=("torch_ref", "flax_impl", "both"), default="both")
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-group-stops", action="store_true",
-                        help="only the SIGKILLs, not the group SIGTERM/SIGINT at pause points")
+    parser.add_argument(
+        "--no-group-stops",
+        action="store_true",
+        help="only the SIGKILLs, not the group SIGTERM/SIGINT at pause points",
+    )
     args = parser.parse_args(argv)
     stacks = ["torch_ref", "flax_impl"] if args.stack == "both" else [args.stack]
     rng = random.Random(args.seed)

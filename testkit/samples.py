@@ -34,8 +34,9 @@ def patterned_images(n: int, size: int, channels: int, num_classes: int, seed: i
     return out, labels.astype(np.int64)
 
 
-def write_fashion_mnist(folder: str | Path, n_train: int = 256, n_test: int = 128,
-                        gz: bool = True, seed: int = 0) -> Path:
+def write_fashion_mnist(
+    folder: str | Path, n_train: int = 256, n_test: int = 128, gz: bool = True, seed: int = 0
+) -> Path:
     """A Fashion-MNIST-shaped set: four IDX files, 28x28 grey images, 10 classes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -48,8 +49,13 @@ def write_fashion_mnist(folder: str | Path, n_train: int = 256, n_test: int = 12
     return folder
 
 
-def write_cifar(folder: str | Path, dataset: str = "cifar10", n_train: int = 250,
-                n_test: int = 100, seed: int = 0) -> Path:
+def write_cifar(
+    folder: str | Path,
+    dataset: str = "cifar10",
+    n_train: int = 250,
+    n_test: int = 100,
+    seed: int = 0,
+) -> Path:
     """A CIFAR-shaped set in the python-pickle layout torchvision extracts."""
     classes = 10 if dataset == "cifar10" else 100
     train = patterned_images(n_train, 32, 3, classes, seed)
@@ -58,8 +64,13 @@ def write_cifar(folder: str | Path, dataset: str = "cifar10", n_train: int = 250
     return Path(folder)
 
 
-def write_image_folder(folder: str | Path, classes: int = 3, per_class: tuple[int, int] = (4, 2),
-                       size: tuple[int, int] = (40, 30), seed: int = 0) -> Path:
+def write_image_folder(
+    folder: str | Path,
+    classes: int = 3,
+    per_class: tuple[int, int] = (4, 2),
+    size: tuple[int, int] = (40, 30),
+    seed: int = 0,
+) -> Path:
     """train/<class>/*.JPEG and val/<class>/*.JPEG, ImageNet's layout, as real JPEG files."""
     from PIL import Image
 
@@ -81,9 +92,14 @@ def png_bytes(width: int, height: int, pixels: np.ndarray | None = None) -> byte
     a decompression bomb's header of any claimed size in 57 bytes; 16000 x 12000 is past PIL's
     limit), else `pixels` (uint8 or uint16, H x W x 3) as 8- or 16-bit RGB, which PIL itself
     cannot write."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     depth = 8 if pixels is None or pixels.dtype == np.uint8 else 16
     body = b""
@@ -113,5 +129,8 @@ def tensorboard_scalars(workdir: str | Path, skip: tuple[str, ...] = ("Throughpu
 
     ea = EventAccumulator(str(Path(workdir) / "tensorboard"), size_guidance={"scalars": 0})
     ea.Reload()
-    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)]
-            for tag in sorted(ea.Tags()["scalars"]) if not tag.startswith(skip)}
+    return {
+        tag: [(e.step, e.value) for e in ea.Scalars(tag)]
+        for tag in sorted(ea.Tags()["scalars"])
+        if not tag.startswith(skip)
+    }

@@ -2,7 +2,8 @@
 
 The whole batch is transformed at once with tensor ops on whatever device holds the data; the
 random choices come from `core.sampling.augment_params`. The crop and flip reproduce
-torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip`` pixel for pixel given the same
+torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip`` pixel for pixel given the
+same
 offsets; colour jitter follows torchvision's tensor implementation of ``ColorJitter`` (brightness,
 contrast and saturation blends in a per-image random order, clamped to [0, 1]).
 """
@@ -20,8 +21,9 @@ from core.sampling import AugmentParams
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
-def crop_flip(images: torch.Tensor, pad: int, crop_y: torch.Tensor, crop_x: torch.Tensor,
-              flip: torch.Tensor) -> torch.Tensor:
+def crop_flip(
+    images: torch.Tensor, pad: int, crop_y: torch.Tensor, crop_x: torch.Tensor, flip: torch.Tensor
+) -> torch.Tensor:
     """Random-crop (after zero padding by `pad`) and mirror a uint8 NHWC batch; same size out."""
     b, h, w, _ = images.shape
     if pad:
@@ -54,19 +56,26 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
     grey_input = x.shape[1] == 1
     for position in range(3):
         op = order[:, position].view(-1, 1, 1, 1)
-        f = factors.gather(1, order[:, position:position + 1]).view(-1, 1, 1, 1).to(x.dtype)
+        f = factors.gather(1, order[:, position : position + 1]).view(-1, 1, 1, 1).to(x.dtype)
         grey = _gray(x)
-        other = torch.where(op == 0, 0.0,
-                            torch.where(op == 1, grey.mean(dim=(1, 2, 3), keepdim=True), grey))
+        other = torch.where(
+            op == 0, 0.0, torch.where(op == 1, grey.mean(dim=(1, 2, 3), keepdim=True), grey)
+        )
         blended = (f * x + (1 - f) * other).clamp_(0, 1)
         # torchvision leaves a one-channel image's saturation alone
         x = torch.where(op == 2, x, blended) if grey_input else blended
     return x
 
 
-def to_float_normalized(images_nhwc: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                        channels_last: bool, params: AugmentParams | None = None,
-                        jitter: bool = False, dtype=torch.float32) -> torch.Tensor:
+def to_float_normalized(
+    images_nhwc: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    channels_last: bool,
+    params: AugmentParams | None = None,
+    jitter: bool = False,
+    dtype=torch.float32,
+) -> torch.Tensor:
     """uint8 NHWC -> float NCHW (float32, or `dtype` for float64 proofs) in the model's memory
     format, jittered if asked, normalised."""
     x = images_nhwc.permute(0, 3, 1, 2).to(dtype).div_(255.0)  # channels_last strides for free
@@ -76,8 +85,9 @@ def to_float_normalized(images_nhwc: torch.Tensor, mean: torch.Tensor, std: torc
         order = torch.as_tensor(params.jitter_order, device=x.device)
         x = color_jitter(x, factors, order)
     x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    return x.contiguous(memory_format=torch.channels_last if channels_last
-                        else torch.contiguous_format)
+    return x.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
 
 
 class Targets(NamedTuple):

@@ -6,7 +6,8 @@ accuracy, the epoch's sums), the model's state_dict (never the DDP wrapper's), a
 scheduler and GradScaler states. Writes are atomic (`core.files.atomic_write`): a
 crash leaves the previous file intact.
 
-    WORKDIR/checkpoints/last.pt       the latest (epoch ends, periodic saves, the one written on stop)
+    WORKDIR/checkpoints/last.pt       the latest (epoch ends, periodic saves, the one written on
+    stop)
     WORKDIR/checkpoints/previous.pt   the `last` before it: resuming falls back to it when last.pt
                                       cannot be read
     WORKDIR/checkpoints/best.pt       the one with the best test accuracy so far
@@ -70,13 +71,17 @@ def load(path: Path, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}; train first or pass --checkpoint") from None
     except IsADirectoryError:
-        raise UserError(f"{path} is a folder, not a torch_ref checkpoint file such as "
-                        "WORKDIR/checkpoints/best.pt") from None
+        raise UserError(
+            f"{path} is a folder, not a torch_ref checkpoint file such as "
+            "WORKDIR/checkpoints/best.pt"
+        ) from None
     except (OSError, MemoryError, torch.OutOfMemoryError):
         raise  # the disk or the memory, not the file: never a reason to fall back
     except Exception as err:  # truncated zip, bad pickle, foreign content
-        raise UnusableCheckpoint(f"checkpoint {path} is truncated, corrupt or not a torch_ref "
-                                 f"checkpoint ({type(err).__name__})") from None
+        raise UnusableCheckpoint(
+            f"checkpoint {path} is truncated, corrupt or not a torch_ref "
+            f"checkpoint ({type(err).__name__})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UnusableCheckpoint(f"{path} is not a {FORMAT} checkpoint")
     return state

@@ -40,28 +40,35 @@ from torch_ref.distributed import Dist
 def ensure_present(recipe: Recipe, dist: Dist) -> Path:
     """The recipe's data folder; rank 0 downloads CIFAR when allowed (core.datasets)."""
     if recipe.data_source != "files":
-        raise UserError("torch_ref reads data files only (data_source=files); TFDS sources are "
-                        "for flax_impl")
+        raise UserError(
+            "torch_ref reads data files only (data_source=files); TFDS sources are for flax_impl"
+        )
     return datasets.ensure_present(recipe, dist.broadcast_object, dist.is_main)
 
 
-# --- batches ---------------------------------------------------------------------------------------
+# --- batches --------------------------------------------------------------------------------------
 # What the trainer consumes: `steps` per epoch and ``epoch(e, start)`` yielding
 # ``(x, targets, n_global)``: this process's inputs, their labels (`augment.Targets`: with the
-# partners' labels and weights under MixUp/CutMix) and the size of the global batch they belong to (the loss is
+# partners' labels and weights under MixUp/CutMix) and the size of the global batch they belong to
+# (the loss is
 # weighted by n_local * world / n_global so that DDP's gradient average equals the mean over the
 # global batch even when shares differ by one). Eval batches are ``(x, y)``.
 
 
 def _stats(recipe: Recipe, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(recipe.mean, dtype=torch.float32, device=device),
-            torch.tensor(recipe.std, dtype=torch.float32, device=device))
+    return (
+        torch.tensor(recipe.mean, dtype=torch.float32, device=device),
+        torch.tensor(recipe.std, dtype=torch.float32, device=device),
+    )
 
 
 def _as_tensors(params: sampling.AugmentParams, device) -> sampling.AugmentParams:
-    return sampling.AugmentParams(*(torch.from_numpy(np.asarray(v)).to(device, non_blocking=True)
-                                    for v in (params.crop_y, params.crop_x, params.flip,
-                                              params.jitter, params.jitter_order)))
+    return sampling.AugmentParams(
+        *(
+            torch.from_numpy(np.asarray(v)).to(device, non_blocking=True)
+            for v in (params.crop_y, params.crop_x, params.flip, params.jitter, params.jitter_order)
+        )
+    )
 
 
 class InMemoryTrain:
@@ -71,8 +78,9 @@ class InMemoryTrain:
         self.images = torch.from_numpy(split.images).to(device)
         self.labels = torch.from_numpy(split.labels).to(device)
         self.recipe, self.device = recipe, device
-        self.plan = sampling.TrainPlan(recipe, len(split), recipe.batch_size, dist.world_size,
-                                       dist.rank)
+        self.plan = sampling.TrainPlan(
+            recipe, len(split), recipe.batch_size, dist.world_size, dist.rank
+        )
         self.steps, self.num_examples = self.plan.steps, len(split)
         self.mean, self.std = _stats(recipe, device)
         self.jitter = any(recipe.color_jitter)
@@ -82,8 +90,7 @@ class InMemoryTrain:
         p = _as_tensors(sp.local_params, self.device)
         idx = torch.from_numpy(sp.slice.local_indices).to(self.device, non_blocking=True)
         raw = augment.crop_flip(self.images[idx], r.crop_padding, p.crop_y, p.crop_x, p.flip)
-        x = augment.to_float_normalized(raw, self.mean, self.std, r.channels_last, p,
-                                        self.jitter)
+        x = augment.to_float_normalized(raw, self.mean, self.std, r.channels_last, p, self.jitter)
         x, targets = augment.regularise(x, self.labels[idx], sp.local_regularisers)
         return x, targets, sp.slice.global_size
 
@@ -105,12 +112,13 @@ class InMemoryEval:
     def __iter__(self):
         bs = self.recipe.eval_batch_size
         for i in range(0, len(self.labels), bs):
-            x = augment.to_float_normalized(self.images[i:i + bs], self.mean, self.std,
-                                            self.recipe.channels_last)
-            yield x, self.labels[i:i + bs]
+            x = augment.to_float_normalized(
+                self.images[i : i + bs], self.mean, self.std, self.recipe.channels_last
+            )
+            yield x, self.labels[i : i + bs]
 
 
-# --- the DataLoader + PIL path ----------------------------------------------------------------------
+# --- the DataLoader + PIL path --------------------------------------------------------------------
 
 
 class Item(NamedTuple):
@@ -136,8 +144,13 @@ def pil_train_transform(img, item: Item, recipe: Recipe) -> torch.Tensor:
     import torchvision.transforms.functional as TF
 
     if recipe.crop_padding:
-        img = TF.crop(TF.pad(img, recipe.crop_padding), item.crop_y, item.crop_x,
-                      recipe.image_size, recipe.image_size)
+        img = TF.crop(
+            TF.pad(img, recipe.crop_padding),
+            item.crop_y,
+            item.crop_x,
+            recipe.image_size,
+            recipe.image_size,
+        )
     if item.flip:
         img = TF.hflip(img)
     adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
@@ -171,8 +184,11 @@ class ArrayImages(torch.utils.data.Dataset):
         i = item.index if isinstance(item, Item) else item
         img = self.images[i]
         img = Image.fromarray(img[..., 0], mode="L") if img.shape[-1] == 1 else Image.fromarray(img)
-        x = (pil_train_transform(img, item, self.recipe) if isinstance(item, Item)
-             else pil_eval_transform(img, self.recipe))
+        x = (
+            pil_train_transform(img, item, self.recipe)
+            if isinstance(item, Item)
+            else pil_eval_transform(img, self.recipe)
+        )
         return x, int(self.labels[i])
 
 
@@ -239,10 +255,20 @@ class PlanSampler(torch.utils.data.Sampler):
     def __iter__(self):
         for sp in self.plan.epoch(self.epoch_index, self.start):
             p, sl = sp.params, sp.slice
-            yield [Item(int(sl.global_indices[k]), sp.epoch, sp.step, k, int(p.crop_y[k]),
-                        int(p.crop_x[k]), bool(p.flip[k]), tuple(p.jitter[k].tolist()),
-                        tuple(p.jitter_order[k].tolist()))
-                   for k in range(sl.start, sl.stop)]
+            yield [
+                Item(
+                    int(sl.global_indices[k]),
+                    sp.epoch,
+                    sp.step,
+                    k,
+                    int(p.crop_y[k]),
+                    int(p.crop_x[k]),
+                    bool(p.flip[k]),
+                    tuple(p.jitter[k].tolist()),
+                    tuple(p.jitter_order[k].tolist()),
+                )
+                for k in range(sl.start, sl.stop)
+            ]
 
 
 # DataLoader workers ignore SIGTERM (preemption.quiet_worker), so ending one by force must be
@@ -341,15 +367,21 @@ def worker_failure(err: BaseException) -> WorkerFailed:
     text = str(err)
     if isinstance(err, RuntimeError) and text.startswith("DataLoader worker"):
         how = _how_it_ended(text)
-        oom = ("; the kernel's out-of-memory killer sends SIGKILL when memory runs out: a "
-               "resumed run may lower num_workers" if "SIGKILL" in how else "")
+        oom = (
+            "; the kernel's out-of-memory killer sends SIGKILL when memory runs out: a "
+            "resumed run may lower num_workers"
+            if "SIGKILL" in how
+            else ""
+        )
         return WorkerFailed(f"a data-loading worker died ({how}){oom}; rerun the same command")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     last = lines[-1] if lines else type(err).__name__
     if not last.startswith(type(err).__name__):
         last = f"{type(err).__name__}: {last}"
-    return WorkerFailed(f"a data-loading worker raised {last} (rerun with num_workers=0 to see "
-                        "its traceback in this process)")
+    return WorkerFailed(
+        f"a data-loading worker raised {last} (rerun with num_workers=0 to see "
+        "its traceback in this process)"
+    )
 
 
 def loader_batches(loader, workers: int) -> Iterator:
@@ -376,8 +408,9 @@ def loader_batches(loader, workers: int) -> Iterator:
 
 class LoaderTrain:
     def __init__(self, dataset, recipe: Recipe, device, dist: Dist):
-        self.plan = sampling.TrainPlan(recipe, len(dataset), recipe.batch_size, dist.world_size,
-                                       dist.rank)
+        self.plan = sampling.TrainPlan(
+            recipe, len(dataset), recipe.batch_size, dist.world_size, dist.rank
+        )
         self.sampler = PlanSampler(self.plan)
         self.steps, self.num_examples = self.plan.steps, len(dataset)
         self.recipe, self.device, self.dataset = recipe, device, dataset
@@ -386,11 +419,16 @@ class LoaderTrain:
         if workers:
             _no_sigchld_raise()
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
-            pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0,
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=torch.device(device).type == "cuda",
+            persistent_workers=workers > 0,
             worker_init_fn=preemption.quiet_worker,  # the trainer handles the job's signals
             multiprocessing_context=worker_context() if workers > 0 else None,
-            generator=torch.Generator().manual_seed(recipe.seed))  # leave torch's RNG alone
+            generator=torch.Generator().manual_seed(recipe.seed),
+        )  # leave torch's RNG alone
 
     def epoch(self, epoch: int, start_step: int = 0):
         r = self.recipe
@@ -401,27 +439,42 @@ class LoaderTrain:
             sp = self.plan.step(epoch, step, perm)
             x = x.to(self.device, non_blocking=True)
             if self.dataset.uint8_out:  # colour jitter and normalisation, batched
-                x = augment.to_float_normalized(x, self.mean, self.std, r.channels_last,
-                                                _as_tensors(sp.local_params, self.device),
-                                                any(r.color_jitter))
-            x, targets = augment.regularise(x, y.to(self.device, non_blocking=True),
-                                            sp.local_regularisers)
+                x = augment.to_float_normalized(
+                    x,
+                    self.mean,
+                    self.std,
+                    r.channels_last,
+                    _as_tensors(sp.local_params, self.device),
+                    any(r.color_jitter),
+                )
+            x, targets = augment.regularise(
+                x, y.to(self.device, non_blocking=True), sp.local_regularisers
+            )
             yield x.contiguous(memory_format=fmt), targets, sp.slice.global_size
 
 
 class LoaderEval:
     def __init__(self, dataset, recipe: Recipe, device, dist: Dist):
         start, stop = sampling.eval_shard(len(dataset), dist.world_size, dist.rank)
-        self.num_examples, self.recipe, self.device, self.dataset = (len(dataset), recipe,
-                                                                     device, dataset)
+        self.num_examples, self.recipe, self.device, self.dataset = (
+            len(dataset),
+            recipe,
+            device,
+            dataset,
+        )
         self.mean, self.std = _stats(recipe, device)
         if recipe.num_workers:
             _no_sigchld_raise()
         self.loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, range(start, stop)), collate_fn=collate,
-            batch_size=recipe.eval_batch_size, shuffle=False, num_workers=recipe.num_workers,
-            pin_memory=torch.device(device).type == "cuda", worker_init_fn=preemption.quiet_worker,
-            multiprocessing_context=worker_context() if recipe.num_workers > 0 else None)
+            torch.utils.data.Subset(dataset, range(start, stop)),
+            collate_fn=collate,
+            batch_size=recipe.eval_batch_size,
+            shuffle=False,
+            num_workers=recipe.num_workers,
+            pin_memory=torch.device(device).type == "cuda",
+            worker_init_fn=preemption.quiet_worker,
+            multiprocessing_context=worker_context() if recipe.num_workers > 0 else None,
+        )
 
     def __iter__(self):
         r = self.recipe
@@ -458,6 +511,17 @@ def build_eval(recipe: Recipe, device, dist: Dist):
     return LoaderEval(data, recipe, device, dist)
 
 
-__all__ = ["build_train", "build_eval", "resolve_data_dir", "ensure_present", "load_split",
-           "InMemoryTrain", "InMemoryEval", "LoaderTrain", "LoaderEval", "PlanSampler", "Item",
-           "pil_train_transform"]
+__all__ = [
+    "build_train",
+    "build_eval",
+    "resolve_data_dir",
+    "ensure_present",
+    "load_split",
+    "InMemoryTrain",
+    "InMemoryEval",
+    "LoaderTrain",
+    "LoaderEval",
+    "PlanSampler",
+    "Item",
+    "pil_train_transform",
+]

@@ -78,12 +78,21 @@ def pick_device(requested: str = "auto") -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         from core.errors import UserError
+
         raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket Timeout",
-        "timed out", "NCCL communicator was aborted", "recvBytes", "sendBytes")
+LOST = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Socket Timeout",
+    "timed out",
+    "NCCL communicator was aborted",
+    "recvBytes",
+    "sendBytes",
+)
 
 
 def peer_lost(err: BaseException) -> str | None:
@@ -93,10 +102,13 @@ def peer_lost(err: BaseException) -> str | None:
         return None  # (the process group may be torn down already: the run's `finally`)
     text = str(err)
     collective = isinstance(err, getattr(tdist, "DistError", ())) or any(
-        name in text for name in ("gloo", "NCCL", "c10d", "ProcessGroup"))
+        name in text for name in ("gloo", "NCCL", "c10d", "ProcessGroup")
+    )
     if not collective or not any(word in text for word in LOST):
         return None
     first = text.strip().splitlines()[0][:160]
-    return (f"rank {os.environ.get('RANK', '?')} of {world}: another process of this run "
-            f"stopped answering ({first}); stopping too. Start the run again with the same "
-            "command to resume from the last checkpoint")
+    return (
+        f"rank {os.environ.get('RANK', '?')} of {world}: another process of this run "
+        f"stopped answering ({first}); stopping too. Start the run again with the same "
+        "command to resume from the last checkpoint"
+    )

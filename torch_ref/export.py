@@ -50,15 +50,25 @@ class WithPreprocessing(torch.nn.Module):
 
 def metadata(recipe, where: str) -> dict[str, str]:
     size, c = recipe.image_size, recipe.in_channels
-    before = (f"decode, turn upright by its EXIF orientation, scale 16-bit or float pixels to "
-              f"8 bits, convert to {'RGB' if c == 3 else 'grey (L)'}, "
-              + (f"resize the short side to {recipe.eval_resize} (bilinear), centre-crop {size}"
-                 if recipe.eval_resize else f"resize to {size}x{size} if it is another size"))
-    return {"input": f"images: uint8, NHWC, (batch, {size}, {size}, {c}); the graph divides by "
-                     f"255 and normalises with mean {list(recipe.mean)}, std {list(recipe.std)}",
-            "preprocessing": before, "output": f"logits: float32, (batch, {recipe.num_classes})",
-            "class_names": json.dumps(class_names(recipe)), "recipe": recipe.recipe,
-            "model": recipe.model, "checkpoint": where}
+    before = (
+        f"decode, turn upright by its EXIF orientation, scale 16-bit or float pixels to "
+        f"8 bits, convert to {'RGB' if c == 3 else 'grey (L)'}, "
+        + (
+            f"resize the short side to {recipe.eval_resize} (bilinear), centre-crop {size}"
+            if recipe.eval_resize
+            else f"resize to {size}x{size} if it is another size"
+        )
+    )
+    return {
+        "input": f"images: uint8, NHWC, (batch, {size}, {size}, {c}); the graph divides by "
+        f"255 and normalises with mean {list(recipe.mean)}, std {list(recipe.std)}",
+        "preprocessing": before,
+        "output": f"logits: float32, (batch, {recipe.num_classes})",
+        "class_names": json.dumps(class_names(recipe)),
+        "recipe": recipe.recipe,
+        "model": recipe.model,
+        "checkpoint": where,
+    }
 
 
 def export(recipe, checkpoint: str | None, workdir: Path, out: Path) -> float:
@@ -74,10 +84,16 @@ def export(recipe, checkpoint: str | None, workdir: Path, out: Path) -> float:
     images = rng.integers(0, 256, (4, size, size, c), dtype=np.uint8)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
         path = Path(tmp) / "model.onnx"
-        torch.onnx.export(wrapped, (torch.from_numpy(images[:2]),), str(path),
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-                          dynamo=True, verbose=False)
+        torch.onnx.export(
+            wrapped,
+            (torch.from_numpy(images[:2]),),
+            str(path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+            dynamo=True,
+            verbose=False,
+        )
         proto = onnx.load(str(path))
         for k, v in metadata(recipe, where).items():
             proto.metadata_props.add(key=k, value=v)
@@ -88,8 +104,10 @@ def export(recipe, checkpoint: str | None, workdir: Path, out: Path) -> float:
             want = wrapped(torch.from_numpy(images)).numpy()
         gap = float(np.abs(got - want).max() / np.abs(want).max())
         if not gap < BOUND:
-            raise RuntimeError(f"onnxruntime's logits differ from torch's by {gap:.2e} of the "
-                               f"largest logit (bound {BOUND}); the file was not written")
+            raise RuntimeError(
+                f"onnxruntime's logits differ from torch's by {gap:.2e} of the "
+                f"largest logit (bound {BOUND}); the file was not written"
+            )
         os.replace(path, out)
     return gap
 
@@ -104,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
         out = Path(args.out)
         if out.is_dir():
-            raise UserError(f"--out {out} is a folder; --out must name the file to write, "
-                            f"e.g. --out {out / 'model.onnx'}")
+            raise UserError(
+                f"--out {out} is a folder; --out must name the file to write, "
+                f"e.g. --out {out / 'model.onnx'}"
+            )
         if out.exists() and not args.force:
             raise UserError(f"{out} exists; pass --force to replace it, or another --out")
         if not out.parent.is_dir():
@@ -115,13 +135,17 @@ def main(argv: list[str] | None = None) -> int:
             import onnxruntime  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError as err:
-            raise UserError(f"exporting needs onnx, onnxruntime and onnxscript ({err.name} is "
-                            "missing): pip install -e '.[export]'") from None
+            raise UserError(
+                f"exporting needs onnx, onnxruntime and onnxscript ({err.name} is "
+                "missing): pip install -e '.[export]'"
+            ) from None
         recipe = predict.run_recipe(Path(args.workdir))
         gap = export(recipe, args.checkpoint, Path(args.workdir), out)
-        print(f"wrote {out}: input uint8 (batch, {recipe.image_size}, {recipe.image_size}, "
-              f"{recipe.in_channels}), output {recipe.num_classes} logits; onnxruntime equals "
-              f"torch within {gap:.1e} of the largest logit")
+        print(
+            f"wrote {out}: input uint8 (batch, {recipe.image_size}, {recipe.image_size}, "
+            f"{recipe.in_channels}), output {recipe.num_classes} logits; onnxruntime equals "
+            f"torch within {gap:.1e} of the largest logit"
+        )
         return 0
     except UserError as err:
         return report(err, PROG)

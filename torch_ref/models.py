@@ -24,8 +24,19 @@ import torch.nn.functional as F
 
 from core import model_table
 
-__all__ = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-           "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "build_model"]
+__all__ = [
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "build_model",
+]
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -108,8 +119,13 @@ def _projection(cin: int, cout: int, stride: int) -> nn.Sequential:
 class CifarResNet(nn.Module):
     """He et al.'s CIFAR ResNet: stages of basic blocks at 16, 32, 64 channels (model_table)."""
 
-    def __init__(self, spec: model_table.Spec, num_classes: int = 10, in_channels: int = 3,
-                 shortcut: str = "projection"):
+    def __init__(
+        self,
+        spec: model_table.Spec,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        shortcut: str = "projection",
+    ):
         super().__init__()
         if shortcut not in ("projection", "identity"):
             raise ValueError(f"shortcut must be 'projection' or 'identity', got {shortcut!r}")
@@ -123,8 +139,11 @@ class CifarResNet(nn.Module):
                 stride = model_table.stride(i, b)
                 down = None
                 if stride != 1 or cin != width:
-                    down = (_projection(cin, width, stride) if shortcut == "projection"
-                            else ShortcutA(cin, width, stride))
+                    down = (
+                        _projection(cin, width, stride)
+                        if shortcut == "projection"
+                        else ShortcutA(cin, width, stride)
+                    )
                 blocks.append(BasicBlock(cin, width, stride, down))
                 cin = width
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
@@ -141,8 +160,13 @@ class CifarResNet(nn.Module):
 class ResNet(nn.Module):
     """torchvision's ResNet layout, with an ImageNet (7x7/2 + max-pool) or CIFAR (3x3/1) stem."""
 
-    def __init__(self, spec: model_table.Spec, num_classes: int = 1000, stem: str = "imagenet",
-                 in_channels: int = 3):
+    def __init__(
+        self,
+        spec: model_table.Spec,
+        num_classes: int = 1000,
+        stem: str = "imagenet",
+        in_channels: int = 3,
+    ):
         super().__init__()
         block = Bottleneck if spec.block == "bottleneck" else BasicBlock
         if stem == "imagenet":

@@ -14,22 +14,34 @@ from core.schedules import stepped_per_epoch
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe, world_size: int) -> torch.optim.SGD:
     """torch.optim.SGD with coupled weight decay on every parameter, at the scaled peak rate."""
-    return torch.optim.SGD(model.parameters(), lr=world_lr(recipe, world_size),
-                           momentum=recipe.momentum, nesterov=recipe.nesterov,
-                           weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=world_lr(recipe, world_size),
+        momentum=recipe.momentum,
+        nesterov=recipe.nesterov,
+        weight_decay=recipe.weight_decay,
+    )
 
 
-def make_scheduler(opt: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int,
-                   world_size: int):
+def make_scheduler(
+    opt: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int, world_size: int
+):
     """torch's CosineAnnealingLR (stepped per epoch) or OneCycleLR (stepped per step)."""
     if recipe.schedule == "cosine_per_epoch":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
     return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=world_lr(recipe, world_size), epochs=recipe.epochs,
-        steps_per_epoch=steps_per_epoch, pct_start=recipe.onecycle_pct_start,
-        anneal_strategy=recipe.onecycle_anneal, cycle_momentum=True,
-        base_momentum=recipe.onecycle_base_momentum, max_momentum=recipe.onecycle_max_momentum,
-        div_factor=recipe.onecycle_div_factor, final_div_factor=recipe.onecycle_final_div_factor)
+        opt,
+        max_lr=world_lr(recipe, world_size),
+        epochs=recipe.epochs,
+        steps_per_epoch=steps_per_epoch,
+        pct_start=recipe.onecycle_pct_start,
+        anneal_strategy=recipe.onecycle_anneal,
+        cycle_momentum=True,
+        base_momentum=recipe.onecycle_base_momentum,
+        max_momentum=recipe.onecycle_max_momentum,
+        div_factor=recipe.onecycle_div_factor,
+        final_div_factor=recipe.onecycle_final_div_factor,
+    )
 
 
 class TableScheduler:
@@ -61,8 +73,9 @@ class TableScheduler:
         self._apply()
 
 
-def for_recipe(model: torch.nn.Module, recipe: Recipe, steps_per_epoch: int, world_size: int,
-               tables=None):
+def for_recipe(
+    model: torch.nn.Module, recipe: Recipe, steps_per_epoch: int, world_size: int, tables=None
+):
     """(optimizer, scheduler, when) for a recipe; `when` is "epoch" or "step": call
     scheduler.step() after each epoch's evaluation, or after each optimizer step. `tables`
     (lr per step, momentum per step) replace the recipe's schedule (the LR range test)."""

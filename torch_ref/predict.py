@@ -34,8 +34,10 @@ def load_model(recipe: Recipe, checkpoint: str | None, workdir: Path, device: st
         meta, variables = convert.read_orbax(path)
         predict.check_model(meta, recipe, str(path))
         weights, note = convert.flax_to_torch(variables), " (a flax_impl checkpoint, converted)"
-        print(f"note: {path} is a flax_impl checkpoint; converted to torch with "
-              "flax_impl.convert", file=sys.stderr)
+        print(
+            f"note: {path} is a flax_impl checkpoint; converted to torch with flax_impl.convert",
+            file=sys.stderr,
+        )
     model = build_model(recipe)
     model.load_state_dict(weights)
     model = model.to(distributed.pick_device(device)).eval()
@@ -50,8 +52,9 @@ def logits_fn(model: torch.nn.Module, recipe: Recipe):
 
     @torch.no_grad()
     def run(images: np.ndarray) -> np.ndarray:
-        x = augment.to_float_normalized(torch.from_numpy(images).to(device), mean, std,
-                                        recipe.channels_last)
+        x = augment.to_float_normalized(
+            torch.from_numpy(images).to(device), mean, std, recipe.channels_last
+        )
         return model(x).float().cpu().numpy()
 
     return run

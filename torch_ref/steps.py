@@ -1,6 +1,7 @@
 """One training step and the evaluation, in PyTorch (flax_impl.steps is the JAX counterpart).
 
-Per step: forward and loss (label smoothing, MixUp/CutMix weights) under `torch.autocast` (fp16 + GradScaler on CUDA by default, bf16 on
+Per step: forward and loss (label smoothing, MixUp/CutMix weights) under `torch.autocast` (fp16 +
+GradScaler on CUDA by default, bf16 on
 request), backward, SGD step. Nothing here waits for the GPU: the loss and the count of correct
 predictions come back as device tensors, which the run driver reads at log intervals.
 """
@@ -31,13 +32,22 @@ def train_loss(logits: torch.Tensor, t: Targets, smoothing: float = 0.0) -> torc
     loss = F.cross_entropy(logits, t.y, label_smoothing=smoothing)
     if t.partner_y is None:
         return loss
-    return loss * t.lam + F.cross_entropy(logits, t.partner_y,
-                                          label_smoothing=smoothing) * t.one_minus_lam
+    return (
+        loss * t.lam
+        + F.cross_entropy(logits, t.partner_y, label_smoothing=smoothing) * t.one_minus_lam
+    )
 
 
-def train_step(forward: nn.Module, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, amp_dtype, x: torch.Tensor, targets: Targets,
-               weight: float, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    forward: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    amp_dtype,
+    x: torch.Tensor,
+    targets: Targets,
+    weight: float,
+    smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; (loss, correct) as device tensors. `weight` scales this process's
     loss before DDP averages gradients (see TorchBackend.train_step). Under mixing a prediction
     is correct when it names the label with the larger weight."""
@@ -52,8 +62,9 @@ def train_step(forward: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, dist: Dist, amp_dtype, device, num_classes: int,
-             between=None) -> tuple:
+def evaluate(
+    model: nn.Module, batches, dist: Dist, amp_dtype, device, num_classes: int, between=None
+) -> tuple:
     """(loss sum, correct, count, confusion) over the whole test split, summed over processes;
     confusion[true, predicted] counts images (int64, num_classes x num_classes). `between()`
     runs before each batch (the driver's stop check)."""
@@ -73,5 +84,4 @@ def evaluate(model: nn.Module, batches, dist: Dist, amp_dtype, device, num_class
         pairs.index_put_((y * num_classes + pred,), torch.ones_like(y), accumulate=True)
     # float64 carries integer counts exactly up to 2**53
     pairs = dist.all_sum(pairs.double()).round().long()
-    return (*dist.all_sum(sums).tolist(),
-            pairs.reshape(num_classes, num_classes).cpu().numpy())
+    return (*dist.all_sum(sums).tolist(), pairs.reshape(num_classes, num_classes).cpu().numpy())

@@ -1,4 +1,5 @@
-"""Train a recipe with PyTorch: ``python -m torch_ref.train --recipe NAME [--workdir DIR] [k=v ...]``.
+"""Train a recipe with PyTorch: ``python -m torch_ref.train --recipe NAME [--workdir DIR] [k=v
+...]``.
 
 The loop, its cadences, records and checkpoint contents are the run driver's
 (`core.driver`); this module is torch's side of it, `TorchBackend`. Under ``torchrun
@@ -50,8 +51,14 @@ class TorchBackend:
 
     framework, checkpoint_format = STACK, checkpoints.FORMAT
 
-    def __init__(self, recipe: Recipe, checkpoint_dir: Path, device: str = "auto",
-                 train: bool = True, tables=None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        checkpoint_dir: Path,
+        device: str = "auto",
+        train: bool = True,
+        tables=None,
+    ):
         self.recipe, self.ckpt_dir = recipe, Path(checkpoint_dir)
         self.device = distributed.pick_device(device)
         self.dist = distributed.from_environment(self.device.type)
@@ -68,8 +75,10 @@ class TorchBackend:
         model = build_model(recipe)
         if recipe.sync_bn and self.dist.enabled:
             if self.device.type != "cuda":
-                raise UserError("sync_bn needs CUDA (torch's SyncBatchNorm refuses CPU modules); "
-                                "set sync_bn=false to normalise per process on CPU")
+                raise UserError(
+                    "sync_bn needs CUDA (torch's SyncBatchNorm refuses CPU modules); "
+                    "set sync_bn=false to normalise per process on CPU"
+                )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=fmt)
@@ -78,9 +87,11 @@ class TorchBackend:
         if not train:
             return
         self.optimizer, self.scheduler, self.scheduler_steps = optim.for_recipe(
-            self.model, recipe, self.steps_per_epoch, self.dist.world_size, tables)
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=self.amp_dtype == torch.float16)
+            self.model, recipe, self.steps_per_epoch, self.dist.world_size, tables
+        )
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype == torch.float16
+        )
         self.forward = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -102,9 +113,13 @@ class TorchBackend:
     def libraries(self) -> dict:
         import torchvision
 
-        return {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                "numpy": np.__version__, "cuda": str(torch.version.cuda),
-                "cudnn": str(torch.backends.cudnn.version())}
+        return {
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "numpy": np.__version__,
+            "cuda": str(torch.version.cuda),
+            "cudnn": str(torch.backends.cudnn.version()),
+        }
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -119,16 +134,28 @@ class TorchBackend:
         # DDP averages gradients over processes; weight each share by its size so the result is
         # the mean over the global batch even when the last batch splits unevenly.
         weight = targets.numel() * self.dist.world_size / n_global
-        loss, correct = steps.train_step(self.forward, self.optimizer, self.scaler,
-                                         self.amp_dtype, x, targets, weight,
-                                         self.recipe.label_smoothing)
+        loss, correct = steps.train_step(
+            self.forward,
+            self.optimizer,
+            self.scaler,
+            self.amp_dtype,
+            x,
+            targets,
+            weight,
+            self.recipe.label_smoothing,
+        )
         if self.scheduler_steps == "step":
             self.scheduler.step()
         return loss, correct, targets.numel()
 
     def fetch(self, handles: list) -> np.ndarray:
-        values = torch.stack([torch.stack((loss.double(), correct.double()))
-                              for loss, correct, _ in handles]).cpu().numpy()
+        values = (
+            torch.stack(
+                [torch.stack((loss.double(), correct.double())) for loss, correct, _ in handles]
+            )
+            .cpu()
+            .numpy()
+        )
         counts = np.array([n for _, _, n in handles], np.float64)
         return np.column_stack([values, counts, np.isfinite(values[:, 0])])
 
@@ -144,8 +171,15 @@ class TorchBackend:
         return bool(self.all_sum(np.array([float(flag)]))[0] > 0)
 
     def evaluate(self, between=None) -> tuple:
-        return steps.evaluate(self.model, self.eval_batches, self.dist, self.amp_dtype,
-                              self.device, self.recipe.num_classes, between)
+        return steps.evaluate(
+            self.model,
+            self.eval_batches,
+            self.dist,
+            self.amp_dtype,
+            self.device,
+            self.recipe.num_classes,
+            between,
+        )
 
     def end_epoch(self) -> None:
         if self.scheduler_steps == "epoch":
@@ -165,9 +199,13 @@ class TorchBackend:
     # --- checkpoints -------------------------------------------------------------------------
     def save(self, meta: dict, best: bool) -> None:
         if self.is_main:
-            state = {**meta, "model_state": self.model.state_dict(),
-                     "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+            state = {
+                **meta,
+                "model_state": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            }
             if best:  # best before last: see core.driver.Run.run
                 checkpoints.save(self.ckpt_dir / checkpoints.BEST, state)
             checkpoints.save_last(self.ckpt_dir, state)
@@ -175,8 +213,11 @@ class TorchBackend:
 
     def checkpoint_bytes(self) -> int:
         tensors = list(self.model.state_dict().values()) + [
-            b for s in self.optimizer.state_dict()["state"].values() for b in s.values()
-            if torch.is_tensor(b)]
+            b
+            for s in self.optimizer.state_dict()["state"].values()
+            for b in s.values()
+            if torch.is_tensor(b)
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _load(self, path: Path, check) -> dict:
@@ -203,8 +244,11 @@ class TorchBackend:
             _, folder = predict.find_checkpoint(self.ckpt_dir.parent, path)
             meta, variables = convert.read_orbax(folder)
             predict.check_model(meta, self.recipe, str(folder))
-            print(f"note: {folder} is a flax_impl checkpoint; converted to torch with "
-                  "flax_impl.convert", file=sys.stderr)
+            print(
+                f"note: {folder} is a flax_impl checkpoint; converted to torch with "
+                "flax_impl.convert",
+                file=sys.stderr,
+            )
             self.model.load_state_dict(convert.flax_to_torch(variables))
             return meta, f"{folder} (converted from flax_impl)"
         path = Path(path) if path else checkpoints.default_for_eval(self.ckpt_dir)
@@ -220,27 +264,50 @@ def backend_factory(recipe: Recipe, device: str = "auto", tables=None) -> driver
     return lambda ckpt_dir, train: TorchBackend(recipe, ckpt_dir, device, train, tables)
 
 
-def train_and_evaluate(recipe: Recipe, workdir: str | Path, device: str = "auto",
-                       stop_after_step: int | None = None) -> dict:
+def train_and_evaluate(
+    recipe: Recipe, workdir: str | Path, device: str = "auto", stop_after_step: int | None = None
+) -> dict:
     """core.driver.train_and_evaluate with this stack (resumes; may raise Preempted)."""
-    return driver.train_and_evaluate(backend_factory(recipe, device), recipe, workdir, STACK,
-                                     stop_after_step, distributed.rank_from_environment() == 0)
+    return driver.train_and_evaluate(
+        backend_factory(recipe, device),
+        recipe,
+        workdir,
+        STACK,
+        stop_after_step,
+        distributed.rank_from_environment() == 0,
+    )
 
 
-def evaluate_checkpoint(recipe: Recipe, workdir: str | Path, path: str | None = None,
-                        device: str = "auto") -> dict:
+def evaluate_checkpoint(
+    recipe: Recipe, workdir: str | Path, path: str | None = None, device: str = "auto"
+) -> dict:
     """--eval-only: `path`, or the workdir's best checkpoint (else its last), evaluated."""
     return driver.evaluate_checkpoint(backend_factory(recipe, device), recipe, workdir, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return driver.main(argv, PROG, STACK, configs, train_and_evaluate, evaluate_checkpoint,
-                       peer_lost=distributed.peer_lost)
+    return driver.main(
+        argv,
+        PROG,
+        STACK,
+        configs,
+        train_and_evaluate,
+        evaluate_checkpoint,
+        peer_lost=distributed.peer_lost,
+    )
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["train_and_evaluate", "evaluate_checkpoint", "backend_factory", "TorchBackend", "main",
-           "Preempted", "NonFiniteLoss", "EXIT_PREEMPTED"]
+__all__ = [
+    "train_and_evaluate",
+    "evaluate_checkpoint",
+    "backend_factory",
+    "TorchBackend",
+    "main",
+    "Preempted",
+    "NonFiniteLoss",
+    "EXIT_PREEMPTED",
+]

@@ -18,32 +18,49 @@ def run_cli(args, cwd, env=None, stack="torch_ref"):
     env = dict(os.environ, **(env or {}))
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("XLA_FLAGS", None)  # the CLI runs as users run it: one CPU device
-    return subprocess.run([sys.executable, "-m", f"{stack}.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"{stack}.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # no network for the CIFAR case, whatever the machine: every download goes to a closed port
-OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-           "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-           "no_proxy": "", "NO_PROXY": ""}
+OFFLINE = {
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "no_proxy": "",
+    "NO_PROXY": "",
+}
 
 
 @pytest.mark.parametrize("stack", STACKS)
-@pytest.mark.parametrize("args, needle", [
-    (["--recipe", "cifar11"], "unknown recipe 'cifar11'"),
-    ([], "--recipe is required"),
-    (["--recipe", "fashion_mnist", "epoch=3"], "unknown override key 'epoch'"),
-    (["--recipe", "fashion_mnist", "lr=fast"], "override lr='fast': expected a number"),
-    (["--recipe", "fashion_mnist", "batch_size=0"], "batch_size must be at least 1"),
-    (["--recipe", "fashion_mnist", "mixup_alpha=-0.2"], "mixup_alpha must be 0 (off) or positive"),
-    (["--recipe", "fashion_mnist", "--data-dir", "no/such/folder"], "Fashion-MNIST not found"),
-    (["--recipe", "imagenet"], "ImageNet has no default location"),
-    (["--recipe", "imagenet", "--data-dir", "no/such/folder"], "no train/ folder"),
-    (["--recipe", "cifar10"], "could not be downloaded"),
-    (["--recipe", "fashion_mnist", "--frobnicate"], "unrecognized arguments: --frobnicate"),
-    (["--recipe", "fashion_mnist", "epochs=1", "epochs=2"], "override epochs is given twice"),
-    (["--recipe", "fashion_mnist", "--workdir", ""], "--workdir is empty"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--recipe", "cifar11"], "unknown recipe 'cifar11'"),
+        ([], "--recipe is required"),
+        (["--recipe", "fashion_mnist", "epoch=3"], "unknown override key 'epoch'"),
+        (["--recipe", "fashion_mnist", "lr=fast"], "override lr='fast': expected a number"),
+        (["--recipe", "fashion_mnist", "batch_size=0"], "batch_size must be at least 1"),
+        (
+            ["--recipe", "fashion_mnist", "mixup_alpha=-0.2"],
+            "mixup_alpha must be 0 (off) or positive",
+        ),
+        (["--recipe", "fashion_mnist", "--data-dir", "no/such/folder"], "Fashion-MNIST not found"),
+        (["--recipe", "imagenet"], "ImageNet has no default location"),
+        (["--recipe", "imagenet", "--data-dir", "no/such/folder"], "no train/ folder"),
+        (["--recipe", "cifar10"], "could not be downloaded"),
+        (["--recipe", "fashion_mnist", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--recipe", "fashion_mnist", "epochs=1", "epochs=2"], "override epochs is given twice"),
+        (["--recipe", "fashion_mnist", "--workdir", ""], "--workdir is empty"),
+    ],
+)
 def test_user_mistakes(tmp_path, args, needle, stack):
     proc = run_cli(args, tmp_path, OFFLINE, stack)
     assert proc.returncode == 2, proc.stderr
@@ -63,8 +80,9 @@ def test_cifar10_message_says_how_to_fix(tmp_path, stack):
 def test_list_keys_and_help(tmp_path, stack):
     proc = run_cli(["--list-keys"], tmp_path, stack=stack)
     assert proc.returncode == 0 and "batch_size: int" in proc.stdout
-    assert "  train_subset: int (default 0): use the first N training images; 0 = all\n" in \
-        proc.stdout
+    assert (
+        "  train_subset: int (default 0): use the first N training images; 0 = all\n" in proc.stdout
+    )
     proc = run_cli(["--help"], tmp_path, stack=stack)
     assert proc.returncode == 0 and "--recipe" in proc.stdout
 
@@ -100,8 +118,17 @@ def assert_run_pictures(w, stack):
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack):
-    common = ["--recipe", "fashion_mnist", "--size", "smoke", "--data-dir", str(fashion_dir),
-              "--workdir", str(tmp_path / "w"), "epochs=1"]
+    common = [
+        "--recipe",
+        "fashion_mnist",
+        "--size",
+        "smoke",
+        "--data-dir",
+        str(fashion_dir),
+        "--workdir",
+        str(tmp_path / "w"),
+        "epochs=1",
+    ]
     first = run_cli(common, tmp_path, stack=stack)
     assert first.returncode == 0, first.stderr
     assert "first batch loss" in first.stdout and "epoch   1/1" in first.stdout
@@ -109,7 +136,9 @@ def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack):
     again = run_cli(common, tmp_path, stack=stack)
     assert again.returncode == 0 and "already finished" in again.stdout
     other = run_cli(common[:-1] + ["epochs=2", "lr=0.2"], tmp_path, stack=stack)
-    assert other.returncode == 2 and "other settings (epochs: 1 -> 2; lr: 0.1 -> 0.2)" in other.stderr
+    assert (
+        other.returncode == 2 and "other settings (epochs: 1 -> 2; lr: 0.1 -> 0.2)" in other.stderr
+    )
     ev = run_cli(common + ["--eval-only"], tmp_path, stack=stack)
     assert ev.returncode == 0 and "test loss" in ev.stdout and "on 40 images" in ev.stdout
     other_stack = "flax_impl" if stack == "torch_ref" else "torch_ref"
@@ -120,22 +149,50 @@ def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack):
 def test_workdir_of_another_recipe_is_refused(tmp_path, fashion_dir, cifar_dir):
     """(The refusal is framework-free code; one stack shows it.)"""
     w = str(tmp_path / "w")
-    assert run_cli(["--recipe", "fashion_mnist", "--size", "smoke", "--data-dir", str(fashion_dir),
-                    "--workdir", w, "epochs=1"], tmp_path).returncode == 0
+    assert (
+        run_cli(
+            [
+                "--recipe",
+                "fashion_mnist",
+                "--size",
+                "smoke",
+                "--data-dir",
+                str(fashion_dir),
+                "--workdir",
+                w,
+                "epochs=1",
+            ],
+            tmp_path,
+        ).returncode
+        == 0
+    )
     before = sorted(p.name for p in (tmp_path / "w").rglob("*"))
-    proc = run_cli(["--recipe", "cifar10", "--size", "smoke", "--data-dir", str(cifar_dir),
-                    "--workdir", w], tmp_path)
+    proc = run_cli(
+        ["--recipe", "cifar10", "--size", "smoke", "--data-dir", str(cifar_dir), "--workdir", w],
+        tmp_path,
+    )
     assert proc.returncode == 2 and "holds a run of recipe 'fashion_mnist'" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "w").rglob("*")) == before
-
-
 
 
 def test_overrides_may_sit_between_and_after_flags():
     import configs
     from core import cli
 
-    args, recipe = cli.parse(["epochs=3", "--recipe", "fashion_mnist", "lr=0.05", "--size",
-                              "smoke", "batch_size=8", "--workdir", "w"], "prog", "torch_ref",
-                             configs)
+    args, recipe = cli.parse(
+        [
+            "epochs=3",
+            "--recipe",
+            "fashion_mnist",
+            "lr=0.05",
+            "--size",
+            "smoke",
+            "batch_size=8",
+            "--workdir",
+            "w",
+        ],
+        "prog",
+        "torch_ref",
+        configs,
+    )
     assert (recipe.epochs, recipe.lr, recipe.batch_size, args.workdir) == (3, 0.05, 8, "w")

@@ -27,7 +27,9 @@ def served_archive(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/{archive.name}"
     monkeypatch.setitem(readers.CIFAR_ARCHIVE, "cifar10", url)
-    monkeypatch.setitem(datasets.CIFAR_MD5, "cifar10", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setitem(
+        datasets.CIFAR_MD5, "cifar10", hashlib.md5(archive.read_bytes()).hexdigest()
+    )
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     yield archive
@@ -57,7 +59,10 @@ def test_download_false_does_not_touch_the_network(tmp_path):
 
 
 def test_default_folders():
-    assert str(datasets.resolve_data_dir(get_config("fashion_mnist"))) == readers.FASHION_MNIST_SYSTEM_DIR
+    assert (
+        str(datasets.resolve_data_dir(get_config("fashion_mnist")))
+        == readers.FASHION_MNIST_SYSTEM_DIR
+    )
     assert str(datasets.resolve_data_dir(get_config("cifar10"))) == "data"
     with pytest.raises(UserError, match="ImageNet has no default location"):
         datasets.resolve_data_dir(get_config("imagenet"))

@@ -40,8 +40,16 @@ class FakeBackend:
     per_process_metrics = True
     steps_per_epoch, num_eval = 4, 10
 
-    def __init__(self, ckpt_dir: Path, rank: int, exchange: Exchange, nan_steps=(),
-                 corrupt_at=None, allowed: int = 0, crash_at=None):
+    def __init__(
+        self,
+        ckpt_dir: Path,
+        rank: int,
+        exchange: Exchange,
+        nan_steps=(),
+        corrupt_at=None,
+        allowed: int = 0,
+        crash_at=None,
+    ):
         self.ckpt_dir, self.rank, self.exchange = Path(ckpt_dir), rank, exchange
         self.is_main, self.num_processes = rank == 0, exchange.world
         self.replicas, self.num_train = exchange.world, 8 * exchange.world
@@ -106,7 +114,7 @@ class FakeBackend:
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             text = json.dumps({"meta": meta, "w": self.w})
-            for name in (("best", "last") if best else ("last",)):
+            for name in ("best", "last") if best else ("last",):
                 (self.ckpt_dir / f"{name}.json").write_text(text)
         self.exchange.barrier.wait()
 
@@ -128,16 +136,18 @@ class FakeBackend:
 
 def run_two(workdir, stop_after_step=None, recipe_changes=None, **kw):
     """Both ranks' train_and_evaluate, each in a thread; their results (or exceptions)."""
-    recipe = get_config("fashion_mnist", "smoke").replace(epochs=4, log_every_steps=3,
-                                                          **(recipe_changes or {}))
+    recipe = get_config("fashion_mnist", "smoke").replace(
+        epochs=4, log_every_steps=3, **(recipe_changes or {})
+    )
     exchange = Exchange(2)
     out = [None, None]
 
     def one(rank):
         make = lambda ckpt_dir, train: FakeBackend(ckpt_dir, rank, exchange, **kw)  # noqa: E731
         try:
-            out[rank] = driver.train_and_evaluate(make, recipe, workdir, "fake", stop_after_step,
-                                                  main_process=rank == 0)
+            out[rank] = driver.train_and_evaluate(
+                make, recipe, workdir, "fake", stop_after_step, main_process=rank == 0
+            )
         except Exception as err:  # noqa: BLE001 - handed to the test
             out[rank] = err
 
@@ -151,8 +161,10 @@ def run_two(workdir, stop_after_step=None, recipe_changes=None, **kw):
 
 def records(workdir):
     drop = ("epoch_time", "train_images_per_s")
-    return [{k: v for k, v in json.loads(x).items() if k not in drop}
-            for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(x).items() if k not in drop}
+        for x in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_two_processes_resumed_mid_epoch_record_what_an_uninterrupted_run_does(tmp_path):
@@ -171,7 +183,8 @@ def test_two_processes_resumed_mid_epoch_record_what_an_uninterrupted_run_does(t
     # the uneven shares (4 and 5 examples) both count: 9 per step, 36 per epoch
     assert [m["train_acc"] for m in want if "train_acc" in m] == [
         pytest.approx(sum(((e * 4 + s) % 3) * 1.0 + ((e * 4 + s + 1) % 3) for s in range(4)) / 36)
-        for e in range(4)]
+        for e in range(4)
+    ]
 
 
 def test_a_crash_rewinds_the_record_and_the_tensorboard_files(tmp_path):
@@ -244,8 +257,10 @@ def test_corrupt_data_keeps_the_last_completed_step(tmp_path):
     meta = json.loads((tmp_path / "run" / "checkpoints" / "last.json").read_text())["meta"]
     assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (1, 0, 4)
     recipe = get_config("fashion_mnist", "smoke").replace(epochs=4, log_every_steps=3)
-    make = lambda ckpt_dir, train: FakeBackend(ckpt_dir, 0, Exchange(1),  # noqa: E731
-                                               corrupt_at=(1, 2))
+
+    def make(ckpt_dir, train):
+        return FakeBackend(ckpt_dir, 0, Exchange(1), corrupt_at=(1, 2))
+
     with pytest.raises(CorruptData, match="a checkpoint of global step 6 was written"):
         driver.train_and_evaluate(make, recipe, tmp_path / "one", "fake")
     meta = json.loads((tmp_path / "one" / "checkpoints" / "last.json").read_text())["meta"]
@@ -289,8 +304,9 @@ def test_a_deleted_record_is_refused_until_told_to_go_on(tmp_path):
     out = run_two(tmp_path / "tb")
     assert f"{tmp_path / 'tb' / 'tensorboard'} holds no event files" in str(out[0])
     # with TensorBoard off now, nothing is missing that this run would write
-    assert all(isinstance(r, dict) for r in run_two(tmp_path / "tb",
-                                                    recipe_changes={"tensorboard": False}))
+    assert all(
+        isinstance(r, dict) for r in run_two(tmp_path / "tb", recipe_changes={"tensorboard": False})
+    )
 
 
 def test_the_nan_line_names_the_checkpoint_that_is_kept(tmp_path):
@@ -298,8 +314,9 @@ def test_the_nan_line_names_the_checkpoint_that_is_kept(tmp_path):
     early = run_two(tmp_path / "early", nan_steps={1})
     assert "no checkpoint was written yet" in str(early[0]), early
     late = run_two(tmp_path / "late", nan_steps={6})
-    assert ("the last checkpoint, of global step 4, is kept in "
-            f"{tmp_path / 'late' / 'checkpoints'}") in str(late[0]), late
+    assert (
+        f"the last checkpoint, of global step 4, is kept in {tmp_path / 'late' / 'checkpoints'}"
+    ) in str(late[0]), late
 
 
 def test_a_killed_writes_leftovers_are_tidied_by_the_rerun(tmp_path):

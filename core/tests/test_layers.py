@@ -36,23 +36,40 @@ def sources(package: str) -> list[Path]:
     return [p for p in sorted((REPO / package).glob("*.py")) if p.name != "conftest.py"]
 
 
-@pytest.mark.parametrize("package, banned", [("core", JAX | TORCH | ABOVE),
-                                             ("torch_ref", JAX | {"flax_impl"}),
-                                             ("flax_impl", {"torch_ref"})])
+@pytest.mark.parametrize(
+    "package, banned",
+    [
+        ("core", JAX | TORCH | ABOVE),
+        ("torch_ref", JAX | {"flax_impl"}),
+        ("flax_impl", {"torch_ref"}),
+    ],
+)
 def test_no_import_points_up_or_across(package, banned):
     def allowed(p: Path, name: str, line: int, top: bool) -> bool:
         text = p.read_text().splitlines()[line - 1].strip()
-        return (package == "torch_ref" and name == "flax_impl" and not top
-                and text == "from flax_impl import convert")
+        return (
+            package == "torch_ref"
+            and name == "flax_impl"
+            and not top
+            and text == "from flax_impl import convert"
+        )
 
-    bad = [f"{p.name}:{line} imports {name}" for p in sources(package)
-           for name, line, top in imports(p) if name in banned and not allowed(p, name, line, top)]
+    bad = [
+        f"{p.name}:{line} imports {name}"
+        for p in sources(package)
+        for name, line, top in imports(p)
+        if name in banned and not allowed(p, name, line, top)
+    ]
     assert not bad, bad
 
 
 def test_flax_impl_imports_torch_only_in_convert_and_only_lazily():
-    bad = [f"{p.name}:{line}" for p in sources("flax_impl") for name, line, top in imports(p)
-           if name in TORCH and (p.name != "convert.py" or top)]
+    bad = [
+        f"{p.name}:{line}"
+        for p in sources("flax_impl")
+        for name, line, top in imports(p)
+        if name in TORCH and (p.name != "convert.py" or top)
+    ]
     assert not bad, bad
 
 
@@ -65,10 +82,13 @@ def test_the_checker_sees_a_planted_import(tmp_path):
 def test_importing_all_of_core_loads_no_framework():
     modules = [p.stem for p in sources("core") if p.stem != "__init__"]
     banned = sorted(JAX | TORCH | ABOVE)
-    code = (f"import sys; import {', '.join('core.' + m for m in modules)}; "
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {banned!r}))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, check=True)
+    code = (
+        f"import sys; import {', '.join('core.' + m for m in modules)}; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {banned!r}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]", out.stdout
 
 
@@ -100,7 +120,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         state[m] = "open"
         for d in sorted(graph[m]):
             if state.get(d) == "open":
-                found.append(path[path.index(d):] + [d])
+                found.append(path[path.index(d) :] + [d])
             elif d not in state:
                 visit(d, path + [d])
         state[m] = "done"

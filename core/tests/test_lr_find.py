@@ -51,19 +51,22 @@ def test_suggestion_is_the_steepest_descent_after_skipping():
     assert suggest(lrs, losses[:7] + [math.inf] * 5, 0, 0) == (lrs[6], 6)  # a non-finite tail
 
 
-@pytest.mark.parametrize("flags, says", [
-    (["--end-lr", "1e-8"], "--end-lr (1e-08) must be larger than --start-lr"),
-    (["--num-iter", "1"], "--num-iter must be at least 2"),
-    (["--start-lr", "0"], "--start-lr must be a positive number"),
-    (["--start-lr", "-1"], "--start-lr must be a positive number"),
-    (["--smooth-f", "1"], "--smooth-f must be in [0, 1)"),
-    (["--smooth-f", "-0.1"], "--smooth-f must be in [0, 1)"),
-    (["--diverge-th", "0.5"], "--diverge-th must be larger than 1"),
-    (["--step-mode", "cos"], "invalid choice"),
-    (["--num-iter", "ten"], "invalid int value"),
-    (["--workdir", ""], "--workdir is empty"),
-    ([], None),  # the recipe is checked too: a bad override
-])
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--end-lr", "1e-8"], "--end-lr (1e-08) must be larger than --start-lr"),
+        (["--num-iter", "1"], "--num-iter must be at least 2"),
+        (["--start-lr", "0"], "--start-lr must be a positive number"),
+        (["--start-lr", "-1"], "--start-lr must be a positive number"),
+        (["--smooth-f", "1"], "--smooth-f must be in [0, 1)"),
+        (["--smooth-f", "-0.1"], "--smooth-f must be in [0, 1)"),
+        (["--diverge-th", "0.5"], "--diverge-th must be larger than 1"),
+        (["--step-mode", "cos"], "invalid choice"),
+        (["--num-iter", "ten"], "invalid int value"),
+        (["--workdir", ""], "--workdir is empty"),
+        ([], None),  # the recipe is checked too: a bad override
+    ],
+)
 def test_bad_input_is_one_line_and_touches_nothing(flags, says, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     work = tmp_path / "w"
@@ -92,9 +95,18 @@ def test_lowest_point_over_the_same_points():
 def test_the_override_undoes_the_recipes_world_size_scaling():
     """imagenet's lr is the rate at 4 replicas (lr x world / 4): a rate found on 1 replica is
     trained with lr = rate x 4."""
-    result = {"suggested_lr": 0.2, "suggested_override": 0.8, "stopped_early": None,
-              "recipe": "imagenet", "recipe_lr": 0.025, "lowest_loss_lr": 0.3, "replicas": 1,
-              "config": {"lr_reference_world_size": 4}, "options": {}, "steps_run": 200}
+    result = {
+        "suggested_lr": 0.2,
+        "suggested_override": 0.8,
+        "stopped_early": None,
+        "recipe": "imagenet",
+        "recipe_lr": 0.025,
+        "lowest_loss_lr": 0.3,
+        "replicas": 1,
+        "config": {"lr_reference_world_size": 4},
+        "options": {},
+        "steps_run": 200,
+    }
     lines = lr_find.suggestion_lines(result, "python -m torch_ref.train")
     assert "to train with it: python -m torch_ref.train --recipe imagenet lr=0.8 " in lines[-1]
     assert "0.8 x 1 / 4 = 0.2" in lines[-1]
@@ -103,9 +115,13 @@ def test_the_override_undoes_the_recipes_world_size_scaling():
 def test_an_unwritable_output_folder_is_refused_before_the_test(tmp_path, capsys):
     """A results folder under a regular file (root, as CI runs, may write anywhere else)."""
     (tmp_path / "notes.txt").write_text("x")
-    code = lr_find.main(["--recipe", "fashion_mnist", "--workdir", str(tmp_path / "notes.txt" /
-                                                                      "run")],
-                        "prog", "stack", configs, lambda *_: None)
+    code = lr_find.main(
+        ["--recipe", "fashion_mnist", "--workdir", str(tmp_path / "notes.txt" / "run")],
+        "prog",
+        "stack",
+        configs,
+        lambda *_: None,
+    )
     assert code == 2 and "is not a writable folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "x"
 
@@ -119,9 +135,23 @@ def test_sigterm_ends_the_range_test_with_one_line(stack, fashion_dir, tmp_path)
     from testkit import chaos
 
     out = tmp_path / "w"
-    cmd = [chaos.sys.executable, "-m", f"{stack}.lr_find", "--recipe", "fashion_mnist",
-           "--size", "smoke", "--data-dir", str(fashion_dir), "--workdir", str(out),
-           "--device", "cpu", "--num-iter", "20"]
+    cmd = [
+        chaos.sys.executable,
+        "-m",
+        f"{stack}.lr_find",
+        "--recipe",
+        "fashion_mnist",
+        "--size",
+        "smoke",
+        "--data-dir",
+        str(fashion_dir),
+        "--workdir",
+        str(out),
+        "--device",
+        "cpu",
+        "--num-iter",
+        "20",
+    ]
     proc = chaos.paused(cmd, "step:2", tmp_path / "paused")
     chaos.os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -13,8 +13,9 @@ TF = pytest.importorskip("torchvision.transforms.functional")
 
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory):
-    root = samples.write_image_folder(tmp_path_factory.mktemp("jpegs"), classes=2,
-                                      per_class=(3, 1), size=(61, 45))
+    root = samples.write_image_folder(
+        tmp_path_factory.mktemp("jpegs"), classes=2, per_class=(3, 1), size=(61, 45)
+    )
     return sorted(str(p) for p in root.rglob("*.JPEG"))
 
 
@@ -53,8 +54,10 @@ def test_crop_box_distribution_follows_torchvisions_rule():
     # moves the mean by ~20%
     torch.manual_seed(1)
     img = torch.zeros(3, 300, 400)
-    theirs = [np.prod(T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])[2:])
-              / (400 * 300) for _ in range(2000)]
+    theirs = [
+        np.prod(T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])[2:]) / (400 * 300)
+        for _ in range(2000)
+    ]
     assert abs(np.mean(fractions) - np.mean(theirs)) < 0.05 * np.mean(theirs)
 
 
@@ -68,12 +71,14 @@ def test_fallback_is_the_central_crop():
 
     for width, height in ((1000, 10), (10, 1000), (300, 300)):
         ours = pt.random_resized_crop_params(NeverFits(), width, height, scale=(50.0, 50.0))
-        theirs = T.RandomResizedCrop.get_params(torch.zeros(3, height, width), [50.0, 50.0],
-                                                [3 / 4, 4 / 3])
+        theirs = T.RandomResizedCrop.get_params(
+            torch.zeros(3, height, width), [50.0, 50.0], [3 / 4, 4 / 3]
+        )
         assert ours == tuple(theirs)
 
 
 # --- open_image: every failure one line, the pixel limit, 16-bit and float images, EXIF -----------
+
 
 def _bad(path, **kw):
     with pytest.raises(pt.BadImage) as info:
@@ -85,8 +90,11 @@ def _bad(path, **kw):
 def test_any_decoding_failure_is_a_bad_image_with_its_reason(jpegs, tmp_path, monkeypatch):
     """PIL's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError (an
     Exception of its own) and, deep inside, MemoryError or anything else: each is a BadImage."""
-    cases = {"empty.png": b"", "text.jpg": b"this is not a JPEG",
-             "truncated.JPEG": open(jpegs[0], "rb").read()[:300]}
+    cases = {
+        "empty.png": b"",
+        "text.jpg": b"this is not a JPEG",
+        "truncated.JPEG": open(jpegs[0], "rb").read()[:300],
+    }
     for name, blob in cases.items():
         (tmp_path / name).write_bytes(blob)
         assert not _bad(tmp_path / name).too_large, name
@@ -124,8 +132,11 @@ def test_the_default_limit_is_where_pil_refuses():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", "from PIL import Image; "
-                          "print(Image.MAX_IMAGE_PIXELS)"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"],
+        capture_output=True,
+        text=True,
+    )
     assert pt.PIL_PIXEL_LIMIT == 2 * int(out.stdout)  # PIL errors above twice its warning level
 
 
@@ -135,16 +146,21 @@ def _eight_bit_copies(tmp_path, grey: np.ndarray, rgb: np.ndarray) -> dict:
     from PIL import Image
 
     wide = grey.astype(np.uint16) * 257
-    files = {"I;16 png": (tmp_path / "i16.png", Image.fromarray(wide)),
-             "I;16B tiff": (tmp_path / "i16b.tif",
-                            Image.frombytes("I;16B", grey.shape[::-1], wide.astype(">u2").tobytes())),
-             "I tiff": (tmp_path / "i32.tif", Image.fromarray(wide.astype(np.int32))),
-             "F tiff": (tmp_path / "f.tif", Image.fromarray(grey.astype(np.float32) / 255))}
+    files = {
+        "I;16 png": (tmp_path / "i16.png", Image.fromarray(wide)),
+        "I;16B tiff": (
+            tmp_path / "i16b.tif",
+            Image.frombytes("I;16B", grey.shape[::-1], wide.astype(">u2").tobytes()),
+        ),
+        "I tiff": (tmp_path / "i32.tif", Image.fromarray(wide.astype(np.int32))),
+        "F tiff": (tmp_path / "f.tif", Image.fromarray(grey.astype(np.float32) / 255)),
+    }
     for path, img in files.values():
         img.save(path)
     # 16-bit RGB: PIL has no such mode to save from
-    (tmp_path / "rgb16.png").write_bytes(samples.png_bytes(rgb.shape[1], rgb.shape[0],
-                                                           rgb.astype(np.uint16) * 257))
+    (tmp_path / "rgb16.png").write_bytes(
+        samples.png_bytes(rgb.shape[1], rgb.shape[0], rgb.astype(np.uint16) * 257)
+    )
     files["RGB 16-bit png"] = (tmp_path / "rgb16.png", None)
     return {k: v[0] for k, v in files.items()}
 

@@ -18,8 +18,18 @@ from core.plot import confusion_png, curves_png, lr_find_png
 from core.records import per_class_accuracy, top_confusions
 
 REPO = Path(__file__).resolve().parents[2]
-FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-           "Bag", "Ankle boot"]
+FASHION = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 @pytest.fixture
@@ -63,10 +73,24 @@ def _records(n):
     out = []
     for e in range(1, n + 1):
         # per-step log lines (skipped), one with numbers that would show if it were drawn
-        out.append({"step": 10 * e, "epoch": e, "train_loss_window": 9.0,
-                    "train_acc_window": 0.01, "lr": 0.1})
-        out.append({"epoch": e, "train_loss": 2.0 / e, "test_loss": 2.2 / e,
-                    "train_acc": 1 - 0.5 / e, "test_acc": 1 - 0.6 / e})
+        out.append(
+            {
+                "step": 10 * e,
+                "epoch": e,
+                "train_loss_window": 9.0,
+                "train_acc_window": 0.01,
+                "lr": 0.1,
+            }
+        )
+        out.append(
+            {
+                "epoch": e,
+                "train_loss": 2.0 / e,
+                "test_loss": 2.2 / e,
+                "train_acc": 1 - 0.5 / e,
+                "test_acc": 1 - 0.6 / e,
+            }
+        )
         out.append({"step": 10 * e + 5, "epoch": e, "train_loss": 9.0, "train_acc": 0.01})
     return out
 
@@ -128,7 +152,7 @@ def test_curves_with_one_epoch(tmp_path, figures):
 
 def _range_test(n=200):
     lrs = [1e-7 * (10 / 1e-7) ** (i / (n - 1)) for i in range(n)]
-    raw = [2.3 - 1.7 * math.exp(-((math.log10(lr) + 1) / 1.5) ** 2) for lr in lrs]
+    raw = [2.3 - 1.7 * math.exp(-(((math.log10(lr) + 1) / 1.5) ** 2)) for lr in lrs]
     raw[-1] = 1e6  # the diverged last step
     smooth, avg = [], 0.0
     for i, loss in enumerate(raw):
@@ -180,8 +204,13 @@ def test_lr_find_clips_a_diverged_tail_and_trims_like_torch_lr_finder(tmp_path, 
 def test_lr_find_never_raises_for_short_inputs(tmp_path, figures, kept, extras):
     lrs, smooth, raw = _range_test(10 + kept + 5)
     path = tmp_path / "short.png"
-    lr_find_png(lrs, smooth, path, suggestion=lrs[10] if extras else None,
-                raw_losses=raw[:-3] if extras else None)  # raw shorter than the rest: no error
+    lr_find_png(
+        lrs,
+        smooth,
+        path,
+        suggestion=lrs[10] if extras else None,
+        raw_losses=raw[:-3] if extras else None,
+    )  # raw shorter than the rest: no error
     assert png_size(path) == (700, 450)
     (ax,) = figures[0].axes
     smoothed = lines_by_label(ax).get("loss (smoothed)", ([], []))[0]
@@ -199,10 +228,14 @@ def test_lr_find_with_nothing_finite_or_nothing_at_all(tmp_path):
 
 # ------------------------------------------------------------------ confusion matrix
 
-HAND = np.array([[3, 2, 0, 1],   # class a: 3 of 6 right
-                 [0, 0, 0, 0],   # class b: no test images
-                 [1, 2, 4, 1],   # class c: 4 of 8
-                 [2, 0, 0, 2]])  # class d: 2 of 4
+HAND = np.array(
+    [
+        [3, 2, 0, 1],  # class a: 3 of 6 right
+        [0, 0, 0, 0],  # class b: no test images
+        [1, 2, 4, 1],  # class c: 4 of 8
+        [2, 0, 0, 2],
+    ]
+)  # class d: 2 of 4
 
 
 def test_per_class_accuracy_by_hand():
@@ -216,8 +249,14 @@ def test_per_class_accuracy_by_hand():
 
 def test_top_confusions_by_hand_with_ties():
     names = ["a", "b", "c", "d"]
-    everything = [("a", "b", 2), ("c", "b", 2), ("d", "a", 2),  # tie: by (true, pred) index
-                  ("a", "d", 1), ("c", "a", 1), ("c", "d", 1)]
+    everything = [
+        ("a", "b", 2),
+        ("c", "b", 2),
+        ("d", "a", 2),  # tie: by (true, pred) index
+        ("a", "d", 1),
+        ("c", "a", 1),
+        ("c", "d", 1),
+    ]
     assert top_confusions(HAND, names) == everything  # diagonal and zeros left out
     assert top_confusions(HAND, names, k=2) == everything[:2]
     assert top_confusions(HAND, names, k=4) == everything[:4]
@@ -258,7 +297,8 @@ def test_confusion_small_heat_map_with_counts_and_per_class_bars(tmp_path, figur
     cells = [t.get_text() for t in heat.texts]
     assert cells == [str(v) for v in m.ravel()]
     assert [p.get_width() for p in bars.patches] == pytest.approx(
-        [100 * a for a in per_class_accuracy(m)])
+        [100 * a for a in per_class_accuracy(m)]
+    )
     assert [t.get_text() for t in bars.get_yticklabels()] == FASHION
     assert len(bars.texts) == 10  # the value at the end of each bar
     assert "fashion_mnist" in all_text(fig)
@@ -342,8 +382,9 @@ def test_drawing_from_several_threads_at_once(tmp_path):
     for t in threads:
         t.join()
     assert not errors
-    assert sorted(os.listdir(tmp_path)) == sorted([f"c{i}.png" for i in range(3)]
-                                                  + [f"m{i}.png" for i in range(3)])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f"c{i}.png" for i in range(3)] + [f"m{i}.png" for i in range(3)]
+    )
     for name in os.listdir(tmp_path):
         png_size(tmp_path / name)
 
@@ -361,8 +402,14 @@ def test_drawing_loads_neither_pyplot_nor_a_framework(tmp_path):
         "print(sorted(m for m in sys.modules if m == 'matplotlib.pyplot'"
         " or m.split('.')[0] in ('torch', 'jax', 'flax', 'configs')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
     assert sorted(os.listdir(tmp_path)) == ["c.png", "l.png", "m.png"]

@@ -17,8 +17,9 @@ FASHION = get_config("fashion_mnist")
 def run_folder(tmp_path, recipe=FASHION):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"framework": "torch_ref",
-                                                 "recipe": recipe.to_dict()}))
+    (run / "config.json").write_text(
+        json.dumps({"framework": "torch_ref", "recipe": recipe.to_dict()})
+    )
     return run
 
 
@@ -26,10 +27,12 @@ def test_images_of_any_size_and_mode_become_the_eval_input(tmp_path):
     grey = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
     Image.fromarray(grey).save(tmp_path / "same.png")
     assert np.array_equal(predict.load_image(str(tmp_path / "same.png"), FASHION)[..., 0], grey)
-    for name, img in {"rgba.png": Image.new("RGBA", (90, 40), (200, 10, 10, 128)),
-                      "pal.gif": Image.new("P", (13, 77)),
-                      "cmyk.jpg": Image.new("CMYK", (50, 50)),
-                      "i16.png": Image.new("I;16", (30, 31))}.items():
+    for name, img in {
+        "rgba.png": Image.new("RGBA", (90, 40), (200, 10, 10, 128)),
+        "pal.gif": Image.new("P", (13, 77)),
+        "cmyk.jpg": Image.new("CMYK", (50, 50)),
+        "i16.png": Image.new("I;16", (30, 31)),
+    }.items():
         img.save(tmp_path / name)
         out = predict.load_image(str(tmp_path / name), FASHION)
         assert out.shape == (28, 28, 1) and out.dtype == np.uint8, name
@@ -78,38 +81,49 @@ def test_another_models_checkpoint_is_refused():
     predict.check_model(ok, FASHION, "ckpt")
 
 
-@pytest.mark.parametrize("case, says", [
-    ("missing image", "no such image"),
-    ("text file", "is not an image PIL can read"),
-    ("folder", "is a folder; pass image files"),
-    ("no config", "has no config.json"),
-    ("no run", "is not a run folder"),
-    ("top 0", "--top must be at least 1"),
-    ("empty file", "empty.png is not an image PIL can read (the file is empty (0 bytes))"),
-    ("oversized", "bomb.png is refused: it has 16000x12000 = 192,000,000 pixels, more than the "
-                  "limit of 178,956,970 (a guard against decompression bombs); if the file is "
-                  "trusted, pass --max-image-pixels 192000000 (or 0 for no limit)"),
-    ("limit lowered", "ok.png is refused: it has 28x28 = 784 pixels, more than the limit of 700"),
-    ("limit raised", "bomb.png is not an image PIL can read (OSError"),
-    ("negative limit", "--max-image-pixels must be 0 (no limit) or more, got -1"),
-])
+@pytest.mark.parametrize(
+    "case, says",
+    [
+        ("missing image", "no such image"),
+        ("text file", "is not an image PIL can read"),
+        ("folder", "is a folder; pass image files"),
+        ("no config", "has no config.json"),
+        ("no run", "is not a run folder"),
+        ("top 0", "--top must be at least 1"),
+        ("empty file", "empty.png is not an image PIL can read (the file is empty (0 bytes))"),
+        (
+            "oversized",
+            "bomb.png is refused: it has 16000x12000 = 192,000,000 pixels, more than the "
+            "limit of 178,956,970 (a guard against decompression bombs); if the file is "
+            "trusted, pass --max-image-pixels 192000000 (or 0 for no limit)",
+        ),
+        (
+            "limit lowered",
+            "ok.png is refused: it has 28x28 = 784 pixels, more than the limit of 700",
+        ),
+        ("limit raised", "bomb.png is not an image PIL can read (OSError"),
+        ("negative limit", "--max-image-pixels must be 0 (no limit) or more, got -1"),
+    ],
+)
 def test_user_mistakes_are_one_line(case, says, tmp_path, capsys):
     run = run_folder(tmp_path)
     Image.new("L", (28, 28)).save(tmp_path / "ok.png")
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "bomb.png").write_bytes(samples.png_bytes(16000, 12000))
-    args = {"missing image": [str(tmp_path / "nope.png")],
-            "text file": [str(tmp_path / "notes.txt")],
-            "folder": [str(tmp_path)],
-            "no config": [str(tmp_path / "ok.png")],
-            "no run": [str(tmp_path / "ok.png")],
-            "top 0": ["--top", "0", str(tmp_path / "ok.png")],
-            "empty file": [str(tmp_path / "empty.png")],
-            "oversized": [str(tmp_path / "bomb.png")],
-            "limit lowered": ["--max-image-pixels", "700", str(tmp_path / "ok.png")],
-            "limit raised": ["--max-image-pixels", "0", str(tmp_path / "bomb.png")],
-            "negative limit": ["--max-image-pixels", "-1", str(tmp_path / "ok.png")]}[case]
+    args = {
+        "missing image": [str(tmp_path / "nope.png")],
+        "text file": [str(tmp_path / "notes.txt")],
+        "folder": [str(tmp_path)],
+        "no config": [str(tmp_path / "ok.png")],
+        "no run": [str(tmp_path / "ok.png")],
+        "top 0": ["--top", "0", str(tmp_path / "ok.png")],
+        "empty file": [str(tmp_path / "empty.png")],
+        "oversized": [str(tmp_path / "bomb.png")],
+        "limit lowered": ["--max-image-pixels", "700", str(tmp_path / "ok.png")],
+        "limit raised": ["--max-image-pixels", "0", str(tmp_path / "bomb.png")],
+        "negative limit": ["--max-image-pixels", "-1", str(tmp_path / "ok.png")],
+    }[case]
     workdir = {"no config": run / "checkpoints", "no run": tmp_path / "nothing"}.get(case, run)
 
     def never(*_):

@@ -16,8 +16,9 @@ from core.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    return samples.write_image_folder(tmp_path_factory.mktemp("preempt") / "inet", classes=3,
-                                      per_class=(8, 4))
+    return samples.write_image_folder(
+        tmp_path_factory.mktemp("preempt") / "inet", classes=3, per_class=(8, 4)
+    )
 
 
 _references: dict = {}
@@ -46,10 +47,12 @@ CASES = [  # stack, pause point, signal, whether each worker is signalled alone 
 ]  # inside a checkpoint write: test_reliability's chaos group stop (write:3)
 
 
-@pytest.mark.parametrize("stack,point,sig,workers_first", CASES,
-                         ids=[f"{c[0]}-{c[1]}-{c[2].name}" for c in CASES])
-def test_group_signal_checkpoints_exits_75_and_resumes_exactly(stack, point, sig, workers_first,
-                                                               images, tmp_path):
+@pytest.mark.parametrize(
+    "stack,point,sig,workers_first", CASES, ids=[f"{c[0]}-{c[1]}-{c[2].name}" for c in CASES]
+)
+def test_group_signal_checkpoints_exits_75_and_resumes_exactly(
+    stack, point, sig, workers_first, images, tmp_path
+):
     want = reference(stack, images)
     cmd = chaos.image_command(stack, images, tmp_path / "run")
     if workers_first:  # a worker signalled alone keeps serving: the run is not harmed

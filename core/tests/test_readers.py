@@ -20,7 +20,8 @@ def test_cifar10_round_trip(tmp_path):
     got = readers.read_cifar("cifar10", tmp_path, train=False)
     assert np.array_equal(got.images, test[0]) and np.array_equal(got.labels, test[1])
     assert sorted(os.listdir(tmp_path / "cifar-10-batches-py")) == sorted(
-        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    )
 
 
 def test_cifar_files_load_in_torchvision(tmp_path, monkeypatch):

@@ -4,9 +4,15 @@ import pytest
 
 from core import readers
 
-pytestmark = pytest.mark.skipif(
-    not readers.fashion_mnist_present(readers.FASHION_MNIST_SYSTEM_DIR),
-    reason="Debian's dataset-fashion-mnist is not installed")
+# the slow tier (python -m pytest -m slow): ~5 minutes here; the default run's evidence of
+# learning on real Fashion-MNIST is parity_tests/test_short_runs.py::test_both_learn
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not readers.fashion_mnist_present(readers.FASHION_MNIST_SYSTEM_DIR),
+        reason="Debian's dataset-fashion-mnist is not installed",
+    ),
+]
 
 
 def _run(stack, recipe, workdir):

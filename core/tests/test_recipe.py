@@ -23,10 +23,21 @@ def test_every_recipe_builds_full_and_smoke(name):
 def test_recipes_carry_the_seed_numbers():
     c10, c100, inet = get_config("cifar10"), get_config("cifar100"), get_config("imagenet")
     assert (c10.model, c10.epochs, c10.batch_size, c10.lr, c10.nesterov, c10.weight_decay) == (
-        "resnet20", 200, 128, 0.1, True, 5e-4)
+        "resnet20",
+        200,
+        128,
+        0.1,
+        True,
+        5e-4,
+    )
     assert c10.color_jitter == (0.2, 0.2, 0.2) and c10.schedule == "cosine_per_epoch"
     assert (c100.model, c100.stem, c100.epochs, c100.weight_decay, c100.schedule) == (
-        "resnet50", "cifar", 100, 1e-4, "onecycle")
+        "resnet50",
+        "cifar",
+        100,
+        1e-4,
+        "onecycle",
+    )
     assert (inet.batch_size, inet.epochs, inet.drop_last, inet.eval_resize) == (64, 90, True, 256)
     # seed 002: lr 0.1 x world/4
     assert world_lr(inet, 4) == pytest.approx(0.1) and world_lr(inet, 8) == pytest.approx(0.2)
@@ -37,30 +48,47 @@ def test_recipes_carry_the_seed_numbers():
 
 
 def test_overrides_parse_by_type():
-    r = apply_overrides(get_config("cifar10"),
-                        ["epochs=3", "lr=0.05", "nesterov=false", "color_jitter=0,0.1,0",
-                         "pipeline=dataloader", "data-dir=/x"])
+    r = apply_overrides(
+        get_config("cifar10"),
+        [
+            "epochs=3",
+            "lr=0.05",
+            "nesterov=false",
+            "color_jitter=0,0.1,0",
+            "pipeline=dataloader",
+            "data-dir=/x",
+        ],
+    )
     assert (r.epochs, r.lr, r.nesterov, r.color_jitter, r.pipeline, r.data_dir) == (
-        3, 0.05, False, (0.0, 0.1, 0.0), "dataloader", "/x")
+        3,
+        0.05,
+        False,
+        (0.0, 0.1, 0.0),
+        "dataloader",
+        "/x",
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("epoch=3", "unknown override key 'epoch' (did you mean epochs?)"),
-    ("epochs=3.5", "expected an integer"),
-    ("epochs", "is not key=value"),
-    ("lr=fast", "expected a number"),
-    ("lr=nan", "expected a finite number"),
-    ("lr=-0.1", "lr must be positive"),
-    ("lr=0", "lr must be positive"),
-    ("batch_size=0", "batch_size must be at least 1"),
-    ("epochs=0", "epochs must be at least 1"),
-    ("momentum=1", "momentum must be in"),
-    ("amp=fp8", "expected one of auto, off, fp16, bf16"),
-    ("nesterov=maybe", "expected true or false"),
-    ("color_jitter=0.2,0.2", "color_jitter must be three numbers"),
-    ("mean=0.5", "mean and std need 3 values"),
-    ("recipe=cifar100", "chosen with --recipe"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("epoch=3", "unknown override key 'epoch' (did you mean epochs?)"),
+        ("epochs=3.5", "expected an integer"),
+        ("epochs", "is not key=value"),
+        ("lr=fast", "expected a number"),
+        ("lr=nan", "expected a finite number"),
+        ("lr=-0.1", "lr must be positive"),
+        ("lr=0", "lr must be positive"),
+        ("batch_size=0", "batch_size must be at least 1"),
+        ("epochs=0", "epochs must be at least 1"),
+        ("momentum=1", "momentum must be in"),
+        ("amp=fp8", "expected one of auto, off, fp16, bf16"),
+        ("nesterov=maybe", "expected true or false"),
+        ("color_jitter=0.2,0.2", "color_jitter must be three numbers"),
+        ("mean=0.5", "mean and std need 3 values"),
+        ("recipe=cifar100", "chosen with --recipe"),
+    ],
+)
 def test_bad_overrides_are_user_errors(override, message):
     with pytest.raises(UserError) as err:
         apply_overrides(get_config("cifar10"), [override])
@@ -98,8 +126,9 @@ def test_sampling_shares_partition_each_global_batch():
     steps = sampling.steps_in_epoch(103, batch * world, drop_last=False, world_size=world)
     seen = []
     for step in range(steps):
-        parts = [sampling.step_slice(perm, step, batch, world, r).local_indices
-                 for r in range(world)]
+        parts = [
+            sampling.step_slice(perm, step, batch, world, r).local_indices for r in range(world)
+        ]
         one = sampling.step_slice(perm, step, batch * world, 1, 0).local_indices
         assert list(one) == [i for p in parts for i in p]  # the union, in order, is one process's
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
@@ -123,25 +152,41 @@ def test_regularised_variants_carry_their_sources():
     mmda, mixcut = get_config("cifar100_mmda"), get_config("imagenet_mixcut")
     # seed 002: CutOut(n_holes=1, length=16) and mixup_data(alpha=0.2) on the cifar100 recipe
     assert (mmda.cutout_holes, mmda.cutout_length, mmda.mixup_alpha, mmda.cutmix_alpha) == (
-        1, 16, 0.2, 0.0)
-    assert dataclasses.replace(mmda, recipe="cifar100", cutout_holes=0, mixup_alpha=0.0) == \
-        get_config("cifar100")
+        1,
+        16,
+        0.2,
+        0.0,
+    )
+    assert dataclasses.replace(
+        mmda, recipe="cifar100", cutout_holes=0, mixup_alpha=0.0
+    ) == get_config("cifar100")
     # torchvision's ResNet-50 reference: mixup 0.2, cutmix 1.0, label smoothing 0.1
     assert (mixcut.mixup_alpha, mixcut.cutmix_alpha, mixcut.label_smoothing) == (0.2, 1.0, 0.1)
     base = get_config("cifar10")
     assert (base.cutout_holes, base.mixup_alpha, base.cutmix_alpha, base.label_smoothing) == (
-        0, 0.0, 0.0, 0.0)
+        0,
+        0.0,
+        0.0,
+        0.0,
+    )
 
 
 def test_a_run_saved_before_a_key_existed_resumes():
     """A workdir's config.json written before the regulariser keys: they ran with the defaults."""
     saved = get_config("cifar10").to_dict()
-    for key in ("cutout_holes", "cutout_length", "mixup_alpha", "cutmix_alpha",
-                "mix_switch_prob", "label_smoothing"):
+    for key in (
+        "cutout_holes",
+        "cutout_length",
+        "mixup_alpha",
+        "cutmix_alpha",
+        "mix_switch_prob",
+        "label_smoothing",
+    ):
         del saved[key]
     assert resume_differences(saved, get_config("cifar10")) == []
     assert resume_differences(saved, get_config("cifar10").replace(mixup_alpha=0.2)) == [
-        "mixup_alpha: 0.0 -> 0.2"]
+        "mixup_alpha: 0.0 -> 0.2"
+    ]
 
 
 def test_every_key_says_what_it_means():
@@ -153,5 +198,7 @@ def test_every_key_says_what_it_means():
     meaning = recipe.field_comments()
     assert {f.name for f in dataclasses.fields(recipe.Recipe)} == set(meaning)
     assert all(len(m) > 8 for m in meaning.values()), meaning
-    assert "  max_image_pixels: int (default 178956970): larger image files are corrupt data; " \
+    assert (
+        "  max_image_pixels: int (default 178956970): larger image files are corrupt data; "
         "0 = no limit" in recipe.keys_help()
+    )

@@ -26,21 +26,27 @@ def test_killed_anywhere_ends_bit_identical(stack, tmp_path):
     to 3) until one has landed inside a write (the full script does 20+: python -m
     testkit.chaos). An aimed kill can miss when the write ends before the signal lands,
     which a loaded machine makes likelier: one CI run saw it."""
-    result = chaos.check_stack(stack, 3, tmp_path, random.Random(1), log=lambda _: None,
-                               min_inside=1)
+    result = chaos.check_stack(
+        stack, 3, tmp_path, random.Random(1), log=lambda _: None, min_inside=1
+    )
     assert result["kills"] >= 3 and result["identical"], result
     assert sum(result["kills_landed"].values()) == result["kills"]
     assert result["kills_landed"]["inside a write"] >= 1, result
 
 
-@pytest.mark.parametrize("stack,sig", [("torch_ref", signal.SIGTERM),
-                                       ("flax_impl", signal.SIGINT)])
+@pytest.mark.parametrize("stack,sig", [("torch_ref", signal.SIGTERM), ("flax_impl", signal.SIGINT)])
 def test_sigterm_and_sigint_checkpoint_and_exit_75(stack, sig, tmp_path):
     data = samples.write_fashion_mnist(tmp_path / "data", n_train=192, n_test=64)
     chaos.run_once(chaos.command(stack, data, tmp_path / "ref"), None)
     cmd = chaos.command(stack, data, tmp_path / "run")
-    proc = subprocess.Popen(cmd, env=chaos._env(), cwd=chaos.REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=chaos._env(),
+        cwd=chaos.REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -64,12 +70,19 @@ def test_same_seed_same_curve(stack, tmp_path):
     b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     drop = ("epoch_time", "train_images_per_s")
     assert [{k: v for k, v in m.items() if k not in drop} for m in a] == [
-        {k: v for k, v in m.items() if k not in drop} for m in b]
+        {k: v for k, v in m.items() if k not in drop} for m in b
+    ]
 
 
 def _cli(stack, args, cwd):
-    return subprocess.run([sys.executable, "-m", f"{stack}.train", *args], cwd=cwd,
-                          env=chaos._env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"{stack}.train", *args],
+        cwd=cwd,
+        env=chaos._env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -85,10 +98,28 @@ def test_corrupt_image_stops_cleanly_and_resumes(stack, tmp_path):
     victim = sorted((root / "train").rglob("*.JPEG"))[5]
     good = victim.read_bytes()
     victim.write_bytes(samples.png_bytes(16000, 12000))
-    args = ["--recipe", "imagenet", "--size", "smoke", "--data-dir", str(root), "--workdir",
-            str(tmp_path / "w"), "--device", "cpu", "model=resnet18", "num_classes=3",
-            "image_size=32", "eval_resize=36", "batch_size=4", "eval_batch_size=4", "epochs=1",
-            "train_subset=0", "eval_subset=0", "num_workers=2"]
+    args = [
+        "--recipe",
+        "imagenet",
+        "--size",
+        "smoke",
+        "--data-dir",
+        str(root),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--device",
+        "cpu",
+        "model=resnet18",
+        "num_classes=3",
+        "image_size=32",
+        "eval_resize=36",
+        "batch_size=4",
+        "eval_batch_size=4",
+        "epochs=1",
+        "train_subset=0",
+        "eval_subset=0",
+        "num_workers=2",
+    ]
 
     def fails_with(*extra):
         proc = _cli(stack, args + list(extra), tmp_path)
@@ -133,9 +164,23 @@ def test_evaluating_what_is_not_a_checkpoint_is_one_line(stack, tmp_path):
     text.write_text("not a checkpoint\n")
     checkpoint = victim if stack == "torch_ref" else last
     for path in (checkpoint, tmp_path / "w", text):
-        proc = _cli(stack, ["--recipe", "fashion_mnist", "--size", "smoke", "--data-dir",
-                            str(tmp_path / "data"), "--workdir", str(tmp_path / "w"),
-                            "--eval-only", "--checkpoint", str(path)], tmp_path)
+        proc = _cli(
+            stack,
+            [
+                "--recipe",
+                "fashion_mnist",
+                "--size",
+                "smoke",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--workdir",
+                str(tmp_path / "w"),
+                "--eval-only",
+                "--checkpoint",
+                str(path),
+            ],
+            tmp_path,
+        )
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert "Traceback" not in proc.stderr and "delete" not in proc.stderr, proc.stderr
@@ -149,16 +194,40 @@ def test_checkpoint_of_another_architecture_or_framework(stack, tmp_path):
     ckpts = tmp_path / "w" / "checkpoints"
     ckpt = ckpts / "best.pt" if stack == "torch_ref" else next((ckpts / "best").iterdir())
     data = str(tmp_path / "data")
-    other = _cli(stack, ["--recipe", "fashion_mnist", "--size", "smoke", "--data-dir", data,
-                         "--workdir", str(tmp_path / "w2"), "--eval-only", "--checkpoint",
-                         str(ckpt), "model=resnet32"], tmp_path)
+    other = _cli(
+        stack,
+        [
+            "--recipe",
+            "fashion_mnist",
+            "--size",
+            "smoke",
+            "--data-dir",
+            data,
+            "--workdir",
+            str(tmp_path / "w2"),
+            "--eval-only",
+            "--checkpoint",
+            str(ckpt),
+            "model=resnet32",
+        ],
+        tmp_path,
+    )
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "resnet20" in other.stderr and "resnet32" in other.stderr
     # the other stack converts the checkpoint (a note on stderr) and scores what this one does;
     # with another architecture it refuses in one line
     foreign_stack = "flax_impl" if stack == "torch_ref" else "torch_ref"
-    args = ["--recipe", "fashion_mnist", "--size", "smoke", "--data-dir", data, "--eval-only",
-            "--checkpoint", str(ckpt)]
+    args = [
+        "--recipe",
+        "fashion_mnist",
+        "--size",
+        "smoke",
+        "--data-dir",
+        data,
+        "--eval-only",
+        "--checkpoint",
+        str(ckpt),
+    ]
     own = _cli(stack, args + ["--workdir", str(tmp_path / "w")], tmp_path)
     foreign = _cli(foreign_stack, args + ["--workdir", str(tmp_path / "w3")], tmp_path)
     assert own.returncode == 0 and foreign.returncode == 0, foreign.stderr
@@ -168,8 +237,9 @@ def test_checkpoint_of_another_architecture_or_framework(stack, tmp_path):
     # 10,000 real test images; the 200 generated ones here have no such tie)
     assert own.stdout.split(" acc ")[1].split()[0] == foreign.stdout.split(" acc ")[1].split()[0]
     assert not (tmp_path / "w3").exists()  # evaluating writes nothing
-    wrong = _cli(foreign_stack, args + ["--workdir", str(tmp_path / "w4"), "model=resnet32"],
-                 tmp_path)
+    wrong = _cli(
+        foreign_stack, args + ["--workdir", str(tmp_path / "w4"), "model=resnet32"], tmp_path
+    )
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert len(wrong.stderr.strip().splitlines()) == 1 and "resnet32" in wrong.stderr
 
@@ -185,18 +255,55 @@ def test_stale_partial_writes_are_removed(tmp_path):
 
 # --- fuzzing the command lines ---------------------------------------------------------------
 
-FLAGS = ["--recipe", "--size", "--workdir", "--data-dir", "--eval-only", "--checkpoint",
-         "--device", "--list-keys", "--bogus", "-x", "--"]
-WORDS = ["cifar10", "cifar100", "imagenet", "fashion_mnist", "smoke", "full", "cpu", "epochs=3",
-         "epochs=0", "lr=0.1", "lr=-1", "lr=abc", "batch_size=8", "amp=bf16", "amp=fp8",
-         "nesterov=yes", "color_jitter=0.1,0.1,0.1", "mean=1", "schedule=onecycle", "foo=bar",
-         "=", "epochs=", "x", "", "data_source=tfds", "model=resnet50", "model=vgg"]
+FLAGS = [
+    "--recipe",
+    "--size",
+    "--workdir",
+    "--data-dir",
+    "--eval-only",
+    "--checkpoint",
+    "--device",
+    "--list-keys",
+    "--bogus",
+    "-x",
+    "--",
+]
+WORDS = [
+    "cifar10",
+    "cifar100",
+    "imagenet",
+    "fashion_mnist",
+    "smoke",
+    "full",
+    "cpu",
+    "epochs=3",
+    "epochs=0",
+    "lr=0.1",
+    "lr=-1",
+    "lr=abc",
+    "batch_size=8",
+    "amp=bf16",
+    "amp=fp8",
+    "nesterov=yes",
+    "color_jitter=0.1,0.1,0.1",
+    "mean=1",
+    "schedule=onecycle",
+    "foo=bar",
+    "=",
+    "epochs=",
+    "x",
+    "",
+    "data_source=tfds",
+    "model=resnet50",
+    "model=vgg",
+]
 token = st.one_of(st.sampled_from(FLAGS + WORDS), st.text(max_size=12))
 
 
 @pytest.mark.parametrize("stack", STACKS)
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(argv=st.lists(token, max_size=8))
 def test_fuzz_command_line_never_tracebacks(stack, argv, tmp_path, monkeypatch):
     """Any command line: exit 0 (help, --list-keys) or 2, at most one line on stderr, never an
@@ -223,8 +330,11 @@ def test_fuzz_command_line_never_tracebacks(stack, argv, tmp_path, monkeypatch):
 
 
 INT_FIELDS = {"epochs": (1, 300), "batch_size": (1, 512), "seed": (0, 10_000)}
-CHOICES = {"amp": ["auto", "off", "fp16", "bf16"], "schedule": ["cosine_per_epoch", "onecycle"],
-           "pipeline": ["fast", "dataloader"]}
+CHOICES = {
+    "amp": ["auto", "off", "fp16", "bf16"],
+    "schedule": ["cosine_per_epoch", "onecycle"],
+    "pipeline": ["fast", "dataloader"],
+}
 
 
 @st.composite
@@ -233,17 +343,31 @@ def override(draw, valid: bool):
     if kind == "int":
         key = draw(st.sampled_from(sorted(INT_FIELDS)))
         lo, hi = INT_FIELDS[key]
-        value = (str(draw(st.integers(lo, hi))) if valid else
-                 draw(st.one_of(st.just(str(lo - 1)), st.just("1.5"), st.text(
-                     alphabet="abc-", min_size=1, max_size=4))))
+        value = (
+            str(draw(st.integers(lo, hi)))
+            if valid
+            else draw(
+                st.one_of(
+                    st.just(str(lo - 1)),
+                    st.just("1.5"),
+                    st.text(alphabet="abc-", min_size=1, max_size=4),
+                )
+            )
+        )
     elif kind == "choice":
         key = draw(st.sampled_from(sorted(CHOICES)))
-        value = (draw(st.sampled_from(CHOICES[key])) if valid else
-                 draw(st.text(alphabet="xyz", min_size=1, max_size=5)))
+        value = (
+            draw(st.sampled_from(CHOICES[key]))
+            if valid
+            else draw(st.text(alphabet="xyz", min_size=1, max_size=5))
+        )
     else:
         key = "lr"
-        value = (repr(draw(st.floats(1e-6, 10.0))) if valid else
-                 draw(st.sampled_from(["-0.1", "0", "nan", "inf", "fast", ""])))
+        value = (
+            repr(draw(st.floats(1e-6, 10.0)))
+            if valid
+            else draw(st.sampled_from(["-0.1", "0", "nan", "inf", "fast", ""]))
+        )
     if not valid and draw(st.booleans()):
         key = key + draw(st.sampled_from(["s", "_", "x"]))  # a typo: an unknown key
     return f"{key}={value}"
@@ -266,8 +390,9 @@ def test_fuzz_overrides_valid_accepted_invalid_refused(good, bad):
 def test_chaos_group_stops_report_each_point(tmp_path):
     """The chaos tool's group stops (python -m testkit.chaos runs all four points on both
     stacks): here one point, inside the first checkpoint write, on torch_ref's worker processes."""
-    result = chaos.check_group_stops("torch_ref", tmp_path, [("write:3", signal.SIGTERM)],
-                                     log=lambda _: None)
+    result = chaos.check_group_stops(
+        "torch_ref", tmp_path, [("write:3", signal.SIGTERM)], log=lambda _: None
+    )
     assert result["group_stops"] == {"write:3": True} and result["identical"], result
 
 
@@ -276,9 +401,22 @@ def test_a_stop_during_eval_only_ends_it_at_once(tmp_path):
     line) instead of saying it will stop and evaluating on; it writes nothing."""
     _trained_workdir("torch_ref", tmp_path)
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("*") if p.is_file())
-    cmd = [sys.executable, "-m", "torch_ref.train", "--recipe", "fashion_mnist", "--size",
-           "smoke", "--data-dir", str(tmp_path / "data"), "--workdir", str(tmp_path / "w"),
-           "--device", "cpu", "--eval-only"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch_ref.train",
+        "--recipe",
+        "fashion_mnist",
+        "--size",
+        "smoke",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--device",
+        "cpu",
+        "--eval-only",
+    ]
     code, err = chaos.group_stop(cmd, "eval:1", signal.SIGTERM, tmp_path / "paused")
     assert code == EXIT_PREEMPTED and "stopped while evaluating" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -19,30 +19,52 @@ from core.tensorboard import TensorBoardSink
 
 REPO = Path(__file__).resolve().parents[2]
 # (tag, key of the sink's dict, scale): accuracies are fractions in the dicts, percent in the files
-STEP_SCALARS = [("Loss/train_step", "train_loss_window", 1), ("Accuracy/train_step",
-                 "train_acc_window", 100), ("LR", "lr", 1), ("Momentum", "momentum", 1)]
-EPOCH_SCALARS = [("Loss/train", "train_loss", 1), ("Accuracy/train", "train_acc", 100),
-                 ("Loss/val", "test_loss", 1), ("Accuracy/val", "test_acc", 100),
-                 ("Throughput/train_images_per_s", "train_images_per_s", 1),
-                 ("Time/epoch_s", "epoch_time", 1), ("Epoch", "epoch", 1)]
+STEP_SCALARS = [
+    ("Loss/train_step", "train_loss_window", 1),
+    ("Accuracy/train_step", "train_acc_window", 100),
+    ("LR", "lr", 1),
+    ("Momentum", "momentum", 1),
+]
+EPOCH_SCALARS = [
+    ("Loss/train", "train_loss", 1),
+    ("Accuracy/train", "train_acc", 100),
+    ("Loss/val", "test_loss", 1),
+    ("Accuracy/val", "test_acc", 100),
+    ("Throughput/train_images_per_s", "train_images_per_s", 1),
+    ("Time/epoch_s", "epoch_time", 1),
+    ("Epoch", "epoch", 1),
+]
 STEP_TAGS = {t for t, _, _ in STEP_SCALARS}
 EPOCH_TAGS = {t for t, _, _ in EPOCH_SCALARS}
 
 
 # --- what a run writes: every value depends on the step and on which run wrote it -------------
 def step_line(step, run=1, steps_per_epoch=15):
-    return {"step": step, "epoch": (step - 1) // steps_per_epoch + 1,
-            "train_loss_window": run + step / 100,
-            "train_acc_window": 0.5 + step / 1000 - run / 10,
-            "lr": 0.1 * run / step, "momentum": 0.9 - step / 1000}
+    return {
+        "step": step,
+        "epoch": (step - 1) // steps_per_epoch + 1,
+        "train_loss_window": run + step / 100,
+        "train_acc_window": 0.5 + step / 1000 - run / 10,
+        "lr": 0.1 * run / step,
+        "momentum": 0.9 - step / 1000,
+    }
 
 
 def epoch_line(step, epoch, run=1):
-    return {"step": step, "epoch": epoch, "train_loss": run + 0.5 + epoch,
-            "train_acc": 0.3 + epoch / 10 - run / 100, "test_loss": run + 0.25 + epoch,
-            "test_acc": 0.2 + epoch / 10 - run / 100, "lr": 0.01,
-            "train_images_per_s": 1000.0 * run, "epoch_time": 12.5 + run, "momentum": 0.85,
-            "best_test_acc": 0.4, "state_digest": "abc"}
+    return {
+        "step": step,
+        "epoch": epoch,
+        "train_loss": run + 0.5 + epoch,
+        "train_acc": 0.3 + epoch / 10 - run / 100,
+        "test_loss": run + 0.25 + epoch,
+        "test_acc": 0.2 + epoch / 10 - run / 100,
+        "lr": 0.01,
+        "train_images_per_s": 1000.0 * run,
+        "epoch_time": 12.5 + run,
+        "momentum": 0.85,
+        "best_test_acc": 0.4,
+        "state_digest": "abc",
+    }
 
 
 def expected(step_lines, epoch_lines):
@@ -72,8 +94,9 @@ def tensorboard_scalars(logdir):
     """tag -> [(step, value)] as TensorBoard shows them."""
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     acc.Reload()
-    return {t: [(e.step, np.float32(e.value)) for e in acc.Scalars(t)]
-            for t in acc.Tags()["scalars"]}
+    return {
+        t: [(e.step, np.float32(e.value)) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]
+    }
 
 
 def event_files(logdir):
@@ -136,8 +159,9 @@ def test_resume_from_zero_drops_everything(tmp_path):
     write_run(logdir, 0, range(1, 16), run=1)
     again = write_run(logdir, 0, range(1, 6), run=2, steps_per_epoch=5)
     assert tensorboard_scalars(logdir) == expected(*again)
-    assert raw_scalars(logdir) == {(t, s): [v] for t, pairs in expected(*again).items()
-                                   for s, v in pairs}
+    assert raw_scalars(logdir) == {
+        (t, s): [v] for t, pairs in expected(*again).items() for s, v in pairs
+    }
 
 
 def test_events_left_twice_by_a_crash_during_a_rewind_are_kept_once(tmp_path):
@@ -163,8 +187,9 @@ def test_a_truncated_last_record_is_dropped_and_the_rest_kept(tmp_path, keep_of_
     with TensorBoardSink(logdir, resume_step=10) as sink:  # no exception
         assert sink.path is not None
     assert tensorboard_scalars(logdir) == expected(step_lines[:9], [])
-    assert raw_scalars(logdir) == {(t, s): [v] for t, pairs in expected(step_lines[:9], []).items()
-                                   for s, v in pairs}
+    assert raw_scalars(logdir) == {
+        (t, s): [v] for t, pairs in expected(step_lines[:9], []).items() for s, v in pairs
+    }
 
 
 def test_not_the_writer_creates_nothing(tmp_path):
@@ -179,15 +204,43 @@ def test_not_the_writer_creates_nothing(tmp_path):
 def test_non_finite_and_missing_values_are_skipped(tmp_path):
     logdir = tmp_path / "tb"
     with TensorBoardSink(logdir, 0) as sink:
-        sink.log_step({"step": 1, "epoch": 1, "train_loss_window": float("nan"),
-                       "train_acc_window": float("inf"), "lr": 0.5})  # no momentum
-        sink.log_step({"step": 2, "epoch": 1, "train_loss_window": float("nan"),
-                       "train_acc_window": float("nan"), "lr": float("nan")})  # nothing at all
-        sink.log_epoch({"step": 2, "epoch": 1, "train_loss": 1.5, "train_acc": float("-inf"),
-                        "test_loss": None, "test_acc": np.float32(0.25), "lr": 0.5,
-                        "train_images_per_s": np.nan, "epoch_time": "soon"})
-    assert tensorboard_scalars(logdir) == {"LR": [(1, 0.5)], "Loss/train": [(2, 1.5)],
-                                           "Accuracy/val": [(2, 25.0)], "Epoch": [(2, 1.0)]}
+        sink.log_step(
+            {
+                "step": 1,
+                "epoch": 1,
+                "train_loss_window": float("nan"),
+                "train_acc_window": float("inf"),
+                "lr": 0.5,
+            }
+        )  # no momentum
+        sink.log_step(
+            {
+                "step": 2,
+                "epoch": 1,
+                "train_loss_window": float("nan"),
+                "train_acc_window": float("nan"),
+                "lr": float("nan"),
+            }
+        )  # nothing at all
+        sink.log_epoch(
+            {
+                "step": 2,
+                "epoch": 1,
+                "train_loss": 1.5,
+                "train_acc": float("-inf"),
+                "test_loss": None,
+                "test_acc": np.float32(0.25),
+                "lr": 0.5,
+                "train_images_per_s": np.nan,
+                "epoch_time": "soon",
+            }
+        )
+    assert tensorboard_scalars(logdir) == {
+        "LR": [(1, 0.5)],
+        "Loss/train": [(2, 1.5)],
+        "Accuracy/val": [(2, 25.0)],
+        "Epoch": [(2, 1.0)],
+    }
 
 
 def test_flushes_every_ten_log_steps_and_each_epoch(tmp_path, monkeypatch):
@@ -226,22 +279,30 @@ def test_no_tensorflow_torch_or_jax_even_when_tensorflow_is_installed(tmp_path):
     # a fake tensorflow that tells when it is imported: tensorboard.compat.tf would import it
     fake = tmp_path / "site" / "tensorflow"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("import builtins\nbuiltins.FAKE_TF_IMPORTED = True\n"
-                                      "raise ImportError('fake tensorflow')\n")
+    (fake / "__init__.py").write_text(
+        "import builtins\nbuiltins.FAKE_TF_IMPORTED = True\nraise ImportError('fake tensorflow')\n"
+    )
     code = f"""
 import builtins, sys
 import core.tensorboard as m
 assert not [n for n in sys.modules if n.split('.')[0] == 'tensorboard'], 'import is not lazy'
 for resume in (0, 1):
-    with m.TensorBoardSink({str(tmp_path / 'tb')!r}, resume) as s:
+    with m.TensorBoardSink({str(tmp_path / "tb")!r}, resume) as s:
         s.log_step({step_line(1)!r})
         s.log_epoch({epoch_line(1, 1)!r})
 print(sorted(n for n in sys.modules if n.split('.')[0] in ('tensorflow', 'torch', 'jax', 'jaxlib')),
       getattr(builtins, 'FAKE_TF_IMPORTED', False))
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO)])}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[] False"
     assert len(event_files(tmp_path / "tb")) == 2

@@ -26,8 +26,9 @@ SHARED = ["torch_ref"]
 
 
 def run(cmd, **kw):
-    return subprocess.run(cmd, env={**chaos._env(), **kw}, cwd=chaos.REPO, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        cmd, env={**chaos._env(), **kw}, cwd=chaos.REPO, capture_output=True, text=True, timeout=600
+    )
 
 
 def one_line(proc, needle):
@@ -41,8 +42,11 @@ def one_line(proc, needle):
 
 def snapshot(folder: Path) -> dict:
     """Every file's hash (the lock file aside: it names whichever run holds the folder)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 _finished: dict = {}
@@ -50,8 +54,9 @@ _finished: dict = {}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return samples.write_fashion_mnist(tmp_path_factory.mktemp("fm") / "data", n_train=64,
-                                       n_test=32)
+    return samples.write_fashion_mnist(
+        tmp_path_factory.mktemp("fm") / "data", n_train=64, n_test=32
+    )
 
 
 def finished(stack, data, tmp_path, name="w"):
@@ -87,10 +92,14 @@ def truncate(path: Path) -> None:
 def test_a_second_run_in_a_live_workdir_is_refused(stack, data, tmp_path):
     cmd = chaos.command(stack, data, tmp_path / "w")
     flag = tmp_path / "paused"
-    first = subprocess.Popen(cmd, env={**chaos._env(), "TRAINER_PAUSE_AT": "step:3",
-                                       "TRAINER_PAUSE_FILE": str(flag)},
-                             cwd=chaos.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        cmd,
+        env={**chaos._env(), "TRAINER_PAUSE_AT": "step:3", "TRAINER_PAUSE_FILE": str(flag)},
+        cwd=chaos.REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not flag.exists():
         assert first.poll() is None and time.time() < deadline, first.communicate()
@@ -103,8 +112,11 @@ def test_a_second_run_in_a_live_workdir_is_refused(stack, data, tmp_path):
     first.send_signal(signal.SIGTERM)
     assert first.wait(240) == EXIT_PREEMPTED, first.communicate()
     assert run(cmd).returncode == 0  # the lock went with its holder
-    steps = [json.loads(x)["step"] for x in (tmp_path / "w" / "metrics.jsonl").read_text()
-             .splitlines() if "state_digest" not in x]
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
+        if "state_digest" not in x
+    ]
     assert steps == sorted(set(steps))  # every line once
 
 
@@ -168,6 +180,7 @@ def test_other_data_on_resume_is_refused(stack, data, tmp_path):
 
 # --- writes that fail ---------------------------------------------------------------------------
 
+
 def _root_only():
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs and chattr +i need root (CI runs as root)")
@@ -176,8 +189,11 @@ def _root_only():
 def mount_tmpfs(mount: Path, size: str) -> None:
     _root_only()
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
 
@@ -198,8 +214,10 @@ def test_a_full_disk_at_the_first_checkpoint_starts_again(stack, data, tmp_path)
     mount_tmpfs(tmp_path / "disk", "2m")
     try:
         w = tmp_path / "disk" / "w"
-        cmd = [a if a != "checkpoint_every_steps=2" else "checkpoint_every_steps=0"
-               for a in chaos.command(stack, data, w)]
+        cmd = [
+            a if a != "checkpoint_every_steps=2" else "checkpoint_every_steps=0"
+            for a in chaos.command(stack, data, w)
+        ]
         line = one_line(run(cmd), "No space left on device")
         assert "no checkpoint was written yet: rerun the same command to start again" in line
         moved = tmp_path / "moved"
@@ -215,8 +233,9 @@ def test_a_full_disk_at_the_first_checkpoint_starts_again(stack, data, tmp_path)
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_a_full_disk_is_one_line_and_the_run_resumes_after_space_is_freed(stack, data,
-                                                                          small_disk, tmp_path):
+def test_a_full_disk_is_one_line_and_the_run_resumes_after_space_is_freed(
+    stack, data, small_disk, tmp_path
+):
     """The disk fills at a checkpoint (the line gives its size) or, when a checkpoint left the
     disk within a few KB of full, at the next record file (flax_impl in one run of the whole
     suite: confusion.png); either way one line, and the rerun elsewhere loses nothing."""
@@ -237,7 +256,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_after_space_is_freed(stack,
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr
     _, reference = finished(stack, data, tmp_path, "reference")  # the same run, undisturbed
     assert chaos.epoch_records(moved) == chaos.epoch_records(reference)
-    assert chaos.epoch_records(moved)[:len(kept)] == kept
+    assert chaos.epoch_records(moved)[: len(kept)] == kept
 
 
 @pytest.mark.parametrize("stack", SHARED)
@@ -267,9 +286,10 @@ def test_unwritable_places_are_one_line(stack, data, tmp_path):
     try:
         args = [a for a in chaos.command(stack, data, w)]
         i = args.index("--workdir")
-        del args[i:i + 2]
-        proc = subprocess.run(args, env=chaos._env(), cwd=ro, capture_output=True, text=True,
-                              timeout=600)
+        del args[i : i + 2]
+        proc = subprocess.run(
+            args, env=chaos._env(), cwd=ro, capture_output=True, text=True, timeout=600
+        )
         one_line(proc, "cannot use runs/")
     finally:
         subprocess.run(["chattr", "-i", str(ro)], check=True)

@@ -20,7 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 pytestmark = pytest.mark.skipif(
     not readers.fashion_mnist_present(readers.FASHION_MNIST_SYSTEM_DIR),
-    reason="Debian's dataset-fashion-mnist is not installed")
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 
 
 def env():
@@ -41,10 +42,26 @@ def run(tmp_path_factory):
     from PIL import Image
 
     root = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run([sys.executable, "-m", "torch_ref.train", "--recipe", "fashion_mnist",
-                           "--workdir", str(root / "run"), "epochs=1", "train_subset=512",
-                           "eval_subset=500", "batch_size=64", "log_every_steps=4"],
-                          env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch_ref.train",
+            "--recipe",
+            "fashion_mnist",
+            "--workdir",
+            str(root / "run"),
+            "epochs=1",
+            "train_subset=512",
+            "eval_subset=500",
+            "batch_size=64",
+            "log_every_steps=4",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     test = readers.read_fashion_mnist(readers.FASHION_MNIST_SYSTEM_DIR, train=False)
     Image.fromarray(test.images[0, :, :, 0]).save(root / "test0.png")
@@ -58,14 +75,27 @@ def run(tmp_path_factory):
 # what predict says of each bad upload, and so what the page and API clients must be told
 BAD_UPLOADS = {
     "empty.png": "empty.png is not an image PIL can read (the file is empty (0 bytes))",
-    "bomb.png": "bomb.png is refused: it has 16000x12000 = 192,000,000 pixels"}
+    "bomb.png": "bomb.png is refused: it has 16000x12000 = 192,000,000 pixels",
+}
 
 
 @pytest.fixture(scope="module")
 def expected(run):
-    proc = subprocess.run([sys.executable, "-m", "torch_ref.predict", "--workdir",
-                           str(run / "run"), "--json", str(run / "test0.png")],
-                          env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch_ref.predict",
+            "--workdir",
+            str(run / "run"),
+            "--json",
+            str(run / "test0.png"),
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["top"]
 
@@ -78,9 +108,12 @@ def server(run):
     log = open(run / "demo.log", "w")
     tmp = run / "tmp"
     tmp.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "demo", "--workdir", str(run / "run"),
-                             "--port", str(port)], env=dict(env(), TMPDIR=str(tmp)),
-                            stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "demo", "--workdir", str(run / "run"), "--port", str(port)],
+        env=dict(env(), TMPDIR=str(tmp)),
+        stdout=log,
+        stderr=log,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(240):
@@ -128,8 +161,7 @@ def test_the_page_shows_predicts_top5_in_both_columns(run, expected, server, tmp
         wait = WebDriverWait(d, 60)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
         assert "best test accuracy" in d.find_element(By.TAG_NAME, "h2").text
-        d.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(
-            str(run / "test0.png"))
+        d.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(run / "test0.png"))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))
         d.find_element(By.CSS_SELECTOR, "#classify").click()
         wait.until(lambda d: "largest logit" in d.find_element(By.CSS_SELECTOR, "#parity").text)
@@ -146,8 +178,7 @@ def test_the_page_shows_predicts_top5_in_both_columns(run, expected, server, tmp
         # a bad upload: the page shows predict's reason
         d.get(url)  # a fresh page
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
-        d.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(
-            str(run / "empty.png"))
+        d.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(run / "empty.png"))
         d.find_element(By.CSS_SELECTOR, "#classify").click()
         says = BAD_UPLOADS["empty.png"]
         wait.until(lambda d: says in d.find_element(By.TAG_NAME, "body").text)
@@ -161,7 +192,8 @@ def test_gradio_client_gets_the_same_top5(run, expected, server):
 
     url, _ = server
     torch_label, flax_label, parity = Client(url, verbose=False).predict(
-        handle_file(str(run / "test0.png")), api_name="/predict")
+        handle_file(str(run / "test0.png")), api_name="/predict"
+    )
     for label in (torch_label, flax_label):
         assert [c["label"] for c in label["confidences"]] == [t["name"] for t in expected]
         for c, t in zip(label["confidences"], expected):
@@ -181,8 +213,9 @@ def test_a_bad_upload_is_explained_and_the_demo_keeps_serving(run, expected, ser
         with pytest.raises(AppError) as err:
             client.predict(handle_file(str(run / name)), api_name="/predict")
         assert says in str(err.value), err.value
-    torch_label, flax_label, _ = client.predict(handle_file(str(run / "test0.png")),
-                                                api_name="/predict")
+    torch_label, flax_label, _ = client.predict(
+        handle_file(str(run / "test0.png")), api_name="/predict"
+    )
     assert [c["label"] for c in torch_label["confidences"]] == [t["name"] for t in expected]
 
 
@@ -194,23 +227,39 @@ def test_a_sideways_phone_photo_gets_the_upright_images_answer(run, expected, se
 
     photo = str(run / "sideways.jpg")
     for stack in ("torch_ref", "flax_impl"):
-        proc = subprocess.run([sys.executable, "-m", f"{stack}.predict", "--workdir",
-                               str(run / "run"), "--json", photo], env=env(),
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                f"{stack}.predict",
+                "--workdir",
+                str(run / "run"),
+                "--json",
+                photo,
+            ],
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
-        assert [t["name"] for t in json.loads(proc.stdout)["top"]] == [t["name"]
-                                                                       for t in expected]
+        assert [t["name"] for t in json.loads(proc.stdout)["top"]] == [t["name"] for t in expected]
     url, _ = server
-    torch_label, flax_label, _ = Client(url, verbose=False).predict(handle_file(photo),
-                                                                    api_name="/predict")
+    torch_label, flax_label, _ = Client(url, verbose=False).predict(
+        handle_file(photo), api_name="/predict"
+    )
     for label in (torch_label, flax_label):
         assert [c["label"] for c in label["confidences"]] == [t["name"] for t in expected]
 
 
 def test_a_port_in_use_is_one_line(run, server):
     _, port = server
-    proc = subprocess.run([sys.executable, "-m", "demo", "--workdir", str(run / "run"),
-                           "--port", str(port)], env=env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "demo", "--workdir", str(run / "run"), "--port", str(port)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert f"port {port} on 127.0.0.1 is in use" in proc.stderr

@@ -32,11 +32,19 @@ print(len(readers), len(jax.devices()), cpu_setup.state()["fusion"], cpu_setup.s
 
 def probe(cores="0,1", **env_vars):
     """The probe in a fresh process on `cores` (taskset): fusion readers, devices, states, flags."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", cpu_setup.FUSION_SWITCH, cpu_setup.DEVICES_SWITCH)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", cpu_setup.FUSION_SWITCH, cpu_setup.DEVICES_SWITCH)
+    }
     env.update(env_vars, PYTHONPATH=REPO)
-    proc = subprocess.run(["taskset", "-c", cores, sys.executable, "-c", PROBE], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["taskset", "-c", cores, sys.executable, "-c", PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     readers, devices, fusion, dev_state, flags = proc.stdout.strip().splitlines()[-1].split("|")
     return int(readers), int(devices), fusion, dev_state, flags
@@ -59,8 +67,9 @@ def test_one_core_one_device():
 
 @two_cores
 def test_switches_turn_them_off():
-    readers, devices, fusion, dev_state, flags = probe(FLAX_IMPL_CPU_FUSION="0",
-                                                       FLAX_IMPL_CPU_DEVICES="1")
+    readers, devices, fusion, dev_state, flags = probe(
+        FLAX_IMPL_CPU_FUSION="0", FLAX_IMPL_CPU_DEVICES="1"
+    )
     assert (readers, devices, flags) == (2, 1, "None")
     assert (fusion, dev_state) == ("off (FLAX_IMPL_CPU_FUSION=0)", "1 (FLAX_IMPL_CPU_DEVICES=1)")
 
@@ -75,36 +84,85 @@ def test_users_own_flags_win():
     assert flags == repr(f"{mine} {cpu_setup.FUSION}")
 
 
-@pytest.mark.parametrize("environ, initialised, flags, state", [
-    ({}, False, f"{cpu_setup.FUSION} {cpu_setup.DEVICES}=2",
-     {"fusion": "on", "devices": "2 (16 cores)"}),
-    ({"XLA_FLAGS": "--a=1", "FLAX_IMPL_CPU_DEVICES": "3"}, False,
-     f"--a=1 {cpu_setup.FUSION} {cpu_setup.DEVICES}=3",
-     {"fusion": "on", "devices": "3 (FLAX_IMPL_CPU_DEVICES=3)"}),
-    ({"FLAX_IMPL_CPU_FUSION": "off", "FLAX_IMPL_CPU_DEVICES": "1"}, False, None,
-     {"fusion": "off (FLAX_IMPL_CPU_FUSION=off)", "devices": "1 (FLAX_IMPL_CPU_DEVICES=1)"}),
-    ({"JAX_PLATFORMS": "cuda"}, False, None,
-     {"fusion": "off (JAX_PLATFORMS=cuda has no cpu)",
-      "devices": "off (JAX_PLATFORMS=cuda has no cpu)"}),
-    ({"JAX_PLATFORMS": "cuda,cpu"}, False, f"{cpu_setup.FUSION} {cpu_setup.DEVICES}=2",
-     {"fusion": "on", "devices": "2 (16 cores)"}),
-    ({}, True, None, {"fusion": "off (JAX was initialised before flax_impl was imported)",
-                      "devices": "off (JAX was initialised before flax_impl was imported)"}),
-])
+@pytest.mark.parametrize(
+    "environ, initialised, flags, state",
+    [
+        (
+            {},
+            False,
+            f"{cpu_setup.FUSION} {cpu_setup.DEVICES}=2",
+            {"fusion": "on", "devices": "2 (16 cores)"},
+        ),
+        (
+            {"XLA_FLAGS": "--a=1", "FLAX_IMPL_CPU_DEVICES": "3"},
+            False,
+            f"--a=1 {cpu_setup.FUSION} {cpu_setup.DEVICES}=3",
+            {"fusion": "on", "devices": "3 (FLAX_IMPL_CPU_DEVICES=3)"},
+        ),
+        (
+            {"FLAX_IMPL_CPU_FUSION": "off", "FLAX_IMPL_CPU_DEVICES": "1"},
+            False,
+            None,
+            {"fusion": "off (FLAX_IMPL_CPU_FUSION=off)", "devices": "1 (FLAX_IMPL_CPU_DEVICES=1)"},
+        ),
+        (
+            {"JAX_PLATFORMS": "cuda"},
+            False,
+            None,
+            {
+                "fusion": "off (JAX_PLATFORMS=cuda has no cpu)",
+                "devices": "off (JAX_PLATFORMS=cuda has no cpu)",
+            },
+        ),
+        (
+            {"JAX_PLATFORMS": "cuda,cpu"},
+            False,
+            f"{cpu_setup.FUSION} {cpu_setup.DEVICES}=2",
+            {"fusion": "on", "devices": "2 (16 cores)"},
+        ),
+        (
+            {},
+            True,
+            None,
+            {
+                "fusion": "off (JAX was initialised before flax_impl was imported)",
+                "devices": "off (JAX was initialised before flax_impl was imported)",
+            },
+        ),
+    ],
+)
 def test_decide(environ, initialised, flags, state):
     assert cpu_setup.decide(environ, initialised, 16) == (flags, state)
 
 
-@pytest.mark.parametrize("switch, value, needle", [
-    ("FLAX_IMPL_CPU_FUSION", "yes please", "FLAX_IMPL_CPU_FUSION='yes please' is not a switch"),
-    ("FLAX_IMPL_CPU_DEVICES", "two", "FLAX_IMPL_CPU_DEVICES='two' is not a number of devices"),
-])
+@pytest.mark.parametrize(
+    "switch, value, needle",
+    [
+        ("FLAX_IMPL_CPU_FUSION", "yes please", "FLAX_IMPL_CPU_FUSION='yes please' is not a switch"),
+        ("FLAX_IMPL_CPU_DEVICES", "two", "FLAX_IMPL_CPU_DEVICES='two' is not a number of devices"),
+    ],
+)
 def test_a_bad_switch_is_one_line_from_the_trainer(tmp_path, fashion_dir, switch, value, needle):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(PYTHONPATH=REPO, **{switch: value})
-    proc = subprocess.run([sys.executable, "-m", "flax_impl.train", "--recipe", "fashion_mnist",
-                           "--data-dir", str(fashion_dir), "--workdir", str(tmp_path / "run")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flax_impl.train",
+            "--recipe",
+            "fashion_mnist",
+            "--data-dir",
+            str(fashion_dir),
+            "--workdir",
+            str(tmp_path / "run"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr

@@ -8,9 +8,26 @@ import numpy as np
 from flax_impl import lr_find as flax_lr_find
 from core import lr_find
 
-ARGS = ["--recipe", "fashion_mnist", "--size", "smoke", "--device", "cpu", "--num-iter", "9",
-        "--start-lr", "1e-3", "--end-lr", "1", "--skip-start", "2", "--skip-end", "2",
-        "batch_size=16", "num_workers=0"]
+ARGS = [
+    "--recipe",
+    "fashion_mnist",
+    "--size",
+    "smoke",
+    "--device",
+    "cpu",
+    "--num-iter",
+    "9",
+    "--start-lr",
+    "1e-3",
+    "--end-lr",
+    "1",
+    "--skip-start",
+    "2",
+    "--skip-end",
+    "2",
+    "batch_size=16",
+    "num_workers=0",
+]
 
 
 def test_command_writes_the_curve_and_suggests(fashion_dir, tmp_path, capsys):
@@ -25,8 +42,9 @@ def test_command_writes_the_curve_and_suggests(fashion_dir, tmp_path, capsys):
     assert r["lr"] == lr_find.lr_schedule(t).tolist()
     assert np.all(np.isfinite(r["loss_raw"]))
     # the file's suggestion is the rule applied to the file's own curve
-    assert (r["suggested_lr"], r["suggested_index"]) == lr_find.suggest(r["lr"], r["loss_smoothed"],
-                                                                        2, 2)
+    assert (r["suggested_lr"], r["suggested_index"]) == lr_find.suggest(
+        r["lr"], r["loss_smoothed"], 2, 2
+    )
     assert f"lr={r['suggested_lr']:.3g}" in capsys.readouterr().out
 
 
@@ -45,7 +63,11 @@ def test_the_backend_trains_at_the_tests_rates(fashion_dir, tmp_path):
     for b in (zero, own):
         before = jax.device_get(b.state.params)
         b.fetch([b.train_step(next(iter(b.batches(0, 0))))])
-        moved = [float(np.max(np.abs(x - y))) for x, y in zip(
-            jax.tree_util.tree_leaves(jax.device_get(b.state.params)),
-            jax.tree_util.tree_leaves(before))]
+        moved = [
+            float(np.max(np.abs(x - y)))
+            for x, y in zip(
+                jax.tree_util.tree_leaves(jax.device_get(b.state.params)),
+                jax.tree_util.tree_leaves(before),
+            )
+        ]
         assert (max(moved) == 0) == (b is zero), max(moved)

@@ -18,8 +18,9 @@ def test_batchnorm_masked_statistics_equal_the_real_rows():
     v = bn.init(jax.random.PRNGKey(1), x, False)
     y_real, s_real = bn.apply(v, x[:4], True, mutable=["batch_stats"])
     padded = x.at[4:].set(1e3)  # garbage in the padding must not leak in
-    y_pad, s_pad = bn.apply(v, padded, True, jnp.array([1, 1, 1, 1, 0, 0.]),
-                            mutable=["batch_stats"])
+    y_pad, s_pad = bn.apply(
+        v, padded, True, jnp.array([1, 1, 1, 1, 0, 0.0]), mutable=["batch_stats"]
+    )
     # the masked sums add the same 64 float32 values per channel as the unmasked ones, in
     # another order: they differ by a few float32 ulps of values of size ~3 (2e-6 covers ~8
     # ulps), while padding leaking in (1e3 in a third of the rows) would move them by ~1e2
@@ -29,8 +30,10 @@ def test_batchnorm_masked_statistics_equal_the_real_rows():
 
 
 def test_convert_does_not_import_torch():
-    code = ("import sys, numpy as np; import flax_impl.convert as c; "
-            "v = c.torch_to_flax({'fc.weight': np.ones((2, 3), np.float32)}); "
-            "print('torch' in sys.modules, v['params']['fc']['kernel'].shape)")
+    code = (
+        "import sys, numpy as np; import flax_impl.convert as c; "
+        "v = c.torch_to_flax({'fc.weight': np.ones((2, 3), np.float32)}); "
+        "print('torch' in sys.modules, v['params']['fc']['kernel'].shape)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "(3,", "2)"]

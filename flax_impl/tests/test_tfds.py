@@ -55,10 +55,12 @@ def test_official_builder_reads_every_example_back(tfds_dir):
 
 def test_reading_does_not_import_tensorflow(tfds_dir):
     root, _, _ = tfds_dir
-    code = ("import sys; from configs import get_config; from flax_impl import tfds_source; "
-            f"r = get_config('fashion_mnist'); "
-            f"s = tfds_source.load_split('fashion_mnist', {str(root)!r}, True, r); "
-            "print(len(s), 'tensorflow' in sys.modules)")
+    code = (
+        "import sys; from configs import get_config; from flax_impl import tfds_source; "
+        f"r = get_config('fashion_mnist'); "
+        f"s = tfds_source.load_split('fashion_mnist', {str(root)!r}, True, r); "
+        "print(len(s), 'tensorflow' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["48", "False"]
 
@@ -66,9 +68,18 @@ def test_reading_does_not_import_tensorflow(tfds_dir):
 def test_train_from_tfds(tfds_dir, tmp_path):
     root, _, _ = tfds_dir
     for name in ("fashion_mnist", "cifar10"):
-        r = apply_overrides(get_config(name, "smoke"), [
-            "data_source=tfds", f"data_dir={root}", "batch_size=8", "eval_batch_size=8",
-            "epochs=1", "train_subset=0", "eval_subset=0"])
+        r = apply_overrides(
+            get_config(name, "smoke"),
+            [
+                "data_source=tfds",
+                f"data_dir={root}",
+                "batch_size=8",
+                "eval_batch_size=8",
+                "epochs=1",
+                "train_subset=0",
+                "eval_subset=0",
+            ],
+        )
         out = train_and_evaluate(r, tmp_path / name, devices=ONE)
         assert out["test_count"] == (20 if name == "fashion_mnist" else 8)
 
@@ -88,10 +99,23 @@ def test_imagenet2012_from_tfds(tmp_path):
         labels = [int(p.parent.name[1:]) for p in files]
         splits[split] = ([p.read_bytes() for p in files], labels)
     tfds_source.prepare("imagenet2012", tmp_path / "tfds", splits)
-    r = apply_overrides(get_config("imagenet", "smoke"), [
-        "data_source=tfds", f"data_dir={tmp_path / 'tfds'}", "model=resnet18", "num_classes=1000",
-        "image_size=32", "eval_resize=36", "batch_size=4", "eval_batch_size=4", "epochs=1",
-        "train_subset=0", "eval_subset=0", "num_workers=2"])
+    r = apply_overrides(
+        get_config("imagenet", "smoke"),
+        [
+            "data_source=tfds",
+            f"data_dir={tmp_path / 'tfds'}",
+            "model=resnet18",
+            "num_classes=1000",
+            "image_size=32",
+            "eval_resize=36",
+            "batch_size=4",
+            "eval_batch_size=4",
+            "epochs=1",
+            "train_subset=0",
+            "eval_subset=0",
+            "num_workers=2",
+        ],
+    )
     out = train_and_evaluate(r, tmp_path / "run", devices=ONE)
     assert out["test_count"] == 6 and out["global_step"] == 12 // 4
     assert np.isfinite(out["train_loss"])

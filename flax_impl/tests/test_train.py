@@ -14,12 +14,24 @@ from flax_impl.train import FlaxBackend, NonFiniteLoss, Preempted, train_and_eva
 from testkit import samples
 from core.recipe import apply_overrides
 
-QUICK = ["batch_size=16", "eval_batch_size=16", "epochs=2", "train_subset=0", "eval_subset=0",
-         "log_every_steps=2", "num_workers=2"]
+QUICK = [
+    "batch_size=16",
+    "eval_batch_size=16",
+    "epochs=2",
+    "train_subset=0",
+    "eval_subset=0",
+    "log_every_steps=2",
+    "num_workers=2",
+]
 ONE = jax.devices()[:1]
 # Cutout, MixUp or CutMix (one per batch) and label smoothing: every draw from the data plan
-REGULARISED = ["cutout_holes=1", "cutout_length=8", "mixup_alpha=0.4", "cutmix_alpha=1.0",
-               "label_smoothing=0.1"]
+REGULARISED = [
+    "cutout_holes=1",
+    "cutout_length=8",
+    "mixup_alpha=0.4",
+    "cutmix_alpha=1.0",
+    "label_smoothing=0.1",
+]
 
 
 def recipe_for(name, data_dir, *overrides):
@@ -32,10 +44,10 @@ def _setup(fashion_dir, devices, dtype=jnp.float32):
     batches = data.build_train(r, 16)
     model = resnet20(num_classes=10, dtype=dtype, param_dtype=dtype)
     tx, _, _ = optim.for_recipe(r, batches.steps, 1, dtype=dtype)
-    fns = steps.Steps(model, tx, {"pad": 4, "mean": r.mean, "std": r.std},
-                      steps.make_mesh(devices), dtype=dtype)
-    state = fns.replicate(steps.create_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1),
-                                             dtype))
+    fns = steps.Steps(
+        model, tx, {"pad": 4, "mean": r.mean, "std": r.std}, steps.make_mesh(devices), dtype=dtype
+    )
+    state = fns.replicate(steps.create_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1), dtype))
     return r, batches, fns, state
 
 
@@ -68,9 +80,11 @@ def test_run_records_and_resumes_exactly(fashion_dir, tmp_path, extra):
     b = [json.loads(x) for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     drop = ("epoch_time", "train_images_per_s")
     assert [{k: v for k, v in m.items() if k not in drop} for m in a] == [
-        {k: v for k, v in m.items() if k not in drop} for m in b]
+        {k: v for k, v in m.items() if k not in drop} for m in b
+    ]
     assert samples.tensorboard_scalars(tmp_path / "stopped") == samples.tensorboard_scalars(
-        tmp_path / "straight")  # each step once, with the uninterrupted run's values
+        tmp_path / "straight"
+    )  # each step once, with the uninterrupted run's values
     kept = sorted(int(p.name) for p in (tmp_path / "stopped" / "checkpoints" / "last").iterdir())
     assert kept == [8, 12]  # the latest two
     assert [p.name for p in (tmp_path / "stopped" / "checkpoints" / "best").iterdir()]
@@ -78,17 +92,27 @@ def test_run_records_and_resumes_exactly(fashion_dir, tmp_path, extra):
 
 def records(workdir):
     drop = ("epoch_time", "train_images_per_s")
-    return [{k: v for k, v in json.loads(x).items() if k not in drop}
-            for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(x).items() if k not in drop}
+        for x in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_decoding_threads_neither_change_nor_break_a_resumed_run(imagefolder_dir, tmp_path):
     """Each image's RandomResizedCrop draws come from the data plan, not from the thread that
     decodes it: 2 threads stopped mid-epoch (global step 3) and resumed end bit-identical to an
     uninterrupted run with 2 threads and to one with 1."""
-    r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
-                   "image_size=32", "eval_resize=36", "batch_size=4", "eval_batch_size=4",
-                   *REGULARISED)
+    r = recipe_for(
+        "imagenet",
+        imagefolder_dir,
+        "model=resnet18",
+        "num_classes=3",
+        "image_size=32",
+        "eval_resize=36",
+        "batch_size=4",
+        "eval_batch_size=4",
+        *REGULARISED,
+    )
     two, one = r.replace(num_workers=2), r.replace(num_workers=1)
     train_and_evaluate(two, tmp_path / "straight", devices=ONE)
     with pytest.raises(Preempted):
@@ -102,16 +126,25 @@ def test_decoding_threads_neither_change_nor_break_a_resumed_run(imagefolder_dir
 
 
 def test_imagenet_folder_path(imagefolder_dir, tmp_path):
-    r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
-                   "image_size=32", "eval_resize=36", "epochs=1", "batch_size=4",
-                   "eval_batch_size=4")
+    r = recipe_for(
+        "imagenet",
+        imagefolder_dir,
+        "model=resnet18",
+        "num_classes=3",
+        "image_size=32",
+        "eval_resize=36",
+        "epochs=1",
+        "batch_size=4",
+        "eval_batch_size=4",
+    )
     out = train_and_evaluate(r, tmp_path / "inet", devices=ONE)
     assert out["test_count"] == 9 and out["global_step"] == 18 // 4
 
 
 def test_cifar_path(cifar_dir, tmp_path):
-    out = train_and_evaluate(recipe_for("cifar10", cifar_dir, "epochs=1"), tmp_path / "c10",
-                             devices=ONE)
+    out = train_and_evaluate(
+        recipe_for("cifar10", cifar_dir, "epochs=1"), tmp_path / "c10", devices=ONE
+    )
     assert out["test_count"] == 30 and out["global_step"] == 5
 
 
@@ -131,9 +164,11 @@ def test_bf16_compute(fashion_dir, tmp_path):
     backend.fetch([backend.train_step(next(iter(backend.batches(0, 0))))])
     leaves = jax.tree_util.tree_leaves(backend.state.params)
     assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.float32)}
-    logits = backend.model.apply({"params": backend.state.params,
-                                  "batch_stats": backend.state.batch_stats},
-                                 jnp.zeros((2, 28, 28, 1)), train=False)
+    logits = backend.model.apply(
+        {"params": backend.state.params, "batch_stats": backend.state.batch_stats},
+        jnp.zeros((2, 28, 28, 1)),
+        train=False,
+    )
     assert logits.dtype == jnp.bfloat16
 
 
@@ -145,10 +180,19 @@ def test_a_batch_larger_than_the_data_is_the_data(fashion_dir, imagefolder_dir, 
     if kind == "memory":
         r = recipe_for("fashion_mnist", fashion_dir)
     else:
-        r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
-                       "image_size=32", "eval_resize=36", "drop_last=false")
-    train, evals = data.build_train(r, 100_000, pad_multiple=8), data.build_eval(r, 100_000,
-                                                                                pad_multiple=8)
+        r = recipe_for(
+            "imagenet",
+            imagefolder_dir,
+            "model=resnet18",
+            "num_classes=3",
+            "image_size=32",
+            "eval_resize=36",
+            "drop_last=false",
+        )
+    train, evals = (
+        data.build_train(r, 100_000, pad_multiple=8),
+        data.build_eval(r, 100_000, pad_multiple=8),
+    )
     n, m = train.num_examples, evals.num_examples
     first = next(iter(train.epoch(0)))
     rows = -(-n // 8) * 8

@@ -28,8 +28,9 @@ def test_crop_flip_equals_torchvision_pil(size, channels, pad):
         torch.manual_seed(1000 + i)  # replay: RandomCrop pads, draws (i, j); the flip draws next
         top, left, _, _ = T.RandomCrop.get_params(TF.pad(pil, pad), (size, size))
         ys.append(top), xs.append(left), flips.append(bool(torch.rand(1) < 0.5))
-    got = augment.crop_flip(torch.from_numpy(images), pad, torch.tensor(ys), torch.tensor(xs),
-                            torch.tensor(flips))
+    got = augment.crop_flip(
+        torch.from_numpy(images), pad, torch.tensor(ys), torch.tensor(xs), torch.tensor(flips)
+    )
     assert any(flips) and not all(flips) and len(set(ys)) > 1  # the test covers both branches
     assert torch.equal(got, torch.from_numpy(np.stack(want)))
 
@@ -37,8 +38,9 @@ def test_crop_flip_equals_torchvision_pil(size, channels, pad):
 def test_crop_flip_with_sampled_params_stays_in_range():
     images = torch.from_numpy(samples.patterned_images(64, 32, 3, 10)[0])
     p = sampling.augment_params(0, 0, 0, 64, 4, True, (0, 0, 0))
-    out = augment.crop_flip(images, 4, torch.from_numpy(p.crop_y), torch.from_numpy(p.crop_x),
-                            torch.from_numpy(p.flip))
+    out = augment.crop_flip(
+        images, 4, torch.from_numpy(p.crop_y), torch.from_numpy(p.crop_x), torch.from_numpy(p.flip)
+    )
     assert out.shape == images.shape and out.dtype == torch.uint8
     centre = (p.crop_y == 4) & (p.crop_x == 4) & ~p.flip
     assert centre.any() and torch.equal(out[centre], images[centre])
@@ -53,8 +55,9 @@ def test_color_jitter_equals_torchvision_tensor_ops(channels):
     images = torch.from_numpy(samples.patterned_images(16, 32, channels, 10, seed=2)[0])
     x = images.permute(0, 3, 1, 2).float() / 255
     p = sampling.augment_params(3, 0, 0, 16, 0, False, (0.4, 0.4, 0.4))
-    got = augment.color_jitter(x.clone(), torch.from_numpy(p.jitter),
-                               torch.from_numpy(p.jitter_order))
+    got = augment.color_jitter(
+        x.clone(), torch.from_numpy(p.jitter), torch.from_numpy(p.jitter_order)
+    )
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
     for i in range(16):
         ref = x[i]
@@ -68,8 +71,9 @@ def test_normalize_matches_to_tensor_normalize():
     img = samples.patterned_images(4, 32, 3, 10)[0]
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     ref = torch.stack([TF.normalize(TF.to_tensor(Image.fromarray(a)), mean, std) for a in img])
-    got = augment.to_float_normalized(torch.from_numpy(img), torch.tensor(mean), torch.tensor(std),
-                                      channels_last=True)
+    got = augment.to_float_normalized(
+        torch.from_numpy(img), torch.tensor(mean), torch.tensor(std), channels_last=True
+    )
     assert got.is_contiguous(memory_format=torch.channels_last)
     # x/255 then (x-m)/s in float32 both ways: rounding of the two divisions, a few ulp of ~2
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)

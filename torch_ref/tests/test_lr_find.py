@@ -30,28 +30,41 @@ def reference(recipe, t: lr_find.RangeTest, tmp_path):
         xs.append(x)
         ys.append(targets.y)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=len(ys[0]))
-    finder = torch_lr_finder.LRFinder(b.model, optim.make_optimizer(b.model, recipe, 1),
-                                      torch.nn.CrossEntropyLoss(), device="cpu")
+        torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=len(ys[0])
+    )
+    finder = torch_lr_finder.LRFinder(
+        b.model, optim.make_optimizer(b.model, recipe, 1), torch.nn.CrossEntropyLoss(), device="cpu"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its scheduler calls get_lr(), which torch warns about
-        finder.range_test(loader, start_lr=t.start_lr, end_lr=t.end_lr, num_iter=t.num_iter,
-                          step_mode=t.step_mode, smooth_f=t.smooth_f, diverge_th=t.diverge_th)
+        finder.range_test(
+            loader,
+            start_lr=t.start_lr,
+            end_lr=t.end_lr,
+            num_iter=t.num_iter,
+            step_mode=t.step_mode,
+            smooth_f=t.smooth_f,
+            diverge_th=t.diverge_th,
+        )
     import matplotlib
     from matplotlib.figure import Figure
 
     matplotlib.use("Agg")
-    _, suggested = finder.plot(skip_start=t.skip_start, skip_end=t.skip_end, suggest_lr=True,
-                               ax=Figure().add_subplot())
+    _, suggested = finder.plot(
+        skip_start=t.skip_start, skip_end=t.skip_end, suggest_lr=True, ax=Figure().add_subplot()
+    )
     return finder.history["lr"], finder.history["loss"], suggested
 
 
-@pytest.mark.parametrize("t", [
-    # the whole range, exponential (the seed's call, shortened)
-    lr_find.RangeTest(1e-4, 10.0, STEPS, "exp", 0.05, 5.0, 2, 2),
-    # linear steps, stronger smoothing, and a threshold that stops the test early
-    lr_find.RangeTest(1e-3, 2.0, STEPS, "linear", 0.3, 1.5, 1, 1),
-])
+@pytest.mark.parametrize(
+    "t",
+    [
+        # the whole range, exponential (the seed's call, shortened)
+        lr_find.RangeTest(1e-4, 10.0, STEPS, "exp", 0.05, 5.0, 2, 2),
+        # linear steps, stronger smoothing, and a threshold that stops the test early
+        lr_find.RangeTest(1e-3, 2.0, STEPS, "linear", 0.3, 1.5, 1, 1),
+    ],
+)
 def test_curve_equals_torch_lr_finder(t, fashion_dir, tmp_path):
     recipe = recipe_for("fashion_mnist", fashion_dir)
     ours, _ = lr_find.run(torch_lr_find.factory(recipe, "cpu"), recipe, t)
@@ -67,8 +80,11 @@ def test_curve_equals_torch_lr_finder(t, fashion_dir, tmp_path):
 
 
 def digests(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_command_in_a_run_folder_touches_only_lr_find(fashion_dir, tmp_path, capsys):
@@ -76,16 +92,39 @@ def test_command_in_a_run_folder_touches_only_lr_find(fashion_dir, tmp_path, cap
     recipe = recipe_for("fashion_mnist", fashion_dir, "epochs=1")
     train_and_evaluate(recipe, run, "cpu")
     before = digests(run)
-    args = ["--recipe", "fashion_mnist", "--size", "smoke", "--workdir", str(run),
-            "--data-dir", str(fashion_dir), "--device", "cpu", "--num-iter", "8",
-            "--skip-start", "1", "--skip-end", "1", "batch_size=16", "eval_batch_size=16",
-            "epochs=1", "train_subset=0", "eval_subset=0", "log_every_steps=2", "num_workers=0",
-            "lr=0.5"]  # the run's rate does not matter to the test
+    args = [
+        "--recipe",
+        "fashion_mnist",
+        "--size",
+        "smoke",
+        "--workdir",
+        str(run),
+        "--data-dir",
+        str(fashion_dir),
+        "--device",
+        "cpu",
+        "--num-iter",
+        "8",
+        "--skip-start",
+        "1",
+        "--skip-end",
+        "1",
+        "batch_size=16",
+        "eval_batch_size=16",
+        "epochs=1",
+        "train_subset=0",
+        "eval_subset=0",
+        "log_every_steps=2",
+        "num_workers=0",
+        "lr=0.5",
+    ]  # the run's rate does not matter to the test
     assert torch_lr_find.main(args) == 0
     after = digests(run)
     assert {k: v for k, v in after.items() if not k.startswith("lr_find/")} == before
-    assert {k for k in after if k.startswith("lr_find/")} == {"lr_find/lr_find.json",
-                                                              "lr_find/lr_find.png"}
+    assert {k for k in after if k.startswith("lr_find/")} == {
+        "lr_find/lr_find.json",
+        "lr_find/lr_find.png",
+    }
     result = json.loads((run / "lr_find" / "lr_find.json").read_text())
     assert result["framework"] == "torch_ref" and result["steps_run"] == 8
     out = capsys.readouterr().out

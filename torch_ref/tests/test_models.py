@@ -25,8 +25,10 @@ def he_option_a_count(n: int, num_classes: int = 10, in_channels: int = 3) -> in
     return total + 64 * num_classes + num_classes
 
 
-@pytest.mark.parametrize("depth, published", [(20, 269_722), (32, 464_154), (44, 658_586),
-                                              (56, 853_018), (110, 1_727_962)])
+@pytest.mark.parametrize(
+    "depth, published",
+    [(20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018), (110, 1_727_962)],
+)
 def test_cifar_counts(depth, published):
     """Option A has no shortcut parameters; projection adds a 1x1 conv + BN at the two stage changes
     (16*32 + 2*32 + 32*64 + 2*64 = 2,752). Published counts: He et al. Table 6 (0.27M ... 1.7M),

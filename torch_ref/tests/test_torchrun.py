@@ -15,8 +15,16 @@ from core.preemption import EXIT_PEER_LOST
 
 # 200 images in global batches of 16: 13 steps an epoch, so that the processes' agreement on
 # stopping (every 10 steps) falls inside an epoch
-OVERRIDES = ["batch_size=8", "epochs=2", "train_subset=0", "eval_subset=0", "eval_batch_size=16",
-             "num_workers=0", "log_every_steps=1", "checkpoint_every_steps=5"]
+OVERRIDES = [
+    "batch_size=8",
+    "epochs=2",
+    "train_subset=0",
+    "eval_subset=0",
+    "eval_batch_size=16",
+    "num_workers=0",
+    "log_every_steps=1",
+    "checkpoint_every_steps=5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +42,36 @@ def setup(tmp_path_factory):
 
 
 def launch(workdir, data, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "torch_ref.train", "--recipe", "fashion_mnist", "--size", "smoke", "--data-dir",
-           str(data), "--workdir", str(workdir), "--device", "cpu", *OVERRIDES]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "torch_ref.train",
+        "--recipe",
+        "fashion_mnist",
+        "--size",
+        "smoke",
+        "--data-dir",
+        str(data),
+        "--workdir",
+        str(workdir),
+        "--device",
+        "cpu",
+        *OVERRIDES,
+    ]
     environ = {**chaos._env(), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(cmd, env=environ, cwd=chaos.REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        env=environ,
+        cwd=chaos.REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 epochs = chaos.epoch_records
@@ -64,15 +96,19 @@ def wait_for(flag, proc):
 
 def ours(err):
     """The lines our trainer printed (torchrun adds its own report of failed children)."""
-    return [x for x in err.splitlines() if x.startswith("python -m torch_ref.train")
-            or x.startswith("stopped ")]
+    return [
+        x
+        for x in err.splitlines()
+        if x.startswith("python -m torch_ref.train") or x.startswith("stopped ")
+    ]
 
 
 def test_a_job_stopped_mid_epoch_resumes_with_the_same_epoch_metrics(setup, tmp_path):
     data, want = setup
     flag = tmp_path / "paused"
-    proc = launch(tmp_path / "run", data, {"TRAINER_PAUSE_AT": "step:3@0",
-                                           "TRAINER_PAUSE_FILE": str(flag)})
+    proc = launch(
+        tmp_path / "run", data, {"TRAINER_PAUSE_AT": "step:3@0", "TRAINER_PAUSE_FILE": str(flag)}
+    )
     wait_for(flag, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # torchrun and both processes, as a scheduler does
     out, err = proc.communicate(timeout=300)
@@ -84,8 +120,9 @@ def test_a_job_stopped_mid_epoch_resumes_with_the_same_epoch_metrics(setup, tmp_
 def test_a_dead_peer_ends_the_other_at_once_and_the_rerun_resumes(setup, tmp_path):
     data, want = setup
     flag = tmp_path / "paused"
-    proc = launch(tmp_path / "run", data, {"TRAINER_PAUSE_AT": "step:7@1",
-                                           "TRAINER_PAUSE_FILE": str(flag)})
+    proc = launch(
+        tmp_path / "run", data, {"TRAINER_PAUSE_AT": "step:7@1", "TRAINER_PAUSE_FILE": str(flag)}
+    )
     wait_for(flag, proc)
     os.kill(int(flag.read_text()), signal.SIGKILL)  # rank 1, inside its 7th step
     killed = time.monotonic()

@@ -12,11 +12,23 @@ from core.recipe import apply_overrides
 from torch_ref import checkpoints
 from torch_ref.train import Preempted, train_and_evaluate
 
-QUICK = ["batch_size=16", "eval_batch_size=16", "epochs=2", "train_subset=0", "eval_subset=0",
-         "log_every_steps=2", "num_workers=0"]
+QUICK = [
+    "batch_size=16",
+    "eval_batch_size=16",
+    "epochs=2",
+    "train_subset=0",
+    "eval_subset=0",
+    "log_every_steps=2",
+    "num_workers=0",
+]
 # Cutout, MixUp or CutMix (one per batch) and label smoothing: every draw from the data plan
-REGULARISED = ["cutout_holes=1", "cutout_length=8", "mixup_alpha=0.4", "cutmix_alpha=1.0",
-               "label_smoothing=0.1"]
+REGULARISED = [
+    "cutout_holes=1",
+    "cutout_length=8",
+    "mixup_alpha=0.4",
+    "cutmix_alpha=1.0",
+    "label_smoothing=0.1",
+]
 
 
 def recipe_for(name, data_dir, *overrides):
@@ -34,8 +46,11 @@ def assert_same_state(a, b):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert a["scheduler"] == b["scheduler"]
-    assert (a["epoch"], a["global_step"], a["best_acc"]) == (b["epoch"], b["global_step"],
-                                                              b["best_acc"])
+    assert (a["epoch"], a["global_step"], a["best_acc"]) == (
+        b["epoch"],
+        b["global_step"],
+        b["best_acc"],
+    )
 
 
 def test_fashion_mnist_runs_and_records(fashion_dir, tmp_path):
@@ -49,23 +64,30 @@ def test_fashion_mnist_runs_and_records(fashion_dir, tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["framework"] == "torch_ref" and config["recipe"]["epochs"] == 2
     assert (tmp_path / "run" / "environment.json").exists()
-    assert {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()} == {"last.pt", "previous.pt", "best.pt"}
+    assert {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()} == {
+        "last.pt",
+        "previous.pt",
+        "best.pt",
+    }
 
 
 def records(workdir):
     """Every line of a run's record without its wall-clock fields."""
-    return [{k: v for k, v in json.loads(x).items() if k not in ("epoch_time",
-                                                                  "train_images_per_s")}
-            for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(x).items() if k not in ("epoch_time", "train_images_per_s")}
+        for x in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.mark.parametrize("stop_after", [5, 6])  # mid-epoch, and exactly at the epoch boundary
-@pytest.mark.parametrize("pipeline, extra", [("fast", []), ("dataloader", []),
-                                             ("fast", REGULARISED)])
+@pytest.mark.parametrize(
+    "pipeline, extra", [("fast", []), ("dataloader", []), ("fast", REGULARISED)]
+)
 def test_resume_is_exact(fashion_dir, tmp_path, stop_after, pipeline, extra):
     """A run stopped after step k and resumed ends bit-identical to an uninterrupted run."""
-    r = recipe_for("fashion_mnist", fashion_dir, f"pipeline={pipeline}", "checkpoint_every_steps=4",
-                   *extra)
+    r = recipe_for(
+        "fashion_mnist", fashion_dir, f"pipeline={pipeline}", "checkpoint_every_steps=4", *extra
+    )
     train_and_evaluate(r, tmp_path / "straight")
     with pytest.raises(Preempted):
         train_and_evaluate(r, tmp_path / "stopped", stop_after_step=stop_after)
@@ -74,23 +96,38 @@ def test_resume_is_exact(fashion_dir, tmp_path, stop_after, pipeline, extra):
     assert_same_state(load_last(tmp_path / "straight"), load_last(tmp_path / "stopped"))
     assert records(tmp_path / "straight") == records(tmp_path / "stopped")  # one run's record
     assert samples.tensorboard_scalars(tmp_path / "stopped") == samples.tensorboard_scalars(
-        tmp_path / "straight")  # each step once, with the uninterrupted run's values
+        tmp_path / "straight"
+    )  # each step once, with the uninterrupted run's values
 
 
 @pytest.mark.parametrize("case", ["imagenet", "dataloader"])
-def test_worker_processes_neither_change_nor_break_a_resumed_run(case, fashion_dir,
-                                                                 imagefolder_dir, tmp_path):
+def test_worker_processes_neither_change_nor_break_a_resumed_run(
+    case, fashion_dir, imagefolder_dir, tmp_path
+):
     """DataLoader workers apply the data plan's draws (crop boxes, flips, jitter; Cutout and
     the mixes on the batch), so a run
     with 2 worker processes, stopped mid-epoch (global step 3) and resumed, ends bit-identical
     to one uninterrupted run with 2 workers and to one with none in the main process."""
     if case == "imagenet":  # resnet18 at 32 pixels stands in for resnet50 at 224
-        r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
-                       "image_size=32", "eval_resize=36", "batch_size=4",
-                       "color_jitter=0.4,0.4,0.4", *REGULARISED)
+        r = recipe_for(
+            "imagenet",
+            imagefolder_dir,
+            "model=resnet18",
+            "num_classes=3",
+            "image_size=32",
+            "eval_resize=36",
+            "batch_size=4",
+            "color_jitter=0.4,0.4,0.4",
+            *REGULARISED,
+        )
     else:
-        r = recipe_for("fashion_mnist", fashion_dir, "pipeline=dataloader",
-                       "color_jitter=0.4,0.4,0", *REGULARISED)
+        r = recipe_for(
+            "fashion_mnist",
+            fashion_dir,
+            "pipeline=dataloader",
+            "color_jitter=0.4,0.4,0",
+            *REGULARISED,
+        )
     two, none = r.replace(num_workers=2), r.replace(num_workers=0)
     train_and_evaluate(two, tmp_path / "straight")
     with pytest.raises(Preempted):
@@ -118,8 +155,16 @@ def test_cifar10_and_cifar100_paths(cifar_dir, tmp_path):
 
 def test_imagenet_folder_path(imagefolder_dir, tmp_path):
     # resnet18 at 32 pixels stands in for resnet50 at 224: the same loader, transforms and loop
-    r = recipe_for("imagenet", imagefolder_dir, "model=resnet18", "num_classes=3",
-                   "image_size=32", "eval_resize=36", "epochs=1", "batch_size=4")
+    r = recipe_for(
+        "imagenet",
+        imagefolder_dir,
+        "model=resnet18",
+        "num_classes=3",
+        "image_size=32",
+        "eval_resize=36",
+        "epochs=1",
+        "batch_size=4",
+    )
     out = train_and_evaluate(r, tmp_path / "inet")
     assert out["test_count"] == 9 and out["global_step"] == 18 // 4  # drop_last=True
 

@@ -34,10 +34,29 @@ def fresh_stop_state():
 
 def argv(root, workdir, *extra):
     # resnet18 at 32 pixels stands in for resnet50 at 224: the same loader and loop
-    return ["--recipe", "imagenet", "--size", "smoke", "--data-dir", str(root), "--workdir",
-            str(workdir), "--device", "cpu", "model=resnet18", "num_classes=3", "image_size=32",
-            "eval_resize=36", "batch_size=4", "eval_batch_size=4", "epochs=1", "train_subset=0",
-            "eval_subset=0", "num_workers=2", *extra]
+    return [
+        "--recipe",
+        "imagenet",
+        "--size",
+        "smoke",
+        "--data-dir",
+        str(root),
+        "--workdir",
+        str(workdir),
+        "--device",
+        "cpu",
+        "model=resnet18",
+        "num_classes=3",
+        "image_size=32",
+        "eval_resize=36",
+        "batch_size=4",
+        "eval_batch_size=4",
+        "epochs=1",
+        "train_subset=0",
+        "eval_subset=0",
+        "num_workers=2",
+        *extra,
+    ]
 
 
 def plant(monkeypatch, fault):
@@ -45,8 +64,12 @@ def plant(monkeypatch, fault):
     real = data.FolderImages.__getitem__
 
     def getitem(self, item):
-        if (torch.utils.data.get_worker_info() is not None and isinstance(item, data.Item)
-                and item.step == FAULT_STEP and item.position == 0):
+        if (
+            torch.utils.data.get_worker_info() is not None
+            and isinstance(item, data.Item)
+            and item.step == FAULT_STEP
+            and item.position == 0
+        ):
             fault(item)
         return real(self, item)
 
@@ -64,8 +87,9 @@ def saved_step(workdir) -> int:
     return checkpoints.load(workdir / "checkpoints" / checkpoints.LAST)["global_step"]
 
 
-def test_a_worker_that_raises_ends_the_run_with_one_line(imagefolder_dir, tmp_path, capsys,
-                                                         monkeypatch):
+def test_a_worker_that_raises_ends_the_run_with_one_line(
+    imagefolder_dir, tmp_path, capsys, monkeypatch
+):
     def fault(_):
         raise ValueError("planted fault")
 
@@ -117,8 +141,9 @@ def stall_then(monkeypatch, tmp_path, act):
     return helper, pid_file
 
 
-def test_a_killed_worker_ends_the_run_and_the_rerun_loses_nothing(imagefolder_dir, tmp_path,
-                                                                  capsys, monkeypatch):
+def test_a_killed_worker_ends_the_run_and_the_rerun_loses_nothing(
+    imagefolder_dir, tmp_path, capsys, monkeypatch
+):
     """The waited-for worker SIGKILLed from outside, as the out-of-memory killer does. torch
     finds the dead worker while it waits (it checks every 5 s), between two steps; the rerun
     ends with the weights of an uninterrupted run, bit for bit."""
@@ -140,8 +165,9 @@ def test_a_killed_worker_ends_the_run_and_the_rerun_loses_nothing(imagefolder_di
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_while_waiting_on_a_stalled_worker_ends_at_once(sig, imagefolder_dir, tmp_path,
-                                                                capsys, monkeypatch):
+def test_a_stop_while_waiting_on_a_stalled_worker_ends_at_once(
+    sig, imagefolder_dir, tmp_path, capsys, monkeypatch
+):
     """The signal arrives while the trainer waits on the stalled worker: it stops there, with a
     checkpoint of the last completed step, and the stalled worker is ended with it."""
     helper, pid_file = stall_then(monkeypatch, tmp_path, lambda _: os.kill(os.getpid(), sig))
@@ -185,14 +211,17 @@ def test_workers_never_hold_the_exit(tmp_path):
     """Workers ignore SIGTERM (the trainer handles the job's signals), and multiprocessing
     ends daemon processes at exit with Popen.terminate and then waits for them: a process that
     left persistent workers behind hung there for ever. Ours are ended with SIGKILL."""
-    script = ("import torch\n"
-              "from core import preemption\n"
-              "from torch_ref import data\n"
-              "loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2,\n"
-              "    persistent_workers=True, worker_init_fn=preemption.quiet_worker,\n"
-              "    multiprocessing_context=data.worker_context())\n"
-              "it = iter(loader); next(it)\n"
-              "raise SystemExit(3)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    script = (
+        "import torch\n"
+        "from core import preemption\n"
+        "from torch_ref import data\n"
+        "loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2,\n"
+        "    persistent_workers=True, worker_init_fn=preemption.quiet_worker,\n"
+        "    multiprocessing_context=data.worker_context())\n"
+        "it = iter(loader); next(it)\n"
+        "raise SystemExit(3)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 3, proc.stderr
