@@ -65,9 +65,7 @@ def test_every_models_parameters_have_the_same_shapes(case):
 
     from flax_impl import convert
 
-    torch_shapes = {
-        k: tuple(v.shape) for k, v in checks.torch_model(case).state_dict().items()
-    }
+    torch_shapes = {k: tuple(v.shape) for k, v in checks.torch_model(case).state_dict().items()}
     x = jnp.zeros((1, case.size, case.size, 3), jnp.float32)
     model = checks.flax_model(case, jnp.float32)
     flax_vars = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
