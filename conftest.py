@@ -14,7 +14,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 
 # flax_impl's XLA:CPU fusion option joins XLA_FLAGS now, before any test can start JAX's backends,
 # so that the whole suite runs as users run (flax_impl/cpu_setup.py; importing it loads no JAX)
-import flax_impl  # noqa: E402,F401
+from flax_impl import cpu_setup  # noqa: E402
+
+cpu_setup.configure()
 
 import pytest  # noqa: E402  (after the XLA_FLAGS set-up, on purpose)
 

@@ -118,7 +118,7 @@ def model_time(backend, iters: int, repeats: int = 3, warmup: int = 3) -> list[f
     batch = next(iter(backend.batches(0, 0)))
     handles = [backend.train_step(batch) for _ in range(warmup)]
     rows = backend.fetch(handles)  # waits for the warm-up
-    per_batch = float(rows[0, 2]) * (backend.num_processes if backend.per_process_metrics else 1)
+    per_batch = float(rows.count[0]) * (backend.num_processes if backend.per_process_metrics else 1)
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -226,4 +226,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from flax_impl import cpu_setup
+
+    cpu_setup.configure()  # as flax_impl's trainer runs (JAX is imported by main, lazily)
     sys.exit(main())

@@ -27,12 +27,13 @@ class with `log_step(metrics)` and `log_epoch(metrics)` (and optionally `close()
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -64,6 +65,37 @@ class WrongRun(UserError):
 class _EvalStopped(Exception):
     """A stop request arrived during evaluation (one process): the epoch is evaluated again on
     resume, from a checkpoint taken after its last training step."""
+
+
+class StepMetrics(NamedTuple):
+    """What `Backend.fetch` returns for n steps: one float64 array of length n per field."""
+
+    loss: np.ndarray  # each step's mean training loss over its real (unpadded) images
+    correct: np.ndarray  # images each step got right
+    count: np.ndarray  # images each step trained on
+    finite: np.ndarray  # 1.0 where the loss was finite, 0.0 where not (a skipped fp16 step)
+
+    @classmethod
+    def of(cls, loss, correct, count, finite) -> "StepMetrics":
+        return cls(*(np.asarray(a, np.float64).reshape(-1) for a in (loss, correct, count, finite)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """What a stack's command line hands `main`: its name, its recipes and two entry points,
+    plus optional hooks. `train(recipe, workdir, device)`, `evaluate(recipe, workdir,
+    checkpoint, device)`; `flags(parser)` adds flags, `setup(args)` runs right after parsing
+    (flax_impl: join the other processes), `peer_lost(err)` is the line that says another
+    process of the run died (None when `err` is not that)."""
+
+    prog: str  # "python -m torch_ref.train"
+    framework: str  # "torch_ref" | "flax_impl"
+    recipes: cli.RecipeBook
+    train: Callable[[Recipe, str, str], Any]
+    evaluate: Callable[[Recipe, str, str | None, str], Any]
+    flags: Callable[[Any], None] | None = None
+    setup: Callable[[Any], None] | None = None
+    peer_lost: Callable[[BaseException], str | None] | None = None
 
 
 class Backend(Protocol):
@@ -99,9 +131,8 @@ class Backend(Protocol):
     def train_step(self, batch) -> Any:
         """One optimizer step; returns a handle to its metrics without waiting for the device."""
 
-    def fetch(self, handles: list) -> np.ndarray:
-        """(len(handles), 4) float64: loss (mean over the step's real examples), correct,
-        count, finite (1/0), for each step; one device sync for all of them."""
+    def fetch(self, handles: list) -> StepMetrics:
+        """The metrics of the steps behind `handles`, one device sync for all of them."""
 
     def all_sum(self, values: np.ndarray) -> np.ndarray:
         """Element-wise sum over processes (every process calls it); a stack whose step metrics
@@ -394,10 +425,7 @@ class Run:
         # sums over all processes: one process carries them on, so that all_sum counts them once
         keep = self.backend.is_main or not self.backend.per_process_metrics
         self.epoch_sums = sums if keep else np.zeros(3)
-        window = np.asarray(meta["window"], np.float64)
-        if len(window) == 2:  # a checkpoint from before the window counted correct answers
-            window = np.array([window[0], np.nan, window[1]])
-        self.window = window
+        self.window = np.asarray(meta["window"], np.float64)
         self.resumed_from = where
         if self.backend.is_main:
             console.say(
@@ -475,9 +503,9 @@ class Run:
         non-finite step that fp16 loss scaling skipped is left out of the averages."""
         if not pending:
             return 0.0
-        rows = self.backend.fetch(pending)
+        m = self.backend.fetch(pending)
         first = self.global_step - len(pending)
-        for k, (loss, correct, count, finite) in enumerate(rows):
+        for k, (loss, correct, count, finite) in enumerate(zip(*m)):
             if not finite:
                 self.nonfinite_streak += 1
                 if self.nonfinite_streak > self.backend.nonfinite_steps_allowed:
@@ -492,7 +520,7 @@ class Run:
             self.epoch_sums += (loss * count, correct, count)
             self.window += (loss * count, correct, count)
         pending.clear()
-        return float(rows[:, 2].sum())
+        return float(m.count.sum())
 
     def _log_window(self, bar) -> None:
         wl, wc, wn = self.window
@@ -536,7 +564,7 @@ class Run:
                 pending.append(b.train_step(batch))
                 preemption.pause("step")
                 if self.global_step == 0 and b.is_main:
-                    first = b.fetch(pending[-1:])[0, 0]
+                    first = b.fetch(pending[-1:]).loss[0]
                     console.say(console.first_batch_line(first, r.num_classes))
                 self.global_step += 1
                 self.step_in_epoch += 1
@@ -740,43 +768,33 @@ def evaluate_checkpoint(
         backend.close()
 
 
-def main(
-    argv: list[str] | None,
-    prog: str,
-    framework: str,
-    recipes: cli.RecipeBook,
-    train: Callable[[Recipe, str, str], Any],
-    evaluate: Callable[[Recipe, str, str | None, str], Any],
-    flags=None,
-    setup=None,
-    peer_lost: Callable[[BaseException], str | None] | None = None,
-) -> int:
-    """The command line of both stacks: parse, then train(recipe, workdir, device) or
-    evaluate(recipe, workdir, checkpoint, device); user mistakes are one line and exit 2.
+def main(argv: list[str] | None, stack: Stack) -> int:
+    """The command line of both stacks: parse, then stack.train(recipe, workdir, device) or
+    stack.evaluate(recipe, workdir, checkpoint, device); user mistakes are one line and exit 2.
 
     SIGTERM/SIGINT are handled from the start: a stop request during start-up ends the command
     before it trains (exit 75); a second SIGINT quits at once (exit 130), one line either way.
-    A stack may add `flags(parser)`, a `setup(args)` run right after parsing (flax_impl: join
-    the other processes) and `peer_lost(err)`: the line that says another process of the run
-    died, upon which this one exits at once with EXIT_PEER_LOST."""
+    When `stack.peer_lost(err)` says another process of the run died, this one exits at once
+    with EXIT_PEER_LOST."""
+    prog, peer_lost = stack.prog, stack.peer_lost
 
     def main_rank() -> bool:  # torchrun (and flax_impl's processes): one line, not one each
         return os.environ.get("RANK", "0") == "0"
 
     with StopOnSignal():
         try:
-            args, recipe = cli.parse(argv, prog, framework, recipes, flags)
-            if setup is not None and recipe is not None:
-                setup(args)
+            args, recipe = cli.parse(argv, prog, stack.framework, stack.recipes, stack.flags)
+            if stack.setup is not None and recipe is not None:
+                stack.setup(args)
                 preemption.install_early()  # setup may have put its own handlers in (JAX's)
             preemption.pause("start")
             if recipe is None:
                 cli.print_keys()
                 return 0
             if args.eval_only:
-                evaluate(recipe, args.workdir, args.checkpoint, args.device)
+                stack.evaluate(recipe, args.workdir, args.checkpoint, args.device)
             else:
-                train(recipe, args.workdir, args.device)
+                stack.train(recipe, args.workdir, args.device)
             return 0
         except UserError as err:
             return report(err, prog)

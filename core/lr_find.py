@@ -240,7 +240,8 @@ def _run(b, recipe: Recipe, t: RangeTest, lrs: np.ndarray) -> dict:
     bar = console.progress(t.num_iter, 0, "lr range test", b.is_main)
     t0 = time.perf_counter()
     for i, batch in enumerate(endless(b, t.num_iter)):
-        loss, _, count, _ = b.fetch([b.train_step(batch)])[0]
+        m = b.fetch([b.train_step(batch)])
+        loss, count = m.loss[0], m.count[0]
         if b.num_processes > 1 and b.per_process_metrics:  # the loss of the global batch
             total, n = b.all_sum(np.array([loss * count, count]))
             loss = total / n

@@ -117,7 +117,8 @@ __all__ = ["torch_to_flax", "flax_to_torch"]
 
 def read_orbax(step_dir) -> tuple[dict, dict]:
     """(meta, variables) of a flax_impl checkpoint step folder (RUN/checkpoints/best/1234):
-    the run driver's record and {"params", "batch_stats"} as NumPy, without a template."""
+    the run driver's record and {"params", "batch_stats"} as NumPy, without a template or
+    any device (the saved sharding is not needed)."""
     from pathlib import Path
 
     import jax
@@ -129,6 +130,7 @@ def read_orbax(step_dir) -> tuple[dict, dict]:
     manager = ocp.CheckpointManager(
         p.parent,
         item_names=("state", "meta"),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
     )
     try:
@@ -137,8 +139,13 @@ def read_orbax(step_dir) -> tuple[dict, dict]:
                 "meta"
             ]
         )
+        # as NumPy arrays, whatever devices the run was sharded over (a torch command, or
+        # flax_impl with another device count, reads a checkpoint of 2 host devices)
+        tree = manager.item_metadata(int(p.name))["state"].tree
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         state = manager.restore(
-            int(p.name), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            int(p.name),
+            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=as_numpy)),
         )["state"]
     except Exception as err:  # truncated files, foreign trees
         raise UserError(

@@ -13,8 +13,8 @@
    order. More devices than cores is much slower (4 devices on 2 cores: 2.4x slower), and more than
    two is unmeasured, so the default is ``min(cores, 2)``. Switch: ``FLAX_IMPL_CPU_DEVICES=N``.
 
-BENCHMARKS.md has the measurements. ``configure`` edits ``XLA_FLAGS`` (importing ``flax_impl`` calls
-it) and leaves a setting alone when
+BENCHMARKS.md has the measurements. ``configure`` edits ``XLA_FLAGS`` (every entry point of
+flax_impl calls it first; importing ``flax_impl`` does not) and leaves a setting alone when
 
 - its switch says so, or
 - ``XLA_FLAGS`` already names the flag (``--xla_backend_extra_options`` or

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # a stop request while the libraries load ends it with one line
     from core import preemption as _early
+    from flax_impl import cpu_setup as _cpu
 
     _early.install_early()
+    _cpu.configure()  # XLA:CPU's options, before anything below starts JAX
 
 import configs
 from flax_impl import checkpoints

@@ -7,6 +7,11 @@ torch and converted by `flax_impl.convert.torch_to_flax`. The model computes in 
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    from flax_impl import cpu_setup as _cpu
+
+    _cpu.configure()  # XLA:CPU's options, before anything below starts JAX
+
 import sys
 from pathlib import Path
 

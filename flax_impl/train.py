@@ -18,8 +18,10 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # a stop request while the libraries load is honoured, not a traceback
     from core import preemption as _early
+    from flax_impl import cpu_setup as _cpu
 
     _early.install_early()
+    _cpu.configure()  # XLA:CPU's options, before anything below starts JAX
 
 import hashlib
 import os
@@ -157,11 +159,9 @@ class FlaxBackend:
         self.state, metrics = self.steps.train_placed(self.state, batch, self.train_source)
         return metrics
 
-    def fetch(self, handles: list) -> np.ndarray:
-        return np.array(
-            [[m["loss"], m["correct"], m["count"], m["finite"]] for m in jax.device_get(handles)],
-            np.float64,
-        )
+    def fetch(self, handles: list) -> driver.StepMetrics:
+        got = jax.device_get(handles)
+        return driver.StepMetrics.of(*([m[k] for m in got] for k in driver.StepMetrics._fields))
 
     def all_sum(self, values: np.ndarray) -> np.ndarray:
         return np.asarray(values, np.float64)  # metrics are global already
@@ -271,21 +271,29 @@ def evaluate_checkpoint(
     return driver.evaluate_checkpoint(backend_factory(recipe, devices), recipe, workdir, path)
 
 
+def _train(recipe: Recipe, workdir: str, device: str) -> dict:
+    return train_and_evaluate(recipe, workdir, pick_devices(device))
+
+
+def _evaluate(recipe: Recipe, workdir: str, path: str | None, device: str) -> dict:
+    return evaluate_checkpoint(recipe, workdir, path, pick_devices(device))
+
+
+COMMAND = driver.Stack(
+    PROG,
+    STACK,
+    configs,
+    _train,
+    _evaluate,
+    flags=multihost.add_flags,
+    setup=multihost.initialize,
+    peer_lost=multihost.peer_lost,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     checkpoints.quiet_closed_loop_errors()
-    return driver.main(
-        argv,
-        PROG,
-        STACK,
-        configs,
-        lambda recipe, workdir, device: train_and_evaluate(recipe, workdir, pick_devices(device)),
-        lambda recipe, workdir, path, device: evaluate_checkpoint(
-            recipe, workdir, path, pick_devices(device)
-        ),
-        flags=multihost.add_flags,
-        setup=multihost.initialize,
-        peer_lost=multihost.peer_lost,
-    )
+    return driver.main(argv, COMMAND)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":
+    from flax_impl import cpu_setup as _cpu
+
+    _cpu.configure()  # as the test session and flax_impl's trainer run, before JAX starts
+
 import jax
 import numpy as np
 import torch

@@ -148,7 +148,7 @@ class TorchBackend:
             self.scheduler.step()
         return loss, correct, targets.numel()
 
-    def fetch(self, handles: list) -> np.ndarray:
+    def fetch(self, handles: list) -> driver.StepMetrics:
         values = (
             torch.stack(
                 [torch.stack((loss.double(), correct.double())) for loss, correct, _ in handles]
@@ -156,8 +156,8 @@ class TorchBackend:
             .cpu()
             .numpy()
         )
-        counts = np.array([n for _, _, n in handles], np.float64)
-        return np.column_stack([values, counts, np.isfinite(values[:, 0])])
+        counts = [n for _, _, n in handles]
+        return driver.StepMetrics.of(values[:, 0], values[:, 1], counts, np.isfinite(values[:, 0]))
 
     def all_sum(self, values: np.ndarray) -> np.ndarray:
         if not self.dist.enabled:
@@ -285,16 +285,13 @@ def evaluate_checkpoint(
     return driver.evaluate_checkpoint(backend_factory(recipe, device), recipe, workdir, path)
 
 
+COMMAND = driver.Stack(
+    PROG, STACK, configs, train_and_evaluate, evaluate_checkpoint, peer_lost=distributed.peer_lost
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return driver.main(
-        argv,
-        PROG,
-        STACK,
-        configs,
-        train_and_evaluate,
-        evaluate_checkpoint,
-        peer_lost=distributed.peer_lost,
-    )
+    return driver.main(argv, COMMAND)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from flax_impl import cpu_setup
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROBE = r"""
-import os, flax_impl, jax, jax.numpy as jnp
+import os
 from flax_impl import cpu_setup
+cpu_setup.configure()  # as every entry point of flax_impl does first
+import jax, jax.numpy as jnp
 def f(x, s, b):
     y = jax.nn.relu(x * s + b)
     return y.sum(axis=(0, 1, 2)), jnp.transpose(y, (3, 1, 2, 0))
@@ -182,8 +184,27 @@ def test_default_host_devices_fall_back_to_one_for_a_batch_that_does_not_split(m
 
 
 @pytest.mark.skipif(cpu_setup.FUSION_SWITCH in os.environ, reason="the switch is set")
+def test_importing_flax_impl_changes_nothing():
+    """Only its entry points apply the options: a torch command that reads a flax checkpoint
+    (importing flax_impl.convert) keeps its environment."""
+    code = (  # JAX's own import sets two variables (TPU_SKIP_MDS_QUERY, TF_CPP_MIN_LOG_LEVEL)
+        "import os, jax; before = dict(os.environ); "
+        "import flax_impl, flax_impl.convert, flax_impl.train, flax_impl.predict; "
+        "from flax_impl import cpu_setup; "
+        "print(dict(os.environ) == before, cpu_setup.state())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "True {}", proc.stdout
+
+
 def test_this_test_session_runs_with_fusion():
-    # conftest.py imports flax_impl before any test starts JAX: the suite runs what users run
+    # conftest.py calls cpu_setup.configure() before any test starts JAX: the suite runs what
+    # users run
     assert cpu_setup.state()["fusion"] == "on"
     assert cpu_setup.FUSION in os.environ["XLA_FLAGS"]
     assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]

@@ -233,3 +233,33 @@ def test_a_stop_while_the_decoding_threads_are_late_ends_the_wait():
     finally:
         release.set()
         preemption.reset()
+
+
+def test_a_checkpoint_sharded_over_two_devices_is_read_by_a_one_device_process(
+    fashion_dir, tmp_path
+):
+    """What predict, --eval-only and the demo of the other stack do: a torch command has one
+    host device (importing flax_impl sets none), and the saved sharding must not matter."""
+    import os
+    import subprocess
+    import sys
+
+    r = recipe_for("fashion_mnist", fashion_dir, "epochs=1")
+    train_and_evaluate(r, tmp_path / "run", devices=jax.devices()[:2])
+    step = max((tmp_path / "run" / "checkpoints" / "best").iterdir(), key=lambda p: int(p.name))
+    code = (
+        "import sys, jax; from flax_impl import convert; "
+        "meta, v = convert.read_orbax(sys.argv[1]); "
+        "print(len(jax.devices()), meta['global_step'], "
+        "type(jax.tree_util.tree_leaves(v)[0]).__name__)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(step)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", step.name, "ndarray"], proc.stdout
