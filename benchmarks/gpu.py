@@ -48,7 +48,8 @@ def correctness(size_scale: float, batch: int) -> list[tuple]:
     import jax.numpy as jnp
     import torch
 
-    from flax_impl import convert, models as fm
+    from crossing import weights as convert
+    from flax_impl import models as fm
     from torch_ref import models as tm
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

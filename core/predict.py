@@ -5,7 +5,7 @@
 
 The run folder says what the model is (its `config.json`, the resolved recipe); the checkpoint is
 the run's best (else its last) unless --checkpoint names one, of either stack: a checkpoint of
-the other framework is converted through `flax_impl.convert` (a note on stderr says so). Each
+the other framework is converted through `crossing` (a note on stderr says so). Each
 image goes through the recipe's evaluation path: decoded with PIL and turned upright by its EXIF
 orientation (`core.pil_transforms.open_image`: 16-bit and float images scaled to 8
 bits, any file that does not decode one line), converted to the recipe's

@@ -14,7 +14,7 @@ PyTorch's, this file does what PyTorch does:
   PyTorch's default uniform(+-1/sqrt(fan_in)) for the linear layer's weight and bias.
 
 Variables are ``{"params": ..., "batch_stats": ...}``; module names mirror torch's state_dict keys
-(``layer2_0/downsample_0`` for ``layer2.0.downsample.0``), see `flax_impl.convert`.
+(``layer2_0/downsample_0`` for ``layer2.0.downsample.0``), see `crossing.weights`.
 ``dtype`` is the compute dtype (bfloat16 for mixed precision); parameters and BatchNorm statistics
 stay float32 (or whatever ``param_dtype`` says, e.g. float64 for the parity proofs).
 """

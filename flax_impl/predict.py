@@ -2,7 +2,8 @@
 [--top K] [--json] IMAGE...`` (the command is `core.predict`'s).
 
 A torch_ref checkpoint (a run of the other stack, or --checkpoint naming a .pt file) is read with
-torch and converted by `flax_impl.convert.torch_to_flax`. The model computes in float32.
+torch and converted by `crossing` (`crossing.checkpoints.read_other_stack`). The model computes
+in float32.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ if __name__ == "__main__":
 
     _cpu.configure()  # XLA:CPU's options, before anything below starts JAX
 
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_impl import augment, checkpoints, convert
+from crossing import checkpoints as crossing
+from flax_impl import augment, checkpoints
 from flax_impl.models import build_model
 from flax_impl.train import pick_devices
 from core import predict
@@ -32,18 +33,11 @@ def load_variables(recipe: Recipe, checkpoint: str | None, workdir: Path):
     """({"params", "batch_stats"}, description) from a checkpoint of either stack."""
     kind, path = predict.find_checkpoint(workdir, checkpoint)
     if kind == "flax_impl":
-        meta, variables = convert.read_orbax(path)
+        meta, variables = crossing.read_flax(path)
         predict.check_model(meta, recipe, str(path))
         return variables, str(path)
-    state = convert.read_torch(path)
-    predict.check_model(state, recipe, str(path))
-    print(
-        f"note: {path} is a torch_ref checkpoint; converted to Flax with flax_impl.convert",
-        file=sys.stderr,
-    )
-    return convert.torch_to_flax(
-        state["model_state"]
-    ), f"{path} (a torch_ref checkpoint, converted)"
+    _, variables = crossing.read_other_stack(path, "flax_impl", recipe)
+    return variables, f"{path} (a torch_ref checkpoint, converted)"
 
 
 def logits_fn(variables, recipe: Recipe, device: str = "auto"):

@@ -25,7 +25,6 @@ if __name__ == "__main__":  # a stop request while the libraries load is honoure
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import jax
@@ -220,16 +219,9 @@ class FlaxBackend:
 
     def restore_for_eval(self, path, check):
         if path and Path(path).is_file():  # a torch_ref checkpoint file: converted
-            from flax_impl import convert
-            from core import predict
+            from crossing import checkpoints as crossing
 
-            state = convert.read_torch(path)
-            predict.check_model(state, self.recipe, path)
-            print(
-                f"note: {path} is a torch_ref checkpoint; converted to Flax with flax_impl.convert",
-                file=sys.stderr,
-            )
-            v = convert.torch_to_flax(state["model_state"])
+            state, v = crossing.read_other_stack(path, "flax_impl", self.recipe)
             self.state = self.steps.replicate(
                 self.state.replace(params=v["params"], batch_stats=v["batch_stats"])
             )

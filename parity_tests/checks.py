@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flax_impl import convert
+from crossing import weights as convert
 from flax_impl import models as fm
 from core.model_table import CIFAR_MODELS as CIFAR, IMAGENET_MODELS as IMAGENET
 from benchmarks.timing import median_seconds
@@ -166,11 +166,8 @@ def run_flax(case: Case, dtype, timed: bool = False) -> Forward:
     if timed:
         on_device = jax.device_put((variables["params"], variables["batch_stats"]))
         seconds = median_seconds(lambda: jax.block_until_ready(grad_fn(*on_device, x, y)))
-    grads_t = {k: v.numpy() for k, v in convert.flax_to_torch({"params": grads}).items()}
-    stats_t = {
-        k: v.numpy()
-        for k, v in convert.flax_to_torch({"params": {}, "batch_stats": new_stats}).items()
-    }
+    grads_t = dict(convert.flax_to_torch({"params": grads}))
+    stats_t = dict(convert.flax_to_torch({"params": {}, "batch_stats": new_stats}))
     return Forward(eval_logits, np.asarray(logits), stats_t, grads_t, seconds)
 
 
@@ -214,7 +211,7 @@ def model_parity(case: Case, timed: bool = False) -> ModelParity:
     forward+backward times (5 more calls each: the report wants them, the tests do not)."""
     t_model = torch_model(case)
     variables = convert.torch_to_flax(t_model.state_dict())
-    back = convert.flax_to_torch(variables)
+    back = convert.torch_state_dict(variables)
     exact = all(
         torch.equal(back[k], v) and back[k].dtype == v.dtype
         for k, v in t_model.state_dict().items()

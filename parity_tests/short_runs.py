@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from flax_impl import convert, data as flax_data, optim, steps
+from crossing import weights as convert
+from flax_impl import data as flax_data, optim, steps
 from flax_impl.models import build_model as build_flax
 from core import readers, regularisers, sampling
 from core.datasets import load_split, resolve_data_dir

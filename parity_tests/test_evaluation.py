@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import torch
 
-from flax_impl import convert
+from crossing import weights as convert
 from flax_impl.train import FlaxBackend
 from torch_ref.tests.test_train import recipe_for
 from torch_ref.train import TorchBackend

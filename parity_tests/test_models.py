@@ -63,12 +63,12 @@ def test_every_models_parameters_have_the_same_shapes(case):
     import jax
     import jax.numpy as jnp
 
-    from flax_impl import convert
+    from crossing import weights
 
     torch_shapes = {k: tuple(v.shape) for k, v in checks.torch_model(case).state_dict().items()}
     x = jnp.zeros((1, case.size, case.size, 3), jnp.float32)
     model = checks.flax_model(case, jnp.float32)
     flax_vars = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
     flax_shapes = jax.tree_util.tree_map(lambda a: tuple(a.shape), flax_vars)
-    converted = convert.torch_to_flax({k: np.zeros(s, np.float32) for k, s in torch_shapes.items()})
+    converted = weights.torch_to_flax({k: np.zeros(s, np.float32) for k, s in torch_shapes.items()})
     assert jax.tree_util.tree_map(lambda a: tuple(a.shape), converted) == flax_shapes

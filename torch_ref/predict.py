@@ -2,7 +2,8 @@
 [--top K] [--json] IMAGE...`` (the command is `core.predict`'s).
 
 A flax_impl checkpoint (a run of the other stack, or --checkpoint naming one) is read with Orbax
-and converted by `flax_impl.convert.flax_to_torch` (JAX is imported for that only).
+and converted by `crossing` (`crossing.checkpoints.read_other_stack`; Orbax and JAX are
+imported for that only, flax_impl never).
 """
 
 from __future__ import annotations
@@ -29,15 +30,10 @@ def load_model(recipe: Recipe, checkpoint: str | None, workdir: Path, device: st
         predict.check_model(state, recipe, str(path))
         weights, note = state["model_state"], ""
     else:
-        from flax_impl import convert
+        from crossing import checkpoints as crossing
 
-        meta, variables = convert.read_orbax(path)
-        predict.check_model(meta, recipe, str(path))
-        weights, note = convert.flax_to_torch(variables), " (a flax_impl checkpoint, converted)"
-        print(
-            f"note: {path} is a flax_impl checkpoint; converted to torch with flax_impl.convert",
-            file=sys.stderr,
-        )
+        _, weights = crossing.read_other_stack(path, "torch_ref", recipe)
+        note = " (a flax_impl checkpoint, converted)"
     model = build_model(recipe)
     model.load_state_dict(weights)
     model = model.to(distributed.pick_device(device)).eval()

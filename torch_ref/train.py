@@ -238,18 +238,12 @@ class TorchBackend:
 
     def restore_for_eval(self, path, check):
         if path and Path(path).is_dir():  # a flax_impl step folder: converted
-            from flax_impl import convert
             from core import predict
+            from crossing import checkpoints as crossing
 
             _, folder = predict.find_checkpoint(self.ckpt_dir.parent, path)
-            meta, variables = convert.read_orbax(folder)
-            predict.check_model(meta, self.recipe, str(folder))
-            print(
-                f"note: {folder} is a flax_impl checkpoint; converted to torch with "
-                "flax_impl.convert",
-                file=sys.stderr,
-            )
-            self.model.load_state_dict(convert.flax_to_torch(variables))
+            meta, weights = crossing.read_other_stack(folder, "torch_ref", self.recipe)
+            self.model.load_state_dict(weights)
             return meta, f"{folder} (converted from flax_impl)"
         path = Path(path) if path else checkpoints.default_for_eval(self.ckpt_dir)
         return self._load(path, check), str(path)

@@ -186,10 +186,10 @@ def test_default_host_devices_fall_back_to_one_for_a_batch_that_does_not_split(m
 @pytest.mark.skipif(cpu_setup.FUSION_SWITCH in os.environ, reason="the switch is set")
 def test_importing_flax_impl_changes_nothing():
     """Only its entry points apply the options: a torch command that reads a flax checkpoint
-    (importing flax_impl.convert) keeps its environment."""
+    (through crossing, importing flax_impl's model code to build nothing) keeps its environment."""
     code = (  # JAX's own import sets two variables (TPU_SKIP_MDS_QUERY, TF_CPP_MIN_LOG_LEVEL)
         "import os, jax; before = dict(os.environ); "
-        "import flax_impl, flax_impl.convert, flax_impl.train, flax_impl.predict; "
+        "import flax_impl, crossing.checkpoints, flax_impl.train, flax_impl.predict; "
         "from flax_impl import cpu_setup; "
         "print(dict(os.environ) == before, cpu_setup.state())"
     )

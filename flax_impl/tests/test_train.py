@@ -248,8 +248,8 @@ def test_a_checkpoint_sharded_over_two_devices_is_read_by_a_one_device_process(
     train_and_evaluate(r, tmp_path / "run", devices=jax.devices()[:2])
     step = max((tmp_path / "run" / "checkpoints" / "best").iterdir(), key=lambda p: int(p.name))
     code = (
-        "import sys, jax; from flax_impl import convert; "
-        "meta, v = convert.read_orbax(sys.argv[1]); "
+        "import sys, jax; from crossing import checkpoints; "
+        "meta, v = checkpoints.read_flax(sys.argv[1]); "
         "print(len(jax.devices()), meta['global_step'], "
         "type(jax.tree_util.tree_leaves(v)[0]).__name__)"
     )

@@ -1,15 +1,16 @@
-"""Weights both ways between torch (torch_ref or torchvision state_dicts) and flax_impl variables.
+"""Weights both ways between torch (torch_ref or torchvision state_dicts) and flax_impl variables,
+in NumPy: no framework is imported (but `torch_state_dict`, which makes torch tensors).
 
-    torch_to_flax(state_dict) -> {"params": ..., "batch_stats": ...}
-    flax_to_torch(variables) -> state_dict (an OrderedDict of torch tensors)
+    torch_to_flax(state_dict) -> {"params": ..., "batch_stats": ...}   (NumPy arrays)
+    flax_to_torch(variables) -> state_dict                              (NumPy arrays)
 
 Names: torch's ``layer2.0.downsample.1.running_var`` is Flax's
 ``batch_stats/layer2_0/downsample_1/var``. Layouts: convolution weights OIHW <-> HWIO kernels,
 linear weights (out, in) <-> (in, out) kernels; BatchNorm ``weight``/``bias`` <->
-``scale``/``bias``,
-``running_mean``/``running_var`` <-> ``mean``/``var``, and ``num_batches_tracked`` is carried as an
-int32 counter. Only transposes and copies: the round trip is bit-exact, in float32 and float64.
-torch is imported only by `flax_to_torch` (and only if you call it).
+``scale``/``bias``, ``running_mean``/``running_var`` <-> ``mean``/``var``, and
+``num_batches_tracked`` is carried as an int32 counter. Only transposes and copies: the round
+trip is bit-exact, in float32 and float64. A state_dict of torch tensors is read without
+importing torch.
 """
 
 from __future__ import annotations
@@ -88,10 +89,9 @@ def _torch_name(path: tuple) -> str:
     return ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in path)
 
 
-def flax_to_torch(variables) -> "collections.OrderedDict":
-    """flax_impl variables as a torch state_dict with torch_ref's / torchvision's keys."""
-    import torch
-
+def flax_to_torch(variables) -> "collections.OrderedDict[str, np.ndarray]":
+    """flax_impl variables as a torch state_dict with torch_ref's / torchvision's keys, as NumPy
+    arrays (`torch_state_dict` makes them tensors)."""
     out = collections.OrderedDict()
     for coll in ("params", "batch_stats"):
         for path, value in _flatten(variables.get(coll, {})):  # params alone: e.g. gradients
@@ -108,71 +108,14 @@ def flax_to_torch(variables) -> "collections.OrderedDict":
                 name = "weight"
             else:
                 name = leaf
-            out[f"{_torch_name(tuple(mod))}.{name}"] = torch.from_numpy(np.array(arr, order="C"))
+            out[f"{_torch_name(tuple(mod))}.{name}"] = np.array(arr, order="C")
     return out
 
 
-__all__ = ["torch_to_flax", "flax_to_torch"]
-
-
-def read_orbax(step_dir) -> tuple[dict, dict]:
-    """(meta, variables) of a flax_impl checkpoint step folder (RUN/checkpoints/best/1234):
-    the run driver's record and {"params", "batch_stats"} as NumPy, without a template or
-    any device (the saved sharding is not needed)."""
-    from pathlib import Path
-
-    import jax
-    import orbax.checkpoint as ocp
-
-    from core.errors import UserError
-
-    p = Path(step_dir).absolute()
-    manager = ocp.CheckpointManager(
-        p.parent,
-        item_names=("state", "meta"),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
-    )
-    try:
-        meta = dict(
-            manager.restore(int(p.name), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-                "meta"
-            ]
-        )
-        # as NumPy arrays, whatever devices the run was sharded over (a torch command, or
-        # flax_impl with another device count, reads a checkpoint of 2 host devices)
-        tree = manager.item_metadata(int(p.name))["state"].tree
-        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        state = manager.restore(
-            int(p.name),
-            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=as_numpy)),
-        )["state"]
-    except Exception as err:  # truncated files, foreign trees
-        raise UserError(
-            f"checkpoint {p} cannot be read ({type(err).__name__}); pass another --checkpoint"
-        ) from None
-    finally:
-        manager.close()
-    variables = {k: jax.tree_util.tree_map(np.asarray, state[k]) for k in ("params", "batch_stats")}
-    return meta, variables
-
-
-def read_torch(path) -> dict:
-    """A torch_ref checkpoint file (torch imported here, lazily): the driver's record with the
-    model's state_dict under "model_state"; a one-line UserError if it is not one."""
+def torch_state_dict(variables) -> "collections.OrderedDict":
+    """`flax_to_torch` as torch tensors, ready for `load_state_dict` (torch imported here)."""
     import torch
 
-    from core.errors import UserError
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
-    except Exception as err:  # truncated zip, bad pickle, foreign content
-        raise UserError(
-            f"{path} is truncated, corrupt or not a torch_ref checkpoint "
-            f"({type(err).__name__}); pass another --checkpoint"
-        ) from None
-    if not isinstance(state, dict) or not str(state.get("format", "")).startswith("torch_ref/"):
-        raise UserError(f"{path} is not a torch_ref checkpoint; pass another --checkpoint")
-    return state
+    return collections.OrderedDict(
+        (k, torch.from_numpy(v)) for k, v in flax_to_torch(variables).items()
+    )
