@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from testkit import samples
+import testkit
 
 OVERRIDES = [
     "train_subset=0",
@@ -50,7 +51,7 @@ OVERRIDES = [
     "log_every_steps=1",
     "num_workers=0",
 ]
-REPO = Path(__file__).resolve().parent.parent
+REPO = testkit.REPO
 
 
 def command(stack: str, data_dir: Path, workdir: Path) -> list[str]:
@@ -72,7 +73,9 @@ def command(stack: str, data_dir: Path, workdir: Path) -> list[str]:
     ]
 
 
-def _env() -> dict:
+def trainer_env() -> dict:
+    """The environment a trainer subprocess of the tests runs in: this checkout first on
+    PYTHONPATH, and no XLA_FLAGS (one CPU device per process, as a user runs it)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
@@ -113,7 +116,7 @@ def run_once(
     was killed)."""
     stale = temporaries(aim_at_write) if aim_at_write is not None else set()
     proc = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO
+        cmd, env=trainer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO
     )
     start, killed = time.monotonic(), False
     while kill_after is not None and proc.poll() is None:
@@ -260,7 +263,7 @@ def children(pid: int) -> list[int]:
 def paused(cmd: list[str], point: str, flag: Path, timeout: float = 300) -> subprocess.Popen:
     """Start `cmd` in a process group of its own, and return once the trainer waits at its pause
     `point` (core.preemption.pause)."""
-    env = dict(_env(), TRAINER_PAUSE_AT=point, TRAINER_PAUSE_FILE=str(flag))
+    env = dict(trainer_env(), TRAINER_PAUSE_AT=point, TRAINER_PAUSE_FILE=str(flag))
     flag.unlink(missing_ok=True)
     proc = subprocess.Popen(
         cmd,

@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import testkit
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(testkit.REPO)
 
 
-STACKS = ["torch_ref", "flax_impl"]
+STACKS = testkit.STACKS
 
 
 def run_cli(args, cwd, env=None, stack="torch_ref"):

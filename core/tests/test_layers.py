@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import testkit
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = testkit.REPO
 JAX = {"jax", "jaxlib", "flax", "optax", "orbax", "tensorflow", "tensorflow_datasets"}
 TORCH = {"torch", "torchvision"}
 ABOVE = {

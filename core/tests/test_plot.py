@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,9 @@ from PIL import Image
 from core import plot
 from core.plot import confusion_png, curves_png, lr_find_png
 from core.records import per_class_accuracy, top_confusions
+import testkit
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = testkit.REPO
 FASHION = [
     "T-shirt/top",
     "Trouser",

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from testkit import chaos, samples
 from core.preemption import EXIT_PREEMPTED
+import testkit
 
-STACKS = ["torch_ref", "flax_impl"]
+STACKS = testkit.STACKS
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -41,7 +42,7 @@ def test_sigterm_and_sigint_checkpoint_and_exit_75(stack, sig, tmp_path):
     cmd = chaos.command(stack, data, tmp_path / "run")
     proc = subprocess.Popen(
         cmd,
-        env=chaos._env(),
+        env=chaos.trainer_env(),
         cwd=chaos.REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -78,7 +79,7 @@ def _cli(stack, args, cwd):
     return subprocess.run(
         [sys.executable, "-m", f"{stack}.train", *args],
         cwd=cwd,
-        env=chaos._env(),
+        env=chaos.trainer_env(),
         capture_output=True,
         text=True,
         timeout=300,

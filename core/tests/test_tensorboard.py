@@ -16,8 +16,9 @@ from tensorboard.compat.proto import event_pb2
 import core.tensorboard as tbmod
 from core.errors import UserError
 from core.tensorboard import TensorBoardSink
+import testkit
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = testkit.REPO
 # (tag, key of the sink's dict, scale): accuracies are fractions in the dicts, percent in the files
 STEP_SCALARS = [
     ("Loss/train_step", "train_loss_window", 1),

@@ -17,8 +17,9 @@ import pytest
 
 from testkit import chaos, samples
 from core.preemption import EXIT_PREEMPTED
+import testkit
 
-STACKS = ["torch_ref", "flax_impl"]
+STACKS = testkit.STACKS
 # core's code alone decides these (the lock, the record's checks, the data sizes, the
 # folder checks, the first-save rule): one stack runs them; what each stack's checkpoints do
 # (fallback, a full disk inside Orbax or torch.save) runs on both
@@ -27,7 +28,12 @@ SHARED = ["torch_ref"]
 
 def run(cmd, **kw):
     return subprocess.run(
-        cmd, env={**chaos._env(), **kw}, cwd=chaos.REPO, capture_output=True, text=True, timeout=600
+        cmd,
+        env={**chaos.trainer_env(), **kw},
+        cwd=chaos.REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -94,7 +100,7 @@ def test_a_second_run_in_a_live_workdir_is_refused(stack, data, tmp_path):
     flag = tmp_path / "paused"
     first = subprocess.Popen(
         cmd,
-        env={**chaos._env(), "TRAINER_PAUSE_AT": "step:3", "TRAINER_PAUSE_FILE": str(flag)},
+        env={**chaos.trainer_env(), "TRAINER_PAUSE_AT": "step:3", "TRAINER_PAUSE_FILE": str(flag)},
         cwd=chaos.REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -288,7 +294,7 @@ def test_unwritable_places_are_one_line(stack, data, tmp_path):
         i = args.index("--workdir")
         del args[i : i + 2]
         proc = subprocess.run(
-            args, env=chaos._env(), cwd=ro, capture_output=True, text=True, timeout=600
+            args, env=chaos.trainer_env(), cwd=ro, capture_output=True, text=True, timeout=600
         )
         one_line(proc, "cannot use runs/")
     finally:

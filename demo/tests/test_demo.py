@@ -15,8 +15,9 @@ import pytest
 
 from core import readers
 from testkit import samples
+import testkit
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(testkit.REPO)
 
 pytestmark = pytest.mark.skipif(
     not readers.fashion_mnist_present(readers.FASHION_MNIST_SYSTEM_DIR),

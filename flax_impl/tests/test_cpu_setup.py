@@ -13,8 +13,9 @@ import sys
 import pytest
 
 from flax_impl import cpu_setup
+import testkit
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(testkit.REPO)
 
 PROBE = r"""
 import os

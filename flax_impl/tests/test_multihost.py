@@ -68,7 +68,7 @@ def start(workdir, data, index, port, env=None):
         "--process-id",
         str(index),
     ]
-    environ = {**chaos._env(), "FLAX_IMPL_CPU_DEVICES": "1", **(env or {})}
+    environ = {**chaos.trainer_env(), "FLAX_IMPL_CPU_DEVICES": "1", **(env or {})}
     return subprocess.Popen(
         cmd, env=environ, cwd=chaos.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -100,7 +100,7 @@ def one_process(workdir, data):
         f"batch_size={2 * B}",
         f"eval_batch_size={2 * E}",
     ]
-    env = {**chaos._env(), "FLAX_IMPL_CPU_DEVICES": "2"}
+    env = {**chaos.trainer_env(), "FLAX_IMPL_CPU_DEVICES": "2"}
     done = subprocess.run(cmd, env=env, cwd=chaos.REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
 
@@ -221,7 +221,7 @@ def test_an_incomplete_set_is_one_line_before_anything_starts(tmp_path):
             "--num-processes",
             "2",
         ],
-        env={**chaos._env(), "JAX_COORDINATOR_ADDRESS": ""},
+        env={**chaos.trainer_env(), "JAX_COORDINATOR_ADDRESS": ""},
         cwd=chaos.REPO,
         capture_output=True,
         text=True,

@@ -62,7 +62,7 @@ def launch(workdir, data, env=None):
         "cpu",
         *OVERRIDES,
     ]
-    environ = {**chaos._env(), "OMP_NUM_THREADS": "1", **(env or {})}
+    environ = {**chaos.trainer_env(), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
         cmd,
         env=environ,
