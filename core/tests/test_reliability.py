@@ -140,19 +140,34 @@ def test_corrupt_image_stops_cleanly_and_resumes(stack, tmp_path):
     assert "resumed from" in proc.stdout
 
 
-def _trained_workdir(stack, tmp_path, name="w"):
-    data = samples.write_fashion_mnist(tmp_path / "data", n_train=64, n_test=32)
-    cmd = chaos.command(stack, data, tmp_path / name)
-    chaos.run_once(cmd, None)
-    return cmd
+_TRAINED: dict = {}  # stack -> the folder of its one trained run, made once per session
+
+
+@pytest.fixture
+def trained(tmp_path_factory):
+    """`trained(stack, tmp_path)`: a short finished run of `stack` (its data in tmp_path/data,
+    its workdir tmp_path/w), trained once per session and copied into each test that uses it
+    (a test may damage its copy); the trainer command that made it."""
+
+    def copy_into(stack, tmp_path, name="w"):
+        if stack not in _TRAINED:
+            root = tmp_path_factory.mktemp(f"trained-{stack}")
+            data = samples.write_fashion_mnist(root / "data", n_train=64, n_test=32)
+            chaos.run_once(chaos.command(stack, data, root / "w"), None)
+            _TRAINED[stack] = root
+        shutil.copytree(_TRAINED[stack] / "data", tmp_path / "data")
+        shutil.copytree(_TRAINED[stack] / "w", tmp_path / name, symlinks=True)
+        return chaos.command(stack, tmp_path / "data", tmp_path / name)
+
+    return copy_into
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_evaluating_what_is_not_a_checkpoint_is_one_line(stack, tmp_path):
+def test_evaluating_what_is_not_a_checkpoint_is_one_line(stack, tmp_path, trained):
     """--eval-only --checkpoint with a truncated checkpoint, a run folder or a text file: one
     line that says what was expected, never advice to delete anything, nothing changed.
     (Resuming from a truncated checkpoint falls back to the one before it: test_workdir.py.)"""
-    _trained_workdir(stack, tmp_path)
+    trained(stack, tmp_path)
     ckpts = tmp_path / "w" / "checkpoints"
     if stack == "torch_ref":
         victim = ckpts / "last.pt"
@@ -190,8 +205,8 @@ def test_evaluating_what_is_not_a_checkpoint_is_one_line(stack, tmp_path):
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_checkpoint_of_another_architecture_or_framework(stack, tmp_path):
-    _trained_workdir(stack, tmp_path)
+def test_checkpoint_of_another_architecture_or_framework(stack, tmp_path, trained):
+    trained(stack, tmp_path)
     ckpts = tmp_path / "w" / "checkpoints"
     ckpt = ckpts / "best.pt" if stack == "torch_ref" else next((ckpts / "best").iterdir())
     data = str(tmp_path / "data")
@@ -397,10 +412,10 @@ def test_chaos_group_stops_report_each_point(tmp_path):
     assert result["group_stops"] == {"write:3": True} and result["identical"], result
 
 
-def test_a_stop_during_eval_only_ends_it_at_once(tmp_path):
+def test_a_stop_during_eval_only_ends_it_at_once(tmp_path, trained):
     """--eval-only honours SIGTERM too: it stops before the next evaluation batch (exit 75, one
     line) instead of saying it will stop and evaluating on; it writes nothing."""
-    _trained_workdir("torch_ref", tmp_path)
+    trained("torch_ref", tmp_path)
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "w").rglob("*") if p.is_file())
     cmd = [
         sys.executable,
