@@ -6,15 +6,18 @@ lines, what a checkpoint says about the run (its identity, where to resume, the 
 the command line's `main`. A stack supplies a `Backend`: the framework's model, data, optimizer
 and arrays behind the small interface below. `torch_ref.train` and `flax_impl.train` are each
 one `Backend` class plus the three public entry points, which call `train_and_evaluate`,
-`evaluate_checkpoint` and `main` here.
+`evaluate_checkpoint` and `main` here; `main` takes the stack's `COMMAND`, a `Stack` (its name,
+recipes, entry points and hooks). `Backend.fetch` hands the step metrics back as a
+`StepMetrics` record (loss, correct, count, finite: one array each).
 
 What goes where, at each step of an epoch:
 
     batch = next(backend.batches(epoch, start))       the stack loads, decodes, places (the data
                                                       plan, core.sampling, decides what)
     handle = backend.train_step(batch)                one optimizer step; nothing waits for it
-    every log_every_steps:  backend.fetch(handles)    one device sync: per-step loss, correct,
-                                                      count, finite; the driver adds them up
+    every log_every_steps:  backend.fetch(handles)    one device sync: a StepMetrics of per-step
+                                                      loss, correct, count, finite; the driver
+                                                      adds them up
     stop requested / checkpoint_every_steps:          backend.any_process(flag), backend.save(meta)
 
 and at the end of an epoch: `backend.all_sum(sums)`, `backend.evaluate()`, `backend.end_epoch()`
@@ -22,7 +25,8 @@ and at the end of an epoch: `backend.all_sum(sums)`, `backend.evaluate()`, `back
 
 Adding a metric: compute it in `Run.run_epoch` or `Run._log_window` below. Adding a log sink: a
 class with `log_step(metrics)` and `log_epoch(metrics)` (and optionally `close()`), appended to
-`Run.sinks`, as the TensorBoard writer (core.tensorboard) is. Neither touches a stack.
+`Run.sinks`, as the TensorBoard writer (core.tensorboard) and the pictures (core.plot.Pictures)
+are. Neither touches a stack.
 """
 
 from __future__ import annotations
