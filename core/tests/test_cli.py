@@ -3,6 +3,7 @@ exit code 2, no traceback, no files; runs resume and evaluate."""
 
 import importlib
 import os
+import urllib.request
 import subprocess
 import sys
 
@@ -81,8 +82,8 @@ def test_user_mistakes(tmp_path, args, needle, stack, monkeypatch, capsys, in_pr
 
 @pytest.fixture
 def in_process():
-    """`main` of a stack's train module, run here; the signal handlers it installs and the stop
-    state it may leave are put back afterwards."""
+    """`main` of a stack's train module, run here; the signal handlers it installs, the stop
+    state and the download opener it may leave are put back afterwards."""
     import signal
 
     from core import preemption
@@ -97,6 +98,9 @@ def in_process():
     for sig, handler in saved.items():
         signal.signal(sig, handler)
     preemption.reset()
+    # urlopen's shared opener read the proxies once, when a download was first tried (the
+    # closed OFFLINE port): dropped, so later tests in this process connect as set up
+    urllib.request.install_opener(None)
 
 
 @pytest.mark.parametrize("stack", STACKS)
