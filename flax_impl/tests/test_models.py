@@ -29,9 +29,10 @@ def test_batchnorm_masked_statistics_equal_the_real_rows():
         np.testing.assert_allclose(s_pad["batch_stats"][k], s_real["batch_stats"][k], rtol=2e-6)
 
 
-def test_the_weight_mapping_does_not_import_torch():
+def test_the_public_mapping_does_not_import_torch():
+    """`flax_impl.convert` (the names users import) is the NumPy mapping; it needs no torch."""
     code = (
-        "import sys, numpy as np; import crossing.weights as c; "
+        "import sys, numpy as np; import flax_impl.convert as c; "
         "v = c.torch_to_flax({'fc.weight': np.ones((2, 3), np.float32)}); "
         "print('torch' in sys.modules, v['params']['fc']['kernel'].shape)"
     )
