@@ -283,7 +283,7 @@ class Run:
         self.record.start(b.libraries(), b.device_name())
         self.record.rewind(self.global_step)
         if self.global_step:
-            self.pictures.redraw()
+            self.pictures.rewound()
         events = self.record.workdir / "tensorboard"
         if recipe.tensorboard:  # event files rewound to the same step as the record
             self.sinks.append(TensorBoardSink(events, self.global_step, b.is_main))
@@ -672,6 +672,7 @@ class Run:
             last = metrics
             if self.epoch < r.epochs and self.backend.any_process(self._stop_flag()):
                 raise Preempted(self.global_step)
+        self.pictures.flush()  # the last epoch's pictures; a failure here is the run's
         if not last and self.backend.is_main:
             console.say(
                 f"the run in {self.record.workdir} already finished {r.epochs} epochs "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import time
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -376,28 +377,57 @@ def confusion_png(matrix, class_names: list[str], path: str | os.PathLike, title
 
 
 class Pictures:
-    """A sink of the run driver (core.driver): after each epoch, curves.png is redrawn from
-    metrics.jsonl, and confusion.png from confusion.json when this epoch wrote it (the best
-    epoch so far). Everything is drawn from the record, so a resumed run draws the same."""
+    """A sink of the run driver (core.driver): curves.png drawn from metrics.jsonl, and
+    confusion.png from confusion.json when an epoch wrote it (the best epoch so far). Everything
+    is drawn from the record, so a resumed run draws the same.
 
-    def __init__(self, record):
+    A picture takes ~0.5 s to draw, longer than a whole epoch of a smoke run: while a run
+    trains, they are redrawn at most once every `every_seconds` (30; every epoch of any real
+    run takes longer), and what is still to draw is drawn when the run finishes (`flush`, whose
+    errors are the run's: a full disk is one line) and when it stops or fails (`close`, which
+    lets a failed drawing go: the run is already ending with its own message, and the next
+    run of the command draws the pictures again from the record)."""
+
+    EVERY_SECONDS = 30.0
+
+    def __init__(self, record, every_seconds: float = EVERY_SECONDS, clock=time.monotonic):
         self.record = record
+        self.every_seconds = every_seconds
+        self.clock = clock
+        self._drawn_at = clock()  # the start counts as a drawing: a short run draws at its end
+        self._curves = self._confusion = False  # what is to be drawn
 
     def redraw(self) -> None:
-        """curves.png from the record as it stands (a resumed run's, after its rewind)."""
+        """curves.png from the record as it stands, now."""
         r = self.record
         if r.writer and r.metrics_path.exists():
             title = f"{r.recipe.recipe}: {r.recipe.model}, {r.framework}"
             curves_png(r.read_metrics(), r.workdir / "curves.png", title)
 
+    def rewound(self) -> None:
+        """The record was rewound (a resume): curves.png is to be drawn again."""
+        self._curves = True
+
     def log_step(self, metrics: dict) -> None:
         pass
 
     def log_epoch(self, metrics: dict) -> None:
-        self.redraw()
+        self._curves = True
         r = self.record
         confusion = r.read_confusion() if r.writer else None
         if confusion is not None and confusion["step"] == metrics["step"]:
+            self._confusion = True
+        if self.clock() - self._drawn_at >= self.every_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Draw what is still to draw."""
+        if self._curves:
+            self.redraw()
+            self._curves = False
+        r = self.record
+        confusion = r.read_confusion() if self._confusion and r.writer else None
+        if confusion is not None:
             title = (
                 f"{r.recipe.recipe}, {r.framework}: test set at epoch {confusion['epoch']} "
                 f"({100 * confusion['test_acc']:.2f}%)"
@@ -408,3 +438,11 @@ class Pictures:
                 r.workdir / "confusion.png",
                 title,
             )
+        self._confusion = False
+        self._drawn_at = self.clock()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        except OSError:
+            pass

@@ -235,6 +235,50 @@ def test_a_rewind_drops_the_confusion_files_of_a_discarded_epoch(tmp_path):
     assert (tmp_path / "curves.png").exists()
 
 
+def test_pictures_are_drawn_at_most_every_30_seconds_and_when_the_run_ends(tmp_path, monkeypatch):
+    """Drawing takes ~0.5 s a picture: a short run draws once, at its end (flush); a long one
+    after any epoch that ends 30 s or more after the last drawing. close() (a stop, a failure)
+    draws what is left and lets a failed drawing go; flush() (a finished run) does not."""
+    from core import plot
+    from core.records import RunRecord
+
+    rec = RunRecord(tmp_path, "fake", get_config("fashion_mnist", "smoke"), writer=True)
+    now = [0.0]
+    pictures = plot.Pictures(rec, clock=lambda: now[0])
+    curves = tmp_path / "curves.png"
+
+    def epoch(k):
+        m = dict(step=4 * k, epoch=k, test_acc=0.1 * k, train_loss=1.0, test_loss=1.0)
+        rec.log(train_acc=0.5, **m)
+        pictures.log_epoch(m)
+
+    epoch(1)
+    now[0] = 29.9
+    epoch(2)
+    assert not curves.exists()  # under 30 s since the start
+    now[0] = 30.0
+    epoch(3)
+    drawn = curves.read_bytes()  # epochs 1-3
+    now[0] = 45.0
+    epoch(4)
+    assert curves.read_bytes() == drawn  # 15 s after the last drawing: not yet
+    pictures.flush()
+    assert curves.read_bytes() != drawn  # the end of the run: epoch 4 is in
+    drawn = curves.read_bytes()
+    pictures.flush()  # nothing left to draw: nothing drawn
+    assert curves.read_bytes() == drawn
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plot, "curves_png", full)
+    epoch(5)
+    pictures.close()  # the run is ending with its own message: this one goes
+    epoch(6)
+    with pytest.raises(OSError):
+        pictures.flush()
+
+
 def test_tolerated_non_finite_steps_are_left_out_and_a_longer_streak_stops(tmp_path):
     ok = run_two(tmp_path / "skips", nan_steps={5, 6}, allowed=2)
     assert all(isinstance(r, dict) for r in ok), ok
