@@ -133,6 +133,65 @@ def run_once(
     return proc.returncode, killed
 
 
+class References:
+    """Uninterrupted runs, each made once per stack and reused (a test session holds one, in
+    conftest.py's `references` fixture): the records every stopped-and-resumed run must end
+    with, and finished runs that tests copy and then damage. Three kinds, each its own data:
+
+    - "small": `command` on 64 / 32 generated Fashion-MNIST images (6 steps): finished runs
+      to resume, evaluate, corrupt or move;
+    - "chaos": `command` on 192 / 64 images (18 steps, 9 checkpoint writes): long enough to be
+      killed or signalled anywhere;
+    - "images": `image_command` on an ImageNet-layout folder of JPEGs (num_workers=2).
+    """
+
+    SIZES = {"small": (64, 32), "chaos": (192, 64)}
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._data: dict[str, Path] = {}
+        self._runs: dict[tuple[str, str], tuple[Path, float]] = {}
+
+    def data(self, kind: str) -> Path:
+        if kind not in self._data:
+            folder = self.root / f"data-{kind}"
+            if kind == "images":
+                samples.write_image_folder(folder, classes=3, per_class=(8, 4))
+            else:
+                n_train, n_test = self.SIZES[kind]
+                samples.write_fashion_mnist(folder, n_train=n_train, n_test=n_test)
+            self._data[kind] = folder
+        return self._data[kind]
+
+    def command(self, stack: str, kind: str, workdir: Path) -> list[str]:
+        """The trainer command of `kind` for `stack`, on this kind's data, into `workdir`."""
+        make = image_command if kind == "images" else command
+        return make(stack, self.data(kind), Path(workdir))
+
+    def _run(self, stack: str, kind: str) -> tuple[Path, float]:
+        if (stack, kind) not in self._runs:
+            workdir = self.root / f"{stack}-{kind}-reference"
+            t0 = time.perf_counter()
+            run_once(self.command(stack, kind, workdir), None)
+            self._runs[stack, kind] = workdir, time.perf_counter() - t0
+        return self._runs[stack, kind]
+
+    def records(self, stack: str, kind: str) -> list[dict]:
+        """The uninterrupted run's per-epoch records (epoch_records)."""
+        return epoch_records(self._run(stack, kind)[0])
+
+    def seconds(self, stack: str, kind: str) -> float:
+        """How long the uninterrupted run took (start-up included)."""
+        return self._run(stack, kind)[1]
+
+    def copy(self, stack: str, kind: str, workdir: Path) -> list[str]:
+        """A copy of the finished run in `workdir` (its lock file left out), and the command
+        that resumes it there."""
+        shutil.copytree(self._run(stack, kind)[0], workdir, symlinks=True)
+        (Path(workdir) / ".lock").unlink(missing_ok=True)
+        return self.command(stack, kind, workdir)
+
+
 def where_killed(workdir: Path, stale: set[str]) -> str:
     """Where a SIGKILL landed, read off what it left: "inside a write" when the killed run left
     a temporary file or folder of an atomic write (a checkpoint, the record) that was not there
@@ -147,17 +206,22 @@ def where_killed(workdir: Path, stale: set[str]) -> str:
 
 
 def check_stack(
-    stack: str, kills: int, root: Path, rng: random.Random, log=print, min_inside: int = 0
+    stack: str,
+    kills: int,
+    root: Path,
+    rng: random.Random,
+    log=print,
+    min_inside: int = 0,
+    references: References | None = None,
 ) -> dict:
     """`kills` SIGKILLs, every other one aimed into a write; then, while fewer than `min_inside`
     kills have landed inside a write, more aimed kills (at most `kills` more). An aimed kill can
-    still miss: the write may finish between the moment it is seen and the signal's delivery."""
-    data_dir = samples.write_fashion_mnist(root / "data", n_train=192, n_test=64)
-    ref_dir, run_dir = root / f"{stack}-reference", root / f"{stack}-killed"
-    t0 = time.perf_counter()
-    run_once(command(stack, data_dir, ref_dir), None)
-    duration = time.perf_counter() - t0
-    reference = epoch_records(ref_dir)
+    still miss: the write may finish between the moment it is seen and the signal's delivery.
+    The uninterrupted run comes from `references` (made in `root` when none is given)."""
+    refs = references or References(root)
+    run_dir = root / f"{stack}-killed"
+    duration = refs.seconds(stack, "chaos")
+    reference = refs.records(stack, "chaos")
     killed, attempts, cycles, identical = 0, 0, 0, True
     landed = {"before the first checkpoint": 0, "outside a write": 0, "inside a write": 0}
 
@@ -177,7 +241,7 @@ def check_stack(
             # milliseconds, so kills at uniformly random moments would almost never land in one
             aim = run_dir if killed % 2 or killed >= kills else None
             stale = temporaries(run_dir)
-            _, was_killed = run_once(command(stack, data_dir, run_dir), delay, aim)
+            _, was_killed = run_once(refs.command(stack, "chaos", run_dir), delay, aim)
             killed += was_killed
             if was_killed:
                 landed[where_killed(run_dir, stale)] += 1
@@ -299,16 +363,17 @@ def group_stop(
     return proc.returncode, err
 
 
-def check_group_stops(stack: str, root: Path, stops=STOPS, log=print) -> dict:
+def check_group_stops(
+    stack: str, root: Path, stops=STOPS, log=print, references: References | None = None
+) -> dict:
     """Each stop in `stops` on a fresh run: exit 75 with one line, then the rerun's records equal
-    the uninterrupted run's."""
-    data_dir = samples.write_image_folder(root / "images", classes=3, per_class=(8, 4))
-    run_once(image_command(stack, data_dir, root / f"{stack}-images-reference"), None)
-    reference = epoch_records(root / f"{stack}-images-reference")
+    the uninterrupted run's (from `references`, made in `root` when none is given)."""
+    refs = references or References(root)
+    reference = refs.records(stack, "images")
     results = {}
     for point, sig in stops:
         workdir = root / f"{stack}-stop-{point.replace(':', '-')}"
-        cmd = image_command(stack, data_dir, workdir)
+        cmd = refs.command(stack, "images", workdir)
         code, err = group_stop(cmd, point, sig, root / "paused")
         one_line = len(err.strip().splitlines()) == 1 and "Traceback" not in err
         run_once(cmd, None)
@@ -337,10 +402,11 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     ok = True
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        refs = References(Path(tmp))
         for stack in stacks:
-            ok &= check_stack(stack, args.kills, Path(tmp), rng)["identical"]
+            ok &= check_stack(stack, args.kills, Path(tmp), rng, references=refs)["identical"]
             if not args.no_group_stops:
-                ok &= check_group_stops(stack, Path(tmp))["identical"]
+                ok &= check_group_stops(stack, Path(tmp), references=refs)["identical"]
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -10,27 +10,19 @@ import signal
 
 import pytest
 
-from testkit import chaos, samples
+from testkit import chaos
 from core.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return samples.write_image_folder(
-        tmp_path_factory.mktemp("preempt") / "inet", classes=3, per_class=(8, 4)
-    )
+@pytest.fixture
+def images(references):
+    """The session's ImageNet-layout folder of JPEGs (testkit.chaos.References, "images")."""
+    return references.data("images")
 
 
-_references: dict = {}
-
-
-def reference(stack, images):
-    """The records of an uninterrupted run (once per stack)."""
-    if stack not in _references:
-        workdir = images.parent / f"{stack}-reference"
-        chaos.run_once(chaos.image_command(stack, images, workdir), None)
-        _references[stack] = chaos.epoch_records(workdir)
-    return _references[stack]
+def reference(stack, references):
+    """The records of the session's uninterrupted run on those images (once per stack)."""
+    return references.records(stack, "images")
 
 
 def one_line(err):
@@ -51,9 +43,9 @@ CASES = [  # stack, pause point, signal, whether each worker is signalled alone 
     "stack,point,sig,workers_first", CASES, ids=[f"{c[0]}-{c[1]}-{c[2].name}" for c in CASES]
 )
 def test_group_signal_checkpoints_exits_75_and_resumes_exactly(
-    stack, point, sig, workers_first, images, tmp_path
+    stack, point, sig, workers_first, images, references, tmp_path
 ):
-    want = reference(stack, images)
+    want = reference(stack, references)
     cmd = chaos.image_command(stack, images, tmp_path / "run")
     if workers_first:  # a worker signalled alone keeps serving: the run is not harmed
         proc = chaos.paused(cmd, point, tmp_path / "paused")
@@ -83,7 +75,7 @@ def test_a_stop_during_start_up_ends_the_run_before_it_trains(stack, images, tmp
     assert not ckpts.exists() or not any(p.is_file() for p in ckpts.rglob("*"))
 
 
-def test_a_second_ctrl_c_quits_at_once_and_the_rerun_still_ends_right(images, tmp_path):
+def test_a_second_ctrl_c_quits_at_once_and_the_rerun_still_ends_right(images, references, tmp_path):
     """Exit 130 (or 75 when the stop was done before the second signal landed), one line, and
     the rerun ends where an uninterrupted run does. The handler is core's, the same in
     both stacks (flax_impl's interpreter once crashed here: it now never reaches its teardown);
@@ -96,10 +88,12 @@ def test_a_second_ctrl_c_quits_at_once_and_the_rerun_still_ends_right(images, tm
     _, err = proc.communicate(timeout=300)
     assert proc.returncode in (EXIT_INTERRUPTED, EXIT_PREEMPTED) and one_line(err), err
     chaos.run_once(cmd, None)
-    assert chaos.epoch_records(tmp_path / "run") == reference("torch_ref", images)
+    assert chaos.epoch_records(tmp_path / "run") == reference("torch_ref", references)
 
 
-def test_the_lock_goes_with_a_killed_trainer_though_its_workers_linger(images, tmp_path):
+def test_the_lock_goes_with_a_killed_trainer_though_its_workers_linger(
+    images, references, tmp_path
+):
     """SIGKILL of the trainer alone: its DataLoader workers outlive it for a few seconds (until
     torch's watchdog sees the trainer gone), but they closed their copy of the workdir lock, so
     the rerun at once is not refused, and it ends where an uninterrupted run does."""
@@ -122,4 +116,4 @@ def test_the_lock_goes_with_a_killed_trainer_though_its_workers_linger(images, t
             except ProcessLookupError:
                 pass
     chaos.run_once(cmd, None)  # raises if refused
-    assert chaos.epoch_records(tmp_path / "run") == reference("torch_ref", images)
+    assert chaos.epoch_records(tmp_path / "run") == reference("torch_ref", references)

@@ -22,13 +22,19 @@ STACKS = testkit.STACKS
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_killed_anywhere_ends_bit_identical(stack, tmp_path):
+def test_killed_anywhere_ends_bit_identical(stack, tmp_path, references):
     """Three SIGKILLs at random moments, the second aimed into a write, and more aimed ones (up
     to 3) until one has landed inside a write (the full script does 20+: python -m
     testkit.chaos). An aimed kill can miss when the write ends before the signal lands,
     which a loaded machine makes likelier: one CI run saw it."""
     result = chaos.check_stack(
-        stack, 3, tmp_path, random.Random(1), log=lambda _: None, min_inside=1
+        stack,
+        3,
+        tmp_path,
+        random.Random(1),
+        log=lambda _: None,
+        min_inside=1,
+        references=references,
     )
     assert result["kills"] >= 3 and result["identical"], result
     assert sum(result["kills_landed"].values()) == result["kills"]
@@ -36,10 +42,8 @@ def test_killed_anywhere_ends_bit_identical(stack, tmp_path):
 
 
 @pytest.mark.parametrize("stack,sig", [("torch_ref", signal.SIGTERM), ("flax_impl", signal.SIGINT)])
-def test_sigterm_and_sigint_checkpoint_and_exit_75(stack, sig, tmp_path):
-    data = samples.write_fashion_mnist(tmp_path / "data", n_train=192, n_test=64)
-    chaos.run_once(chaos.command(stack, data, tmp_path / "ref"), None)
-    cmd = chaos.command(stack, data, tmp_path / "run")
+def test_sigterm_and_sigint_checkpoint_and_exit_75(stack, sig, tmp_path, references):
+    cmd = references.command(stack, "chaos", tmp_path / "run")
     proc = subprocess.Popen(
         cmd,
         env=chaos.trainer_env(),
@@ -59,15 +63,17 @@ def test_sigterm_and_sigint_checkpoint_and_exit_75(stack, sig, tmp_path):
     assert "checkpoint written, run the same command to resume" in err
     assert "Traceback" not in err
     chaos.run_once(cmd, None)  # the same command resumes and finishes
-    assert chaos.epoch_records(tmp_path / "run") == chaos.epoch_records(tmp_path / "ref")
+    assert chaos.epoch_records(tmp_path / "run") == references.records(stack, "chaos")
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_same_seed_same_curve(stack, tmp_path):
-    data = samples.write_fashion_mnist(tmp_path / "data", n_train=96, n_test=32)
-    for name in ("a", "b"):
-        chaos.run_once(chaos.command(stack, data, tmp_path / name), None)
-    a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+def test_same_seed_same_curve(stack, tmp_path, references):
+    """A second run of the session's reference command, in a fresh workdir, writes the same
+    record line for line: every step's loss, not only the epochs'."""
+    chaos.run_once(references.command(stack, "chaos", tmp_path / "b"), None)
+    references.records(stack, "chaos")  # the first run
+    a_dir = references.root / f"{stack}-chaos-reference"
+    a = [json.loads(x) for x in (a_dir / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     drop = ("epoch_time", "train_images_per_s")
     assert [{k: v for k, v in m.items() if k not in drop} for m in a] == [
@@ -140,23 +146,15 @@ def test_corrupt_image_stops_cleanly_and_resumes(stack, tmp_path):
     assert "resumed from" in proc.stdout
 
 
-_TRAINED: dict = {}  # stack -> the folder of its one trained run, made once per session
-
-
 @pytest.fixture
-def trained(tmp_path_factory):
-    """`trained(stack, tmp_path)`: a short finished run of `stack` (its data in tmp_path/data,
-    its workdir tmp_path/w), trained once per session and copied into each test that uses it
-    (a test may damage its copy); the trainer command that made it."""
+def trained(references):
+    """`trained(stack, tmp_path)`: the session's finished "small" run of `stack` copied into
+    tmp_path/w (a test may damage its copy), its data into tmp_path/data; the trainer command
+    that resumes it there."""
 
     def copy_into(stack, tmp_path, name="w"):
-        if stack not in _TRAINED:
-            root = tmp_path_factory.mktemp(f"trained-{stack}")
-            data = samples.write_fashion_mnist(root / "data", n_train=64, n_test=32)
-            chaos.run_once(chaos.command(stack, data, root / "w"), None)
-            _TRAINED[stack] = root
-        shutil.copytree(_TRAINED[stack] / "data", tmp_path / "data")
-        shutil.copytree(_TRAINED[stack] / "w", tmp_path / name, symlinks=True)
+        shutil.copytree(references.data("small"), tmp_path / "data")
+        references.copy(stack, "small", tmp_path / name)
         return chaos.command(stack, tmp_path / "data", tmp_path / name)
 
     return copy_into
@@ -403,11 +401,15 @@ def test_fuzz_overrides_valid_accepted_invalid_refused(good, bad):
             apply_overrides(base, good + bad)
 
 
-def test_chaos_group_stops_report_each_point(tmp_path):
+def test_chaos_group_stops_report_each_point(tmp_path, references):
     """The chaos tool's group stops (python -m testkit.chaos runs all four points on both
     stacks): here one point, inside the first checkpoint write, on torch_ref's worker processes."""
     result = chaos.check_group_stops(
-        "torch_ref", tmp_path, [("write:3", signal.SIGTERM)], log=lambda _: None
+        "torch_ref",
+        tmp_path,
+        [("write:3", signal.SIGTERM)],
+        log=lambda _: None,
+        references=references,
     )
     assert result["group_stops"] == {"write:3": True} and result["identical"], result
 

@@ -55,26 +55,21 @@ def snapshot(folder: Path) -> dict:
     }
 
 
-_finished: dict = {}
+@pytest.fixture
+def data(references):
+    """The session's "small" generated Fashion-MNIST set (testkit.chaos.References)."""
+    return references.data("small")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return samples.write_fashion_mnist(
-        tmp_path_factory.mktemp("fm") / "data", n_train=64, n_test=32
-    )
+@pytest.fixture
+def finished(references, tmp_path):
+    """`finished(stack, name="w")`: a copy of the session's finished 3-epoch "small" run of
+    `stack` in tmp_path/name, and the command that resumes it there."""
 
+    def copy(stack, name="w"):
+        return references.copy(stack, "small", tmp_path / name), tmp_path / name
 
-def finished(stack, data, tmp_path, name="w"):
-    """A copy of a finished 3-epoch run (trained once per stack) and its command."""
-    if stack not in _finished:
-        src = data.parent / f"{stack}-finished"
-        chaos.run_once(chaos.command(stack, data, src), None)
-        _finished[stack] = src
-    dest = tmp_path / name
-    shutil.copytree(_finished[stack], dest)
-    (dest / ".lock").unlink(missing_ok=True)
-    return chaos.command(stack, data, dest), dest
+    return copy
 
 
 def last_checkpoints(stack, ckpts: Path) -> list[Path]:
@@ -127,10 +122,10 @@ def test_a_second_run_in_a_live_workdir_is_refused(stack, data, tmp_path):
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_an_unreadable_or_missing_last_checkpoint_falls_back(stack, data, tmp_path):
+def test_an_unreadable_or_missing_last_checkpoint_falls_back(stack, finished):
     """last broken: resume from the one before it (moved aside, not deleted) and end with the
     same records, bit for bit; last missing too: from best; nothing usable: refused."""
-    cmd, w = finished(stack, data, tmp_path)
+    cmd, w = finished(stack)
     want = chaos.epoch_records(w)
     ckpts = w / "checkpoints"
     newest, older = last_checkpoints(stack, ckpts)[:2]
@@ -160,14 +155,14 @@ def test_an_unreadable_or_missing_last_checkpoint_falls_back(stack, data, tmp_pa
 
 
 @pytest.mark.parametrize("stack", SHARED)
-def test_a_record_without_config_or_checkpoints_is_never_started_over(stack, data, tmp_path):
-    cmd, w = finished(stack, data, tmp_path)
+def test_a_record_without_config_or_checkpoints_is_never_started_over(stack, finished):
+    cmd, w = finished(stack)
     (w / "config.json").unlink()
     before = snapshot(w)
     one_line(run(cmd), "but no config.json")
     assert snapshot(w) == before
 
-    cmd, w = finished(stack, data, tmp_path, "w2")
+    cmd, w = finished(stack, "w2")
     shutil.rmtree(w / "checkpoints")
     before = snapshot(w)
     one_line(run(cmd), "holds 3 recorded epoch(s) but no usable checkpoint")
@@ -175,8 +170,8 @@ def test_a_record_without_config_or_checkpoints_is_never_started_over(stack, dat
 
 
 @pytest.mark.parametrize("stack", SHARED)
-def test_other_data_on_resume_is_refused(stack, data, tmp_path):
-    cmd, w = finished(stack, data, tmp_path)
+def test_other_data_on_resume_is_refused(stack, data, finished, tmp_path):
+    cmd, w = finished(stack)
     other = samples.write_fashion_mnist(tmp_path / "other", n_train=96, n_test=32)
     cmd = [str(other) if c == str(data) else c for c in cmd]
     before = snapshot(w)
@@ -213,7 +208,7 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.parametrize("stack", SHARED)
-def test_a_full_disk_at_the_first_checkpoint_starts_again(stack, data, tmp_path):
+def test_a_full_disk_at_the_first_checkpoint_starts_again(stack, data, references, tmp_path):
     """checkpoint_every_steps=0: the first checkpoint is written after epoch 1's line. A 2 MB
     tmpfs cannot hold it: the line says no checkpoint exists yet, and the rerun (moved to a
     larger disk) trains from the start, not refused, to the uninterrupted run's records."""
@@ -234,13 +229,13 @@ def test_a_full_disk_at_the_first_checkpoint_starts_again(stack, data, tmp_path)
     cmd = [str(moved) if a == str(w) else a for a in cmd]
     proc = run(cmd)
     assert proc.returncode == 0 and "resumed from" not in proc.stdout, proc.stderr
-    _, reference = finished(stack, data, tmp_path, "reference")  # the same run, undisturbed
-    assert chaos.epoch_records(moved) == chaos.epoch_records(reference)
+    # the same run, undisturbed
+    assert chaos.epoch_records(moved) == references.records(stack, "small")
 
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_a_full_disk_is_one_line_and_the_run_resumes_after_space_is_freed(
-    stack, data, small_disk, tmp_path
+    stack, data, references, small_disk, tmp_path
 ):
     """The disk fills at a checkpoint (the line gives its size) or, when a checkpoint left the
     disk within a few KB of full, at the next record file (flax_impl in one run of the whole
@@ -260,13 +255,13 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_after_space_is_freed(
     (moved / ".lock").unlink(missing_ok=True)
     proc = run(chaos.command(stack, data, moved))
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr
-    _, reference = finished(stack, data, tmp_path, "reference")  # the same run, undisturbed
-    assert chaos.epoch_records(moved) == chaos.epoch_records(reference)
+    # the same run, undisturbed
+    assert chaos.epoch_records(moved) == references.records(stack, "small")
     assert chaos.epoch_records(moved)[: len(kept)] == kept
 
 
 @pytest.mark.parametrize("stack", SHARED)
-def test_unwritable_places_are_one_line(stack, data, tmp_path):
+def test_unwritable_places_are_one_line(stack, data, finished, tmp_path):
     _root_only()
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -274,7 +269,7 @@ def test_unwritable_places_are_one_line(stack, data, tmp_path):
     one_line(run(chaos.command(stack, data, Path("/proc/no-runs-here"))), "cannot use")
 
     # an immutable workdir holding a finished run: refused, nothing changed
-    cmd, w = finished(stack, data, tmp_path)
+    cmd, w = finished(stack)
     before = snapshot(w)
     if subprocess.run(["chattr", "+i", str(w)], capture_output=True).returncode:
         pytest.skip("this file system has no immutable flag")
