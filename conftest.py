@@ -18,6 +18,26 @@ from flax_impl import cpu_setup  # noqa: E402
 
 cpu_setup.configure()
 
+# One XLA compilation cache for the session: the test trainers start many flax_impl processes
+# on the same tiny recipes (run, stop, resume, compare), and each would compile the same steps
+# again. A cache hit loads the program XLA compiled before for the same computation, flags and
+# machine, so results are bit-identical; only compile time goes (about 40% of a short flax_impl
+# run here). The size limit turns on JAX's file lock, which concurrent trainers need. Users'
+# runs cache nothing unless they set JAX_COMPILATION_CACHE_DIR themselves (docs/performance.md).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=_cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30),
+    )
+
 import pytest  # noqa: E402  (after the XLA_FLAGS set-up, on purpose)
 
 from testkit import samples  # noqa: E402
@@ -41,3 +61,26 @@ def imagefolder_dir(tmp_path_factory):
     return samples.write_image_folder(
         tmp_path_factory.mktemp("imagenet"), classes=3, per_class=(6, 3), size=(48, 40)
     )
+
+
+@pytest.fixture(scope="session")
+def references(tmp_path_factory):
+    """The session's uninterrupted reference runs and finished runs (testkit.chaos.References):
+    each kind trained once per stack, however many tests compare with it or copy it."""
+    from testkit import chaos
+
+    return chaos.References(tmp_path_factory.mktemp("references"))
+
+
+# CI runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Each test file is one
+# group, so a module's fixtures are made once; the files that share the `references` runs are one
+# group, so those runs are made once too.
+SHARE_REFERENCES = {"test_reliability.py", "test_workdir.py", "test_preemption.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        group = "references" if name in SHARE_REFERENCES else str(item.path)
+        item.add_marker(pytest.mark.xdist_group(group))

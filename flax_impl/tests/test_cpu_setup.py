@@ -206,6 +206,10 @@ def test_importing_flax_impl_changes_nothing():
 def test_this_test_session_runs_with_fusion():
     # conftest.py calls cpu_setup.configure() before any test starts JAX: the suite runs what
     # users run
-    assert cpu_setup.state()["fusion"] == "on"
+    # (under pytest-xdist the controller configured it, and a worker inherits its XLA_FLAGS)
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        assert cpu_setup.state()["fusion"].startswith("left to XLA_FLAGS")
+    else:
+        assert cpu_setup.state()["fusion"] == "on"
     assert cpu_setup.FUSION in os.environ["XLA_FLAGS"]
     assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]
