@@ -6,7 +6,8 @@ fields that differ from the defaults, each with its source.
 
 "seed 000" in the comments is the tutorial "A from-scratch CIFAR-10 ResNet in PyTorch" (cifar10);
 "seed 002" is "Training ResNet from Scratch: From First Principles to Multi-GPU ImageNet"
-(cifar100, imagenet, and their regularised variants cifar100_mmda and imagenet_mixcut).
+(cifar100, imagenet, and their regularised variants cifar100_mmda and imagenet_mixcut);
+imagenet_v2 is torchvision's second-generation ResNet-50 recipe.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import importlib
 from core.errors import UserError
 from core.recipe import Recipe
 
-RECIPES = ("cifar10", "cifar100", "imagenet", "fashion_mnist", "cifar100_mmda", "imagenet_mixcut")
+RECIPES = (
+    "cifar10",
+    "cifar100",
+    "imagenet",
+    "fashion_mnist",
+    "cifar100_mmda",
+    "imagenet_mixcut",
+    "imagenet_v2",
+)
 
 
 def get_config(name: str, size: str = "full") -> Recipe:

@@ -34,6 +34,19 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+WEIGHTS = ("model", "ema")
+
+
+def add_weights_flag(p, what: str = "use") -> None:
+    """--weights model|ema, for every command that reads a checkpoint's weights."""
+    p.add_argument(
+        "--weights",
+        default="model",
+        choices=WEIGHTS,
+        help=f"the weights to {what}: the model's, or its EMA's (a run with ema_decay > 0)",
+    )
+
+
 def build_parser(prog: str, recipes: Sequence[str]) -> argparse.ArgumentParser:
     p = Parser(
         prog=prog,
@@ -59,6 +72,7 @@ def build_parser(prog: str, recipes: Sequence[str]) -> argparse.ArgumentParser:
         help="evaluate the workdir's best checkpoint (or --checkpoint) and exit",
     )
     p.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only")
+    add_weights_flag(p, "evaluate with --eval-only")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--list-keys", action="store_true", help="print the override keys and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -86,6 +100,10 @@ def parse(
         recipe = recipe.replace(data_dir=args.data_dir)
     if args.checkpoint and not args.eval_only:
         raise UserError("--checkpoint is for --eval-only; training resumes from --workdir")
+    if args.weights != "model" and not args.eval_only:
+        raise UserError(
+            "--weights is for --eval-only; a run with ema_decay > 0 evaluates both every epoch"
+        )
     if args.workdir is not None and not args.workdir.strip():
         raise UserError(
             "--workdir is empty; pass the run folder (or leave the flag out for "

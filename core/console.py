@@ -40,10 +40,11 @@ def first_batch_line(loss: float, num_classes: int) -> str:
 
 
 def epoch_line(m: dict, epochs: int) -> str:
+    ema = f" (ema {100 * m['test_acc_ema']:.2f}%)" if "test_acc_ema" in m else ""
     return (
         f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} "
         f"acc {100 * m['train_acc']:.2f}%  test loss {m['test_loss']:.4f} "
-        f"acc {100 * m['test_acc']:.2f}%  lr {m['lr']:.4g}  {m['epoch_time']:.1f}s "
+        f"acc {100 * m['test_acc']:.2f}%{ema}  lr {m['lr']:.4g}  {m['epoch_time']:.1f}s "
         f"({m['train_images_per_s']:.0f} img/s)"
     )
 

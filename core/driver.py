@@ -15,12 +15,14 @@ What goes where, at each step of an epoch:
     batch = next(backend.batches(epoch, start))       the stack loads, decodes, places (the data
                                                       plan, core.sampling, decides what)
     handle = backend.train_step(batch)                one optimizer step; nothing waits for it
+    every ema_every_steps:  backend.ema_update(...)   the model EMA follows (core.schedules)
     every log_every_steps:  backend.fetch(handles)    one device sync: a StepMetrics of per-step
                                                       loss, correct, count, finite; the driver
                                                       adds them up
     stop requested / checkpoint_every_steps:          backend.any_process(flag), backend.save(meta)
 
-and at the end of an epoch: `backend.all_sum(sums)`, `backend.evaluate()`, `backend.end_epoch()`
+and at the end of an epoch: `backend.all_sum(sums)`, `backend.evaluate()` (and
+`backend.evaluate(weights="ema")` with a model EMA), `backend.end_epoch()`
 (torch's per-epoch scheduler step), `backend.digest()`, `backend.save(meta, best)`.
 
 Adding a metric: compute it in `Run.run_epoch` or `Run._log_window` below. Adding a log sink: a
@@ -88,15 +90,15 @@ class StepMetrics(NamedTuple):
 class Stack:
     """What a stack's command line hands `main`: its name, its recipes and two entry points,
     plus optional hooks. `train(recipe, workdir, device)`, `evaluate(recipe, workdir,
-    checkpoint, device)`; `flags(parser)` adds flags, `setup(args)` runs right after parsing
-    (flax_impl: join the other processes), `peer_lost(err)` is the line that says another
-    process of the run died (None when `err` is not that)."""
+    checkpoint, device, weights)`; `flags(parser)` adds flags, `setup(args)` runs right after
+    parsing (flax_impl: join the other processes), `peer_lost(err)` is the line that says
+    another process of the run died (None when `err` is not that)."""
 
     prog: str  # "python -m torch_ref.train"
     framework: str  # "torch_ref" | "flax_impl"
     recipes: cli.RecipeBook
     train: Callable[[Recipe, str, str], Any]
-    evaluate: Callable[[Recipe, str, str | None, str], Any]
+    evaluate: Callable[[Recipe, str, str | None, str, str], Any]
     flags: Callable[[Any], None] | None = None
     setup: Callable[[Any], None] | None = None
     peer_lost: Callable[[BaseException], str | None] | None = None
@@ -146,11 +148,17 @@ class Backend(Protocol):
         """True on every process if `flag` is True on any (every process calls it)."""
 
     def evaluate(
-        self, between: Callable[[], None] | None = None
+        self, between: Callable[[], None] | None = None, weights: str = "model"
     ) -> tuple[float, float, float, np.ndarray]:
         """(loss sum, correct, count, confusion) over the whole test split, every image once;
         confusion[true, predicted] counts images (num_classes x num_classes integers). Calls
-        `between()` (if given) before each batch; it may raise to abandon the evaluation."""
+        `between()` (if given) before each batch; it may raise to abandon the evaluation.
+        `weights`: "model", or "ema" for the model EMA's weights and BatchNorm statistics."""
+
+    def ema_update(self, restart: bool) -> None:
+        """Update the model EMA from the model after an optimizer step (recipes with
+        ema_decay > 0): the first update after a restart copies the model, later ones average
+        with the decay of core.schedules.ema_decay; `restart`: the next update copies again."""
 
     def end_epoch(self) -> None:
         """After an epoch's evaluation (torch: the per-epoch scheduler step)."""
@@ -170,9 +178,10 @@ class Backend(Protocol):
         """About how large one checkpoint is (for the message when a disk is full)."""
 
     def restore_for_eval(
-        self, path: str | None, check: Callable[[dict, str], None]
+        self, path: str | None, check: Callable[[dict, str], None], weights: str = "model"
     ) -> tuple[dict, str]:
-        """Load `path`, or the best checkpoint (else the last) of the checkpoint folder."""
+        """Load `path`, or the best checkpoint (else the last) of the checkpoint folder, for
+        evaluating the model: with `weights` "ema" the checkpoint's EMA becomes the model."""
 
     def digest(self) -> str:
         """SHA-256 (16 hex digits) of the parameters, BatchNorm statistics and momentum."""
@@ -566,6 +575,8 @@ class Run:
                 if batch is _END:
                     break
                 pending.append(b.train_step(batch))
+                if schedules.ema_updates_after(r, self.step_in_epoch):
+                    b.ema_update(schedules.ema_restarts(r, self.epoch))
                 preemption.pause("step")
                 if self.global_step == 0 and b.is_main:
                     first = b.fetch(pending[-1:]).loss[0]
@@ -622,7 +633,13 @@ class Run:
         return metrics
 
     def evaluate(self) -> dict:
-        return test_metrics(self.backend, self._between_eval_batches)
+        """The model's test metrics and, with a model EMA, the EMA's loss and accuracy beside
+        them (its confusion matrix is not kept: `best` and the matrix are the model's)."""
+        out = test_metrics(self.backend, self._between_eval_batches)
+        if self.recipe.ema_decay:
+            ema = test_metrics(self.backend, self._between_eval_batches, weights="ema")
+            out["test_loss_ema"], out["test_acc_ema"] = ema["test_loss"], ema["test_acc"]
+        return out
 
     def _between_eval_batches(self) -> None:
         """A stop request abandons the evaluation when this process alone evaluates; with
@@ -689,10 +706,13 @@ def per_class(confusion: np.ndarray) -> list:
 # --- entry points -------------------------------------------------------------------------------
 
 
-def test_metrics(backend: Backend, between: Callable[[], None] | None = None) -> dict:
+def test_metrics(
+    backend: Backend, between: Callable[[], None] | None = None, weights: str = "model"
+) -> dict:
     """Loss and accuracy over the whole test split, each image counted once, and the confusion
-    matrix (key "confusion", an integer array: not for the JSON record as it is)."""
-    loss_sum, correct, count, confusion = backend.evaluate(between)
+    matrix (key "confusion", an integer array: not for the JSON record as it is); `weights`:
+    the model's ("model") or its EMA's ("ema")."""
+    loss_sum, correct, count, confusion = backend.evaluate(between, weights)
     # cannot happen unless sharding is broken
     if int(count) != backend.num_eval or int(confusion.sum()) != backend.num_eval:
         raise RuntimeError(
@@ -741,13 +761,14 @@ def train_and_evaluate(
 
 
 def evaluate_checkpoint(
-    make: Factory, recipe: Recipe, workdir: str | Path, path: str | None
+    make: Factory, recipe: Recipe, workdir: str | Path, path: str | None, weights: str = "model"
 ) -> dict:
-    """--eval-only: evaluate `path`, or the workdir's best checkpoint (else its last)."""
+    """--eval-only: evaluate `path`, or the workdir's best checkpoint (else its last); its
+    model's weights or, `weights` "ema", its EMA's."""
     backend = make(Path(workdir) / "checkpoints", False)
     try:
         try:
-            meta, where = backend.restore_for_eval(path, identity_check(recipe, backend))
+            meta, where = backend.restore_for_eval(path, identity_check(recipe, backend), weights)
         except UnusableCheckpoint as err:
             if "--checkpoint" in str(err):
                 raise
@@ -763,6 +784,8 @@ def evaluate_checkpoint(
 
         metrics = test_metrics(backend, between)
         if backend.is_main:
+            if weights == "ema":
+                where = f"{where} (its EMA)"
             console.say(
                 f"{where}: test loss {metrics['test_loss']:.4f} acc "
                 f"{100 * metrics['test_acc']:.2f}% on {metrics['test_count']} images "
@@ -797,7 +820,7 @@ def main(argv: list[str] | None, stack: Stack) -> int:
                 cli.print_keys()
                 return 0
             if args.eval_only:
-                stack.evaluate(recipe, args.workdir, args.checkpoint, args.device)
+                stack.evaluate(recipe, args.workdir, args.checkpoint, args.device, args.weights)
             else:
                 stack.train(recipe, args.workdir, args.device)
             return 0

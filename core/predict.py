@@ -1,6 +1,7 @@
 """Predict with a trained run, written once for both stacks.
 
-    python -m torch_ref.predict --workdir RUN [--checkpoint PATH] [--top K] [--json] IMAGE...
+    python -m torch_ref.predict --workdir RUN [--checkpoint PATH] [--weights model|ema] [--top K]
+                                [--json] IMAGE...
     python -m flax_impl.predict ...            (the same flags)
 
 The run folder says what the model is (its `config.json`, the resolved recipe); the checkpoint is
@@ -25,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from core.cli import Parser
+from core.cli import Parser, add_weights_flag
 from core.errors import UserError, report
 from core.recipe import Recipe, make_recipe
 
@@ -136,7 +137,7 @@ def prepare(img, recipe: Recipe) -> np.ndarray:
     from core import pil_transforms
 
     img = pil_transforms.to_channels(img, recipe.in_channels)
-    size = recipe.image_size
+    size = recipe.eval_size
     if recipe.eval_resize:  # ImageNet: Resize(256) + CenterCrop(224), as evaluation does
         return pil_transforms.eval_image(img, recipe.eval_resize, size, recipe.in_channels)
     if img.size != (size, size):
@@ -166,9 +167,37 @@ def build_parser(prog: str) -> Parser:
     p.add_argument("--top", type=int, default=5, help="how many classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_weights_flag(p, "classify with")
     add_pixel_limit(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     return p
+
+
+def _no_ema(where) -> UserError:
+    return UserError(
+        f"checkpoint {where} holds no model EMA (its run had ema_decay=0); use --weights model"
+    )
+
+
+def torch_weights(state: dict, weights: str, where) -> dict:
+    """The state_dict of the model, or of its EMA (torch's AveragedModel keeps the model under
+    "module." beside its count), from a torch_ref checkpoint's dict."""
+    if weights == "model":
+        return state["model_state"]
+    ema = state.get("model_ema")
+    if ema is None:
+        raise _no_ema(where)
+    return {k[len("module.") :]: v for k, v in ema.items() if k.startswith("module.")}
+
+
+def flax_variables(state: dict, weights: str, where) -> dict:
+    """{"params", "batch_stats"} of the model, or of its EMA, from a flax_impl checkpoint's
+    TrainState read as a dict."""
+    if weights == "ema":
+        if "ema" not in state:
+            raise _no_ema(where)
+        state = state["ema"]
+    return {k: state[k] for k in ("params", "batch_stats")}
 
 
 def add_pixel_limit(p: Parser) -> None:
@@ -194,8 +223,8 @@ def pixel_limit(args, recipe: Recipe) -> int:
 
 
 def main(argv: list[str] | None, prog: str, load: Callable[..., tuple]) -> int:
-    """The command line of both stacks' predict; load(recipe, checkpoint, workdir, device)
-    returns (logits_fn, description)."""
+    """The command line of both stacks' predict; load(recipe, checkpoint, workdir, device,
+    weights) returns (logits_fn, description)."""
     from core.datasets import class_names
 
     try:
@@ -207,7 +236,7 @@ def main(argv: list[str] | None, prog: str, load: Callable[..., tuple]) -> int:
         k = min(args.top, recipe.num_classes)
         limit = pixel_limit(args, recipe)
         images = np.stack([load_image(p, recipe, limit) for p in args.images])
-        logits_fn, where = load(recipe, args.checkpoint, workdir, args.device)
+        logits_fn, where = load(recipe, args.checkpoint, workdir, args.device, args.weights)
         logits = logits_fn(images)
         names = class_names(recipe)
         for path, row in zip(args.images, logits):

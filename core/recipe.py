@@ -14,14 +14,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
-from typing import Literal, get_args, get_origin
+from typing import Literal, Union, get_args, get_origin
 
 from core.errors import UserError
 from core.model_table import CIFAR_MODELS, IMAGENET_MODELS
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "imagenet")
 SIZES = ("full", "smoke")
+SCHEDULES = ("cosine_per_epoch", "cosine_per_step", "onecycle")
 # PIL refuses images of more pixels than this as decompression bombs (twice its warning
 # threshold, 89,478,485): the default of `max_image_pixels`
 PIL_PIXEL_LIMIT = 178_956_970
@@ -44,6 +46,8 @@ class Recipe:
     data_source: Literal["files", "tfds"] = "files"  # tfds: a prepared TFDS set (flax_impl only)
     download: bool = True  # fetch CIFAR when it is not on disk and the network allows
     image_size: int = 32  # side of the training crop and of the eval image, pixels
+    train_crop: int = 0  # ImageNet: side of the training crop (FixRes); 0 = image_size
+    eval_crop: int = 0  # ImageNet: side of the eval centre crop (after eval_resize); 0 = image_size
     crop_padding: int = 4  # zero padding before the random crop, pixels; 0 = no random crop
     random_resized_crop: bool = False  # torchvision RandomResizedCrop (ImageNet) instead
     hflip: bool = True  # random horizontal flip (probability 0.5) of training images
@@ -73,7 +77,13 @@ class Recipe:
     momentum: float = 0.9  # SGD momentum (OneCycle cycles it instead)
     nesterov: bool = False  # Nesterov momentum
     weight_decay: float = 0.0  # coupled (added to the gradient), as torch.optim.SGD does
-    schedule: Literal["cosine_per_epoch", "onecycle"] = "cosine_per_epoch"  # the lr schedule
+    norm_weight_decay: float | None = None  # BatchNorm weights and biases; none = weight_decay
+    bias_weight_decay: float | None = None  # every bias (BatchNorm's too); none = as the rest
+    schedule: Literal[SCHEDULES] = "cosine_per_epoch"  # the lr schedule (core.schedules)
+    warmup_epochs: int = 0  # linear warm-up before the cosine schedule, epochs; 0 = none
+    warmup_decay: float = 0.01  # the warm-up starts at lr x this and rises linearly to lr
+    ema_decay: float = 0.0  # model EMA's decay per update, before torchvision's adjustment; 0 = off
+    ema_every_steps: int = 32  # model EMA: update after every Nth optimizer step of an epoch
     onecycle_pct_start: float = 0.3  # OneCycle: share of the steps spent rising to lr
     onecycle_div_factor: float = 25.0  # OneCycle: starts at lr / this
     onecycle_final_div_factor: float = 1e4  # OneCycle: ends at the start rate / this
@@ -103,6 +113,16 @@ class Recipe:
     @property
     def is_cifar_family(self) -> bool:
         return self.model in CIFAR_MODELS
+
+    @property
+    def train_size(self) -> int:
+        """Side of a training image, pixels: `train_crop`, or `image_size` when that is 0."""
+        return self.train_crop or self.image_size
+
+    @property
+    def eval_size(self) -> int:
+        """Side of an evaluated (and predicted) image: `eval_crop`, or `image_size`."""
+        return self.eval_crop or self.image_size
 
 
 # Fields a resumed run may change without becoming a different run: where the data is, how it
@@ -140,6 +160,8 @@ def make_recipe(*, size: str = "full", **fields) -> Recipe:
         raise UserError(f"unknown size {size!r}; use one of: {', '.join(SIZES)}")
     if size == "smoke":
         fields.update(SMOKE)
+        # a warm-up keeps its code path: one epoch of the two
+        fields["warmup_epochs"] = min(fields.get("warmup_epochs", 0), 1)
     return validate(Recipe(size=size, **fields))
 
 
@@ -156,9 +178,23 @@ def _parse_bool(text: str) -> bool:
     raise ValueError("expected true or false")
 
 
+def _optional(tp):
+    """X for a field typed ``X | None``, else None."""
+    if get_origin(tp) in (Union, types.UnionType):
+        rest = [a for a in get_args(tp) if a is not type(None)]
+        if len(rest) == 1 and len(rest) < len(get_args(tp)):
+            return rest[0]
+    return None
+
+
 def parse_value(key: str, text: str):
-    """Parse the text of an override by the type of field `key`."""
+    """Parse the text of an override by the type of field `key` (``none`` for an optional one)."""
     tp = field_types()[key]
+    inner = _optional(tp)
+    if inner is not None:
+        if text.strip().lower() == "none":
+            return None
+        tp = inner
     if get_origin(tp) is Literal:
         choices = get_args(tp)
         if text not in choices:
@@ -242,6 +278,7 @@ def validate(r: Recipe) -> Recipe:
         "batch_size",
         "eval_batch_size",
         "log_every_steps",
+        "ema_every_steps",
     ):
         need(getattr(r, name) >= 1, f"{name} must be at least 1 (got {getattr(r, name)})")
     for name in (
@@ -250,6 +287,8 @@ def validate(r: Recipe) -> Recipe:
         "train_subset",
         "eval_subset",
         "eval_resize",
+        "train_crop",
+        "eval_crop",
         "lr_reference_world_size",
         "checkpoint_every_steps",
         "seed",
@@ -259,7 +298,34 @@ def validate(r: Recipe) -> Recipe:
     need(r.lr > 0, f"lr must be positive (got {r.lr})")
     need(0 <= r.momentum < 1, f"momentum must be in [0, 1) (got {r.momentum})")
     need(r.weight_decay >= 0, f"weight_decay must be 0 or more (got {r.weight_decay})")
+    for name in ("norm_weight_decay", "bias_weight_decay"):
+        value = getattr(r, name)
+        need(
+            value is None or value >= 0,
+            f"{name} must be 0 or more, or none for weight_decay's value (got {value})",
+        )
     need(not r.nesterov or r.momentum > 0, "nesterov needs momentum > 0")
+    need(
+        0 <= r.ema_decay < 1,
+        f"ema_decay must be in [0, 1): 0 is off, torchvision's recipe uses 0.99998 "
+        f"(got {r.ema_decay})",
+    )
+    need(r.warmup_epochs >= 0, f"warmup_epochs must be 0 or more (got {r.warmup_epochs})")
+    need(
+        r.warmup_epochs < r.epochs,
+        f"warmup_epochs={r.warmup_epochs} leaves no epoch of the schedule in a run of "
+        f"epochs={r.epochs}; warm up for fewer epochs than the run has",
+    )
+    need(
+        0 < r.warmup_decay <= 1,
+        f"warmup_decay must be in (0, 1]: the warm-up starts at lr x warmup_decay "
+        f"(got {r.warmup_decay})",
+    )
+    need(
+        not (r.warmup_epochs and r.schedule == "onecycle"),
+        "onecycle warms up by itself (onecycle_pct_start); set warmup_epochs=0 or use a cosine "
+        "schedule",
+    )
     need(0 < r.onecycle_pct_start < 1, "onecycle_pct_start must be in (0, 1)")
     need(
         r.onecycle_div_factor > 0 and r.onecycle_final_div_factor > 0,
@@ -281,8 +347,9 @@ def validate(r: Recipe) -> Recipe:
     need(r.cutout_holes >= 0, f"cutout_holes must be 0 or more (got {r.cutout_holes})")
     need(r.cutout_length >= 1, f"cutout_length must be at least 1 (got {r.cutout_length})")
     need(
-        not r.cutout_holes or r.cutout_length <= r.image_size,
-        f"cutout_length must be 1 to image_size={r.image_size} pixels (got {r.cutout_length})",
+        not r.cutout_holes or r.cutout_length <= r.train_size,
+        f"cutout_length must be 1 to the training image's {r.train_size} pixels "
+        f"(image_size or train_crop; got {r.cutout_length})",
     )
     for name in ("mixup_alpha", "cutmix_alpha"):
         need(getattr(r, name) >= 0, f"{name} must be 0 (off) or positive (got {getattr(r, name)})")
@@ -301,6 +368,16 @@ def validate(r: Recipe) -> Recipe:
     need(
         r.crop_padding == 0 or not r.random_resized_crop,
         "choose random_resized_crop or crop_padding, not both",
+    )
+    need(
+        r.dataset == "imagenet" or r.train_size == r.eval_size == r.image_size,
+        "train_crop and eval_crop are for imagenet (a random resized crop, a resize and a centre "
+        f"crop); {r.dataset} images are image_size={r.image_size} pixels: set both to 0",
+    )
+    need(
+        not r.eval_resize or r.eval_size <= r.eval_resize,
+        f"the eval centre crop ({r.eval_size} pixels: eval_crop or image_size) is larger than "
+        f"eval_resize={r.eval_resize}; crop at most what the resize leaves",
     )
     return r
 
@@ -334,6 +411,8 @@ def keys_help() -> str:
             tname = "|".join(map(str, get_args(tp)))
         elif get_origin(tp) is tuple:
             tname = "floats,..."
+        elif _optional(tp) is not None:
+            tname = f"{_optional(tp).__name__}|none"
         else:
             tname = tp.__name__
         default = "" if f.default is dataclasses.MISSING else f" (default {f.default!r})"

@@ -197,7 +197,7 @@ class TrainPlan:
         draws = None
         if regularisers.enabled(r):
             draws = regularisers.draw(
-                r, epoch, step, sl.global_size, self.mix_groups, r.image_size, r.image_size
+                r, epoch, step, sl.global_size, self.mix_groups, r.train_size, r.train_size
             )
         return StepPlan(r.seed, epoch, step, sl, params, draws)
 

@@ -51,6 +51,8 @@ EPOCH_SCALARS = (
     ("Accuracy/train", "train_acc", 100.0),
     ("Loss/val", "test_loss", 1.0),
     ("Accuracy/val", "test_acc", 100.0),
+    ("Loss/val_ema", "test_loss_ema", 1.0),  # with a model EMA
+    ("Accuracy/val_ema", "test_acc_ema", 100.0),
     ("Throughput/train_images_per_s", "train_images_per_s", 1.0),
     ("Time/epoch_s", "epoch_time", 1.0),
     ("Epoch", "epoch", 1.0),

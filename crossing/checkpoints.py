@@ -15,19 +15,20 @@ from crossing import weights
 OTHER = {"torch_ref": "flax_impl", "flax_impl": "torch_ref"}
 
 
-def read_other_stack(path, into: str, recipe: Recipe) -> tuple[dict, dict]:
+def read_other_stack(path, into: str, recipe: Recipe, which: str = "model") -> tuple[dict, dict]:
     """(meta, weights) of a checkpoint of the stack that is not `into`, its model checked
     against `recipe`, converted for `into`: torch_ref gets a state_dict of torch tensors,
-    flax_impl {"params", "batch_stats"} of NumPy arrays. A note on stderr says so. `meta` is
-    the driver's record of the run (epoch, global_step, recipe, model, ...)."""
+    flax_impl {"params", "batch_stats"} of NumPy arrays; `which`: the model's weights or its
+    EMA's. A note on stderr says so. `meta` is the driver's record of the run (epoch,
+    global_step, recipe, model, ...)."""
     if into == "torch_ref":
-        meta, variables = read_flax(path)
+        meta, variables = read_flax(path, which)
         predict.check_model(meta, recipe, str(path))
         converted = weights.torch_state_dict(variables)
     else:
         meta = read_torch(path)
         predict.check_model(meta, recipe, str(path))
-        converted = weights.torch_to_flax(meta["model_state"])
+        converted = weights.torch_to_flax(predict.torch_weights(meta, which, path))
     framework = "torch" if into == "torch_ref" else "Flax"
     print(
         f"note: {path} is a {OTHER[into]} checkpoint; converted to {framework} with "
@@ -37,10 +38,10 @@ def read_other_stack(path, into: str, recipe: Recipe) -> tuple[dict, dict]:
     return meta, converted
 
 
-def read_flax(step_dir) -> tuple[dict, dict]:
+def read_flax(step_dir, which: str = "model") -> tuple[dict, dict]:
     """(meta, variables) of a flax_impl checkpoint step folder (RUN/checkpoints/best/1234):
-    the run driver's record and {"params", "batch_stats"} as NumPy, without a template or
-    any device (the saved sharding is not needed)."""
+    the run driver's record and {"params", "batch_stats"} (of the model, or of its EMA) as
+    NumPy, without a template or any device (the saved sharding is not needed)."""
     from pathlib import Path
 
     import jax
@@ -75,8 +76,8 @@ def read_flax(step_dir) -> tuple[dict, dict]:
         ) from None
     finally:
         manager.close()
-    variables = {k: jax.tree_util.tree_map(np.asarray, state[k]) for k in ("params", "batch_stats")}
-    return meta, variables
+    chosen = predict.flax_variables(state, which, p)
+    return meta, {k: jax.tree_util.tree_map(np.asarray, v) for k, v in chosen.items()}
 
 
 def read_torch(path) -> dict:

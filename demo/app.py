@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from core import predict  # noqa: E402
-from core.cli import Parser  # noqa: E402
+from core.cli import Parser, add_weights_flag  # noqa: E402
 from core.datasets import class_names  # noqa: E402
 from core.errors import UserError, report  # noqa: E402
 
@@ -85,9 +85,14 @@ def image_file_input(gr, **kwargs):
     return image
 
 
-def build(workdir: str | Path, checkpoint: str | None = None, max_pixels: int | None = None):
-    """The gr.Blocks of a run (both stacks loaded from one checkpoint); `max_pixels`: the
-    uploads' pixel limit (default the run's max_image_pixels)."""
+def build(
+    workdir: str | Path,
+    checkpoint: str | None = None,
+    max_pixels: int | None = None,
+    which: str = "model",
+):
+    """The gr.Blocks of a run (both stacks loaded from one checkpoint, the model's weights or
+    its EMA's); `max_pixels`: the uploads' pixel limit (default the run's max_image_pixels)."""
     import gradio as gr
 
     from flax_impl import predict as flax_predict
@@ -95,8 +100,8 @@ def build(workdir: str | Path, checkpoint: str | None = None, max_pixels: int | 
 
     workdir = Path(workdir)
     recipe = predict.run_recipe(workdir)
-    torch_fn, where = torch_predict.load(recipe, checkpoint, workdir, "cpu")
-    flax_fn, _ = flax_predict.load(recipe, checkpoint, workdir, "cpu")
+    torch_fn, where = torch_predict.load(recipe, checkpoint, workdir, "cpu", which)
+    flax_fn, _ = flax_predict.load(recipe, checkpoint, workdir, "cpu", which)
     names = class_names(recipe)
     folder = tempfile.mkdtemp(prefix="demo-examples-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # gone when the demo stops
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="a checkpoint of either stack (default: the run's best)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    add_weights_flag(p, "serve")
     predict.add_pixel_limit(p)
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM (a service manager, `kill`) stops it as Ctrl-C does: the server closes and
         # the example files go
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        page = build(args.workdir, args.checkpoint, limit)
+        page = build(args.workdir, args.checkpoint, limit, args.weights)
         print(f"demo on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
         page.launch(
             server_name=args.host,

@@ -97,7 +97,8 @@ class Checkpoints:
         state, meta, _ = self._restore(p.parent.name, int(p.name), template, check)
         return state, meta
 
-    def restore_for_eval(self, template, path: str | None, check):
+    def for_eval(self, path: str | None) -> Path:
+        """The step folder --eval-only reads: `path`, else the best one, else the last."""
         if path is not None:
             p = Path(path).absolute()
             if not p.is_dir() or not p.name.isdigit() or not any(p.iterdir()):
@@ -106,14 +107,12 @@ class Checkpoints:
                     "step folder such as WORKDIR/checkpoints/best/1234) nor a "
                     "torch_ref .pt file; pass one of those"
                 )
-            self.root = p.parent.parent
-            self._managers.clear()
-            return self._restore(p.parent.name, int(p.name), template, check)
+            return p
         for kind in ("best", "last"):
             if (self.root / kind).is_dir():
                 step = self._manager(kind).latest_step()
                 if step is not None:
-                    return self._restore(kind, step, template, check)
+                    return self.root / kind / str(step)
         raise UserError(f"no checkpoint in {self.root}; train first or pass --checkpoint")
 
     def close(self) -> None:

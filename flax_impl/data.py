@@ -234,13 +234,13 @@ class ImagesTrain(_Images):
     def _load(self, i: int, rng: np.random.Generator) -> np.ndarray:
         r = self.recipe
         return pil_transforms.train_image(
-            self.images.image(int(i)), rng, r.image_size, r.hflip, r.in_channels
+            self.images.image(int(i)), rng, r.train_size, r.hflip, r.in_channels
         )
 
     def batch(self, sp: sampling.StepPlan) -> dict:
         r, rows, sl = self.recipe, self.rows, sp.slice
         positions = range(rows.start, min(rows.start + rows.per_process, sl.global_size))
-        images = np.zeros((0, r.image_size, r.image_size, r.in_channels), np.uint8)
+        images = np.zeros((0, r.train_size, r.train_size, r.in_channels), np.uint8)
         if positions:  # a short last batch can leave a process no rows
             images = np.stack(
                 list(
@@ -273,7 +273,7 @@ class ImagesEval(_Images):
     def _load(self, i: int) -> np.ndarray:
         r = self.recipe
         return pil_transforms.eval_image(
-            self.images.image(int(i)), r.eval_resize, r.image_size, r.in_channels
+            self.images.image(int(i)), r.eval_resize, r.eval_size, r.in_channels
         )
 
     def _batches(self):
@@ -281,7 +281,7 @@ class ImagesEval(_Images):
         for start in range(0, self.num_examples, self.global_batch):
             idx = np.arange(start, min(start + self.global_batch, self.num_examples))
             mine = idx[self.rows.start : self.rows.start + self.rows.per_process]
-            shape = (0, r.image_size, r.image_size, r.in_channels)
+            shape = (0, r.eval_size, r.eval_size, r.in_channels)
             images = (
                 np.stack(list(self.pool.map(self._load, mine)))
                 if len(mine)

@@ -2,7 +2,8 @@
 
 torch.optim.SGD(lr, momentum, nesterov, weight_decay) per step, with g the gradient:
 
-    g <- g + weight_decay * p          (coupled weight decay, on every parameter, before momentum)
+    g <- g + weight_decay * p          (coupled weight decay, before momentum; the rate per
+                                        parameter as torch_ref's parameter groups set it)
     b <- momentum_t * b + g            (b starts at 0, so the first step sets b = g, as torch does)
     u <- g + momentum_t * b if nesterov else b
     p <- p - lr_t * u
@@ -17,6 +18,9 @@ trace (decoupled, AdamW-style) is a different optimizer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -36,10 +40,48 @@ def table_schedule(values: np.ndarray, dtype=jnp.float32):
     return schedule
 
 
-def torch_sgd(lr, momentum, nesterov: bool, weight_decay: float) -> optax.GradientTransformation:
-    """torch.optim.SGD as an optax chain; `lr` and `momentum` are floats or schedules."""
+def decay_rates(params, recipe: Recipe):
+    """Each parameter's coupled weight decay, a tree like `params`, by the one rule both stacks
+    use (`core.schedules.weight_decay_of`): a BatchNorm is a module holding a ``scale``."""
+
+    def walk(node):
+        if isinstance(node, (list, tuple)):  # a plain list of arrays (no modules): the rest
+            return type(node)(
+                walk(v) if isinstance(v, Mapping) else recipe.weight_decay for v in node
+            )
+        norm = "scale" in node
+        return {
+            k: walk(v) if isinstance(v, Mapping) else schedules.weight_decay_of(recipe, norm, k)
+            for k, v in node.items()
+        }
+
+    return walk(params)
+
+
+def weight_decay_parts(recipe: Recipe) -> list:
+    """The decay steps of the chain: one add_decayed_weights on every parameter (one rate), or one
+    masked add per distinct non-zero rate, the masks disjoint, so each parameter still gets the
+    one ``g + rate * p`` torch's parameter group gives it."""
+    if not schedules.decay_groups_differ(recipe):
+        return [optax.add_decayed_weights(recipe.weight_decay)] if recipe.weight_decay else []
+    rates = {recipe.weight_decay, recipe.norm_weight_decay, recipe.bias_weight_decay}
     parts = []
-    if weight_decay:
+    for rate in sorted(r for r in rates if r):
+
+        def mask(params, rate=rate):
+            return jax.tree_util.tree_map(lambda r: r == rate, decay_rates(params, recipe))
+
+        parts.append(optax.add_decayed_weights(rate, mask=mask))
+    return parts
+
+
+def torch_sgd(lr, momentum, nesterov: bool, weight_decay) -> optax.GradientTransformation:
+    """torch.optim.SGD as an optax chain; `lr` and `momentum` are floats or schedules;
+    `weight_decay` a rate, or the decay steps of `weight_decay_parts`."""
+    parts = []
+    if isinstance(weight_decay, list):
+        parts.extend(weight_decay)
+    elif weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
     if callable(momentum) or momentum:
         parts.append(
@@ -61,4 +103,4 @@ def for_recipe(
     )
     lr = table_schedule(lr_values, dtype)
     momentum = table_schedule(mom_values, dtype)
-    return torch_sgd(lr, momentum, recipe.nesterov, recipe.weight_decay), lr, momentum
+    return torch_sgd(lr, momentum, recipe.nesterov, weight_decay_parts(recipe)), lr, momentum

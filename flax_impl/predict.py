@@ -29,15 +29,17 @@ from core.recipe import Recipe
 PROG = "python -m flax_impl.predict"
 
 
-def load_variables(recipe: Recipe, checkpoint: str | None, workdir: Path):
-    """({"params", "batch_stats"}, description) from a checkpoint of either stack."""
+def load_variables(recipe: Recipe, checkpoint: str | None, workdir: Path, which: str = "model"):
+    """({"params", "batch_stats"}, description) from a checkpoint of either stack; `which`: the
+    model's weights or its EMA's."""
     kind, path = predict.find_checkpoint(workdir, checkpoint)
+    note = " (its EMA)" if which == "ema" else ""
     if kind == "flax_impl":
-        meta, variables = crossing.read_flax(path)
+        meta, variables = crossing.read_flax(path, which)
         predict.check_model(meta, recipe, str(path))
-        return variables, str(path)
-    _, variables = crossing.read_other_stack(path, "flax_impl", recipe)
-    return variables, f"{path} (a torch_ref checkpoint, converted)"
+        return variables, f"{path}{note}"
+    _, variables = crossing.read_other_stack(path, "flax_impl", recipe, which)
+    return variables, f"{path} (a torch_ref checkpoint, converted){note}"
 
 
 def logits_fn(variables, recipe: Recipe, device: str = "auto"):
@@ -59,8 +61,14 @@ def logits_fn(variables, recipe: Recipe, device: str = "auto"):
     return run
 
 
-def load(recipe: Recipe, checkpoint: str | None, workdir: Path, device: str = "auto"):
-    variables, where = load_variables(recipe, checkpoint, workdir)
+def load(
+    recipe: Recipe,
+    checkpoint: str | None,
+    workdir: Path,
+    device: str = "auto",
+    which: str = "model",
+):
+    variables, where = load_variables(recipe, checkpoint, workdir, which)
     return logits_fn(variables, recipe, device), where
 
 

@@ -45,6 +45,57 @@ class TrainState:
     opt_state: Any
 
 
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+    """A TrainState with a model EMA (recipes with ema_decay > 0): ``ema`` holds ``params``,
+    ``batch_stats`` and ``count`` (torch's AveragedModel.n_averaged). Without an EMA the state is
+    a plain TrainState, so the checkpoints of such runs keep their tree."""
+
+    ema: Any
+
+
+def with_ema(state: TrainState) -> EmaTrainState:
+    """`state` with an EMA that starts as a copy of the model and a count of 0 (torch's
+    AveragedModel deep-copies the model; its first update copies again)."""
+    ema = {
+        "params": jax.tree_util.tree_map(jnp.copy, state.params),
+        "batch_stats": jax.tree_util.tree_map(jnp.copy, state.batch_stats),
+        "count": jnp.zeros((), jnp.int32),
+    }
+    return EmaTrainState(state.step, state.params, state.batch_stats, state.opt_state, ema)
+
+
+def ema_step(state: EmaTrainState, restart, *, decay: float) -> EmaTrainState:
+    """One update of the model EMA, as torch's AveragedModel(use_buffers=True) with
+    get_ema_multi_avg_fn(decay) does it: at count 0 a copy of the model; else each float array
+    moves by torch.lerp(ema, model, 1 - decay) (for a weight under 0.5 ``ema + w (model - ema)``,
+    else ``model - (model - ema)(1 - w)``) and an integer one (num_batches_tracked) becomes
+    ``ema * decay + model * (1 - decay)`` in float32 truncated back, as torch's integer branch
+    does. Then count + 1, or 0 when `restart` (torchvision's warm-up)."""
+    w = 1.0 - decay
+    first = state.ema["count"] == 0
+
+    def move(e, m):
+        if jnp.issubdtype(e.dtype, jnp.floating):
+            new = e + w * (m - e) if w < 0.5 else m - (m - e) * (1.0 - w)
+        else:
+            f = e.astype(jnp.float32) * decay + m.astype(jnp.float32) * w
+            new = f.astype(e.dtype)
+        return jnp.where(first, m, new)
+
+    model = {"params": state.params, "batch_stats": state.batch_stats}
+    moved = jax.tree_util.tree_map(
+        move, {k: state.ema[k] for k in ("params", "batch_stats")}, model
+    )
+    count = jnp.where(restart, 0, state.ema["count"] + 1).astype(jnp.int32)
+    return state.replace(ema={**moved, "count": count})
+
+
+def ema_view(state: EmaTrainState) -> TrainState:
+    """The EMA's weights and statistics as a TrainState, for eval_step."""
+    return TrainState(state.step, state.ema["params"], state.ema["batch_stats"], state.opt_state)
+
+
 def compute_dtype(recipe: Recipe, platform: str):
     """bf16 compute on GPU/TPU unless the recipe says otherwise; float32 on CPU."""
     if recipe.amp == "fp16":

@@ -23,6 +23,7 @@ if __name__ == "__main__":  # a stop request while the libraries load is honoure
     _early.install_early()
     _cpu.configure()  # XLA:CPU's options, before anything below starts JAX
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 import configs
 from flax_impl import checkpoints, cpu_setup, data, multihost, optim, steps
 from flax_impl.models import build_model
-from core import driver
+from core import driver, schedules
 from core.driver import NonFiniteLoss
 from core.errors import UserError
 from core.preemption import EXIT_PREEMPTED, Preempted
@@ -110,10 +111,18 @@ class FlaxBackend:
         self.steps = steps.Steps(
             self.model, tx, aug, steps.make_mesh(self.devices), self.dtype, recipe.label_smoothing
         )
-        shape = (recipe.image_size, recipe.image_size, recipe.in_channels)
-        self.state = self.steps.replicate(
-            steps.create_state(self.model, tx, jax.random.PRNGKey(recipe.seed), shape)
-        )
+        shape = (recipe.train_size, recipe.train_size, recipe.in_channels)
+        state = steps.create_state(self.model, tx, jax.random.PRNGKey(recipe.seed), shape)
+        self.ema_update_placed = None
+        if recipe.ema_decay:  # the model EMA (torch_ref: torch's AveragedModel)
+            state = steps.with_ema(state)
+            decay = schedules.ema_decay(recipe, self.replicas)
+            self.ema_update_placed = jax.jit(
+                functools.partial(steps.ema_step, decay=decay),
+                donate_argnums=(0,),
+                out_shardings=self.steps.replicated,
+            )
+        self.state = self.steps.replicate(state)
         self.train_source = self._source(self.train_batches)
         self.eval_source = self._source(self.eval_batches)
         self.ckpt = checkpoints.Checkpoints(checkpoint_dir)
@@ -172,12 +181,20 @@ class FlaxBackend:
 
         return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
-    def evaluate(self, between=None) -> tuple:
+    def ema_update(self, restart: bool) -> None:
+        self.state = self.ema_update_placed(self.state, np.bool_(restart))
+
+    def evaluate(self, between=None, weights: str = "model") -> tuple:
+        state = self.state
+        if weights == "ema":
+            if self.ema_update_placed is None:
+                raise UserError("--weights ema needs a run with a model EMA (ema_decay > 0)")
+            state = steps.ema_view(state)
         out = []
         for batch in self.eval_batches:
             if between is not None:
                 between()
-            out.append(self.steps.evaluate(self.state, batch, self.eval_source))
+            out.append(self.steps.evaluate(state, batch, self.eval_source))
         out = jax.device_get(out)
         c = self.recipe.num_classes
         confusion = np.zeros((c, c), np.int64)
@@ -196,7 +213,12 @@ class FlaxBackend:
         h = hashlib.sha256()
         leaves = jax.device_get(
             jax.tree_util.tree_leaves(
-                (self.state.params, self.state.batch_stats, self.state.opt_state)
+                (
+                    self.state.params,
+                    self.state.batch_stats,
+                    self.state.opt_state,
+                    getattr(self.state, "ema", None),  # with a model EMA, it is state too
+                )
             )
         )
         for leaf in leaves:
@@ -217,20 +239,23 @@ class FlaxBackend:
     def checkpoint_bytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.state))
 
-    def restore_for_eval(self, path, check):
-        if path and Path(path).is_file():  # a torch_ref checkpoint file: converted
-            from crossing import checkpoints as crossing
+    def restore_for_eval(self, path, check, weights: str = "model"):
+        from crossing import checkpoints as crossing
 
-            state, v = crossing.read_other_stack(path, "flax_impl", self.recipe)
-            self.state = self.steps.replicate(
-                self.state.replace(params=v["params"], batch_stats=v["batch_stats"])
-            )
-            return (
-                {k: state[k] for k in ("epoch", "global_step")},
-                f"{path} (converted from torch_ref)",
-            )
-        self.state, meta, where = self.ckpt.restore_for_eval(self.state, path, check)
-        return meta, str(where)
+        if path and Path(path).is_file():  # a torch_ref checkpoint file: converted
+            meta, v = crossing.read_other_stack(path, "flax_impl", self.recipe, weights)
+            where = f"{path} (converted from torch_ref)"
+        else:
+            # read as NumPy, without a template: a run's EMA, decay groups or other state that
+            # this command's recipe does not repeat change the tree but not the model
+            folder = self.ckpt.for_eval(path)
+            meta, v = crossing.read_flax(folder, weights)
+            check(meta, str(folder))
+            where = str(folder)
+        self.state = self.steps.replicate(
+            self.state.replace(params=v["params"], batch_stats=v["batch_stats"])
+        )
+        return meta, where
 
     def close(self) -> None:
         self.ckpt.close()
@@ -257,18 +282,25 @@ def train_and_evaluate(
 
 
 def evaluate_checkpoint(
-    recipe: Recipe, workdir: str | Path, path: str | None = None, devices=None
+    recipe: Recipe,
+    workdir: str | Path,
+    path: str | None = None,
+    devices=None,
+    weights: str = "model",
 ) -> dict:
-    """--eval-only: `path`, or the workdir's best checkpoint (else its last), evaluated."""
-    return driver.evaluate_checkpoint(backend_factory(recipe, devices), recipe, workdir, path)
+    """--eval-only: `path`, or the workdir's best checkpoint (else its last), evaluated (its
+    model's weights, or its EMA's)."""
+    return driver.evaluate_checkpoint(
+        backend_factory(recipe, devices), recipe, workdir, path, weights
+    )
 
 
 def _train(recipe: Recipe, workdir: str, device: str) -> dict:
     return train_and_evaluate(recipe, workdir, pick_devices(device))
 
 
-def _evaluate(recipe: Recipe, workdir: str, path: str | None, device: str) -> dict:
-    return evaluate_checkpoint(recipe, workdir, path, pick_devices(device))
+def _evaluate(recipe: Recipe, workdir: str, path: str | None, device: str, weights: str) -> dict:
+    return evaluate_checkpoint(recipe, workdir, path, pick_devices(device), weights)
 
 
 COMMAND = driver.Stack(

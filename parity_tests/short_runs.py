@@ -94,7 +94,9 @@ def run_torch(
     steps_per_epoch: int,
     dtype=torch.float32,
     tables=None,
+    on_step=None,
 ) -> np.ndarray:
+    """Each step's loss; `on_step(k, model)` runs after optimizer step k (the EMA test)."""
     model = build_torch(recipe)
     model.load_state_dict(state_dict)
     model = model.to(dtype=dtype, memory_format=torch.channels_last)
@@ -121,6 +123,8 @@ def run_torch(
             opt.step()
             if when == "step" or (k + 1) % steps_per_epoch == 0:
                 sched.step()
+            if on_step is not None:
+                on_step(k, model)
             losses.append(loss.item())
     return np.asarray(losses)
 
@@ -132,7 +136,9 @@ def run_flax(
     steps_per_epoch: int,
     dtype=jnp.float32,
     tables=None,
+    on_step=None,
 ) -> np.ndarray:
+    """Each step's loss; `state = on_step(k, state)` runs after step k (the EMA test)."""
     model = build_flax(recipe, dtype, dtype)
     tx, _, _ = optim.for_recipe(recipe, steps_per_epoch, 1, dtype=dtype, tables=tables)
     variables = convert.torch_to_flax(state_dict)
@@ -160,6 +166,8 @@ def run_flax(
         if b.draws is not None:
             batch.update(flax_data.regulariser_rows(None, b.draws))
         state, metrics = fns.train(state, batch)
+        if on_step is not None:
+            state = on_step(len(pending), state)
         pending.append(metrics["loss"])
     return np.asarray(jax.device_get(pending), np.float64)
 

@@ -92,3 +92,21 @@ def test_the_comparison_sees_another_epochs_draws(recipe):
     other = flax_train.batch(next(iter(flax_train.plan.epoch(1))))
     x, _, _ = torch_batches(recipe, 0)[0]
     assert not np.array_equal(x, other["images"])
+
+
+def test_train_and_test_resolutions_apart_are_the_same_in_both_stacks(recipe):
+    """FixRes: train_crop and eval_crop set apart from image_size (here 24 and 28 from a resize
+    to 36). Both stacks' training crops and evaluation images are the same uint8 arrays, at the
+    sizes asked for."""
+    r = recipe.replace(train_crop=24, eval_crop=28)
+    flax_train = flax_data.build_train(r, r.batch_size)
+    first = flax_train.batch(next(iter(flax_train.plan.epoch(0))))
+    x, y, _ = torch_batches(r, 0)[0]
+    assert x.shape[1:3] == (24, 24)
+    assert np.array_equal(x, first["images"]) and np.array_equal(y, first["labels"])
+    torch_eval = torch_data.build_eval(r, "cpu", Dist())
+    n = torch_eval.num_examples
+    ours = np.stack([torch_eval.dataset[i][0].numpy() for i in range(n)])
+    theirs = np.concatenate([b["images"][b["mask"] > 0] for b in flax_data.build_eval(r, 4)])
+    assert ours.shape[1:3] == (28, 28)
+    assert np.array_equal(ours, theirs)

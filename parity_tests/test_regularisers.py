@@ -157,7 +157,10 @@ def test_no_regulariser_draws_nothing_and_changes_no_existing_draw():
     [
         ("mixup_alpha=-0.2", "mixup_alpha must be 0 (off) or positive"),
         ("cutmix_alpha=-1", "cutmix_alpha must be 0 (off) or positive"),
-        ("cutout_holes=1,cutout_length=40", "cutout_length must be 1 to image_size=32"),
+        (
+            "cutout_holes=1,cutout_length=40",
+            "cutout_length must be 1 to the training image's 32 pixels",
+        ),
         ("cutout_length=0", "cutout_length must be at least 1"),
         ("label_smoothing=1", "label_smoothing must be in [0, 1)"),
         ("cutout_holes=-1", "cutout_holes must be 0 or more"),

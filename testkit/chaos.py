@@ -1,7 +1,7 @@
 """Kill a training run anywhere, again and again, and check nothing is lost.
 
     python -m testkit.chaos [--stack torch_ref|flax_impl|both] [--kills 20] [--seed 0]
-                                   [--no-group-stops]
+                            [--no-group-stops] [--set KEY=VALUE ...]
 
 For each stack: an uninterrupted reference run of a short recipe (generated Fashion-MNIST-shaped
 IDX files, 3 epochs, a checkpoint every 2 steps, so there are many writes to land in), then the
@@ -21,7 +21,8 @@ with num_workers=2 (torch_ref: DataLoader worker processes; flax_impl: decoding 
 is paused at each of the trainer's pause points (core.preemption: start-up, a step,
 inside a checkpoint write, between evaluation batches), its whole process group is signalled
 there, and it must exit 75 with one line and resume to the uninterrupted run's records. Exit code
-0 when every stack passes everything, 1 otherwise.
+0 when every stack passes everything, 1 otherwise. `--set KEY=VALUE` adds a recipe override to
+every run, to check a feature's state the same way (e.g. `--set warmup_epochs=1`).
 """
 
 from __future__ import annotations
@@ -147,8 +148,10 @@ class References:
 
     SIZES = {"small": (64, 32), "chaos": (192, 64)}
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, overrides: tuple[str, ...] = ()):
+        """`overrides`: more ``key=value`` for every command (the chaos tool's --set)."""
         self.root = Path(root)
+        self.overrides = list(overrides)
         self._data: dict[str, Path] = {}
         self._runs: dict[tuple[str, str], tuple[Path, float]] = {}
 
@@ -166,7 +169,7 @@ class References:
     def command(self, stack: str, kind: str, workdir: Path) -> list[str]:
         """The trainer command of `kind` for `stack`, on this kind's data, into `workdir`."""
         make = image_command if kind == "images" else command
-        return make(stack, self.data(kind), Path(workdir))
+        return make(stack, self.data(kind), Path(workdir)) + self.overrides
 
     def _run(self, stack: str, kind: str) -> tuple[Path, float]:
         if (stack, kind) not in self._runs:
@@ -397,12 +400,19 @@ def main(argv=None) -> int:
         action="store_true",
         help="only the SIGKILLs, not the group SIGTERM/SIGINT at pause points",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every run (repeatable), e.g. --set warmup_epochs=1",
+    )
     args = parser.parse_args(argv)
     stacks = ["torch_ref", "flax_impl"] if args.stack == "both" else [args.stack]
     rng = random.Random(args.seed)
     ok = True
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        refs = References(Path(tmp))
+        refs = References(Path(tmp), tuple(args.set))
         for stack in stacks:
             ok &= check_stack(stack, args.kills, Path(tmp), rng, references=refs)["identical"]
             if not args.no_group_stops:

@@ -230,9 +230,9 @@ class FolderImages(torch.utils.data.Dataset):
             return bad
         if isinstance(item, Item):
             rng = sampling.image_rng(r.seed, item.epoch, item.step, item.position)
-            out = pil_transforms.train_image(img, rng, r.image_size, r.hflip, r.in_channels)
+            out = pil_transforms.train_image(img, rng, r.train_size, r.hflip, r.in_channels)
         else:
-            out = pil_transforms.eval_image(img, r.eval_resize, r.image_size, r.in_channels)
+            out = pil_transforms.eval_image(img, r.eval_resize, r.eval_size, r.in_channels)
         return torch.from_numpy(np.array(out)), int(self.labels[i])  # a writable copy
 
 

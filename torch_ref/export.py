@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from core import predict
-from core.cli import Parser
+from core.cli import Parser, add_weights_flag
 from core.datasets import class_names
 from core.errors import UserError, report
 from torch_ref import predict as torch_predict
@@ -49,7 +49,7 @@ class WithPreprocessing(torch.nn.Module):
 
 
 def metadata(recipe, where: str) -> dict[str, str]:
-    size, c = recipe.image_size, recipe.in_channels
+    size, c = recipe.eval_size, recipe.in_channels
     before = (
         f"decode, turn upright by its EXIF orientation, scale 16-bit or float pixels to "
         f"8 bits, convert to {'RGB' if c == 3 else 'grey (L)'}, "
@@ -71,15 +71,15 @@ def metadata(recipe, where: str) -> dict[str, str]:
     }
 
 
-def export(recipe, checkpoint: str | None, workdir: Path, out: Path) -> float:
-    """Write `out`; the largest logit difference onnxruntime vs torch, relative to the largest
-    logit, on a seeded batch of 4."""
+def export(recipe, checkpoint: str | None, workdir: Path, out: Path, which: str = "model") -> float:
+    """Write `out` (the model's weights or its EMA's, `which`); the largest logit difference
+    onnxruntime vs torch, relative to the largest logit, on a seeded batch of 4."""
     import onnx
     import onnxruntime as ort
 
-    model, where = torch_predict.load_model(recipe, checkpoint, workdir, "cpu")
+    model, where = torch_predict.load_model(recipe, checkpoint, workdir, "cpu", which)
     wrapped = WithPreprocessing(model, recipe.mean, recipe.std).eval()
-    size, c = recipe.image_size, recipe.in_channels
+    size, c = recipe.eval_size, recipe.in_channels
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, size, size, c), dtype=np.uint8)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--checkpoint", help="a checkpoint of either stack (default: the run's best)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_weights_flag(p, "export")
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
         out = Path(args.out)
@@ -140,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                 "missing): pip install -e '.[export]'"
             ) from None
         recipe = predict.run_recipe(Path(args.workdir))
-        gap = export(recipe, args.checkpoint, Path(args.workdir), out)
+        gap = export(recipe, args.checkpoint, Path(args.workdir), out, args.weights)
         print(
-            f"wrote {out}: input uint8 (batch, {recipe.image_size}, {recipe.image_size}, "
+            f"wrote {out}: input uint8 (batch, {recipe.eval_size}, {recipe.eval_size}, "
             f"{recipe.in_channels}), output {recipe.num_classes} logits; onnxruntime equals "
             f"torch within {gap:.1e} of the largest logit"
         )

@@ -9,13 +9,43 @@ from __future__ import annotations
 import torch
 
 from core.recipe import Recipe, world_lr
-from core.schedules import stepped_per_epoch
+from core.schedules import decay_groups_differ, stepped_per_epoch, weight_decay_of
+
+NORMS = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+    torch.nn.LocalResponseNorm,
+)
+
+
+def param_groups(model: torch.nn.Module, recipe: Recipe) -> list:
+    """The parameters, or, where some decay at another rate (`norm_weight_decay`,
+    `bias_weight_decay`), torchvision's groups: "other", "norm", then "bias", each parameter in
+    module order, empty groups left out. The rule itself is `core.schedules.weight_decay_of`."""
+    if not decay_groups_differ(recipe):
+        return list(model.parameters())  # one group: the layout every earlier checkpoint has
+    groups = {"other": [], "norm": [], "bias": []}
+    for module in model.modules():
+        in_norm = isinstance(module, NORMS)
+        for name, p in module.named_parameters(recurse=False):
+            if name == "bias" and recipe.bias_weight_decay is not None:
+                groups["bias"].append(p)
+            elif in_norm and recipe.norm_weight_decay is not None:
+                groups["norm"].append(p)
+            else:
+                groups["other"].append(p)
+    rate = {"other": recipe.weight_decay}
+    rate["norm"] = weight_decay_of(recipe, True, "weight")
+    rate["bias"] = recipe.bias_weight_decay
+    return [{"params": ps, "weight_decay": rate[k]} for k, ps in groups.items() if ps]
 
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe, world_size: int) -> torch.optim.SGD:
-    """torch.optim.SGD with coupled weight decay on every parameter, at the scaled peak rate."""
+    """torch.optim.SGD with coupled weight decay (per parameter group), at the scaled peak rate."""
     return torch.optim.SGD(
-        model.parameters(),
+        param_groups(model, recipe),
         lr=world_lr(recipe, world_size),
         momentum=recipe.momentum,
         nesterov=recipe.nesterov,
@@ -26,10 +56,23 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe, world_size: int) -> t
 def make_scheduler(
     opt: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int, world_size: int
 ):
-    """torch's CosineAnnealingLR (stepped per epoch) or OneCycleLR (stepped per step)."""
-    if recipe.schedule == "cosine_per_epoch":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
-    return torch.optim.lr_scheduler.OneCycleLR(
+    """torch's CosineAnnealingLR (stepped per epoch or per step; after torchvision's LinearLR
+    warm-up through SequentialLR when `warmup_epochs` > 0) or OneCycleLR (stepped per step)."""
+    sched = torch.optim.lr_scheduler
+    if recipe.schedule in ("cosine_per_epoch", "cosine_per_step"):
+        unit = 1 if recipe.schedule == "cosine_per_epoch" else steps_per_epoch
+        total, warm = recipe.epochs * unit, recipe.warmup_epochs * unit
+        if not warm:
+            return sched.CosineAnnealingLR(opt, T_max=total)
+        return sched.SequentialLR(
+            opt,
+            [
+                sched.LinearLR(opt, start_factor=recipe.warmup_decay, total_iters=warm),
+                sched.CosineAnnealingLR(opt, T_max=total - warm),
+            ],
+            milestones=[warm],
+        )
+    return sched.OneCycleLR(
         opt,
         max_lr=world_lr(recipe, world_size),
         epochs=recipe.epochs,

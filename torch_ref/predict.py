@@ -22,18 +22,27 @@ from torch_ref.models import build_model
 PROG = "python -m torch_ref.predict"
 
 
-def load_model(recipe: Recipe, checkpoint: str | None, workdir: Path, device: str = "auto"):
-    """(eval-mode model on its device, description) from a checkpoint of either stack."""
+def load_model(
+    recipe: Recipe,
+    checkpoint: str | None,
+    workdir: Path,
+    device: str = "auto",
+    which: str = "model",
+):
+    """(eval-mode model on its device, description) from a checkpoint of either stack; `which`:
+    the model's weights or its EMA's."""
     kind, path = predict.find_checkpoint(workdir, checkpoint)
     if kind == "torch_ref":
         state = checkpoints.load(path)
         predict.check_model(state, recipe, str(path))
-        weights, note = state["model_state"], ""
+        weights, note = predict.torch_weights(state, which, path), ""
     else:
         from crossing import checkpoints as crossing
 
-        _, weights = crossing.read_other_stack(path, "torch_ref", recipe)
+        _, weights = crossing.read_other_stack(path, "torch_ref", recipe, which)
         note = " (a flax_impl checkpoint, converted)"
+    if which == "ema":
+        note += " (its EMA)"
     model = build_model(recipe)
     model.load_state_dict(weights)
     model = model.to(distributed.pick_device(device)).eval()
@@ -56,8 +65,14 @@ def logits_fn(model: torch.nn.Module, recipe: Recipe):
     return run
 
 
-def load(recipe: Recipe, checkpoint: str | None, workdir: Path, device: str = "auto"):
-    model, where = load_model(recipe, checkpoint, workdir, device)
+def load(
+    recipe: Recipe,
+    checkpoint: str | None,
+    workdir: Path,
+    device: str = "auto",
+    which: str = "model",
+):
+    model, where = load_model(recipe, checkpoint, workdir, device, which)
     return logits_fn(model, recipe), where
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 import configs
-from core import driver
+from core import driver, schedules
 from core.driver import NonFiniteLoss
 from core.errors import UserError
 from core.preemption import EXIT_PREEMPTED, Preempted
@@ -84,8 +84,10 @@ class TorchBackend:
         self.model = model.to(self.device, memory_format=fmt)
         self.amp_dtype = steps.autocast_dtype(recipe, self.device)
         self.nonfinite_steps_allowed = FP16_MAX_SKIPS if self.amp_dtype == torch.float16 else 0
+        self.ema = None  # --eval-only loads the weights it is asked for into the model
         if not train:
             return
+        self.ema = make_ema(self.model, recipe, self.dist.world_size)
         self.optimizer, self.scheduler, self.scheduler_steps = optim.for_recipe(
             self.model, recipe, self.steps_per_epoch, self.dist.world_size, tables
         )
@@ -170,9 +172,21 @@ class TorchBackend:
     def any_process(self, flag: bool) -> bool:
         return bool(self.all_sum(np.array([float(flag)]))[0] > 0)
 
-    def evaluate(self, between=None) -> tuple:
+    def ema_update(self, restart: bool) -> None:
+        self.ema.update_parameters(self.model)
+        if restart:  # torchvision's reference during its warm-up epochs
+            self.ema.n_averaged.fill_(0)
+
+    def _weights(self, weights: str) -> torch.nn.Module:
+        if weights == "ema":
+            if self.ema is None:
+                raise UserError("--weights ema needs a run with a model EMA (ema_decay > 0)")
+            return self.ema.module
+        return self.model
+
+    def evaluate(self, between=None, weights: str = "model") -> tuple:
         return steps.evaluate(
-            self.model,
+            self._weights(weights),
             self.eval_batches,
             self.dist,
             self.amp_dtype,
@@ -194,6 +208,10 @@ class TorchBackend:
             buf = state.get("momentum_buffer")
             if buf is not None:
                 h.update(buf.detach().cpu().contiguous().numpy().tobytes())
+        if self.ema is not None:  # with a model EMA, it is state too
+            for key, value in self.ema.state_dict().items():
+                h.update(key.encode())
+                h.update(value.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -206,24 +224,33 @@ class TorchBackend:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
             }
+            if self.ema is not None:
+                state["model_ema"] = self.ema.state_dict()
             if best:  # best before last: see core.driver.Run.run
                 checkpoints.save(self.ckpt_dir / checkpoints.BEST, state)
             checkpoints.save_last(self.ckpt_dir, state)
         self.dist.barrier()
 
     def checkpoint_bytes(self) -> int:
-        tensors = list(self.model.state_dict().values()) + [
-            b
-            for s in self.optimizer.state_dict()["state"].values()
-            for b in s.values()
-            if torch.is_tensor(b)
-        ]
+        ema = list(self.ema.state_dict().values()) if self.ema is not None else []
+        tensors = (
+            list(self.model.state_dict().values())
+            + ema
+            + [
+                b
+                for s in self.optimizer.state_dict()["state"].values()
+                for b in s.values()
+                if torch.is_tensor(b)
+            ]
+        )
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _load(self, path: Path, check) -> dict:
         state = checkpoints.load(path, map_location=self.device)
         check(state, str(path))
         self.model.load_state_dict(state["model_state"])
+        if self.ema is not None and "model_ema" in state:
+            self.ema.load_state_dict(state["model_ema"])
         return state
 
     def resume_candidates(self) -> list[str]:
@@ -236,20 +263,37 @@ class TorchBackend:
         self.scaler.load_state_dict(state["scaler"])
         return state
 
-    def restore_for_eval(self, path, check):
+    def restore_for_eval(self, path, check, weights: str = "model"):
+        from core import predict
+
         if path and Path(path).is_dir():  # a flax_impl step folder: converted
-            from core import predict
             from crossing import checkpoints as crossing
 
             _, folder = predict.find_checkpoint(self.ckpt_dir.parent, path)
-            meta, weights = crossing.read_other_stack(folder, "torch_ref", self.recipe)
-            self.model.load_state_dict(weights)
+            meta, state = crossing.read_other_stack(folder, "torch_ref", self.recipe, weights)
+            self.model.load_state_dict(state)
             return meta, f"{folder} (converted from flax_impl)"
         path = Path(path) if path else checkpoints.default_for_eval(self.ckpt_dir)
-        return self._load(path, check), str(path)
+        state = checkpoints.load(path, map_location=self.device)
+        check(state, str(path))
+        self.model.load_state_dict(predict.torch_weights(state, weights, path))
+        return state, str(path)
 
     def close(self) -> None:
         self.dist.close()
+
+
+def make_ema(model: nn.Module, recipe: Recipe, world_size: int):
+    """The model EMA (recipes with ema_decay > 0), as torchvision's reference keeps it: torch's
+    AveragedModel over the parameters and the buffers (BatchNorm's statistics too), each update
+    a lerp towards the model by 1 - decay (get_ema_multi_avg_fn), the decay adjusted for the
+    world size, batch size, update interval and epochs (core.schedules.ema_decay)."""
+    if not recipe.ema_decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    decay = schedules.ema_decay(recipe, world_size)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def backend_factory(recipe: Recipe, device: str = "auto", tables=None) -> driver.Factory:
@@ -273,10 +317,17 @@ def train_and_evaluate(
 
 
 def evaluate_checkpoint(
-    recipe: Recipe, workdir: str | Path, path: str | None = None, device: str = "auto"
+    recipe: Recipe,
+    workdir: str | Path,
+    path: str | None = None,
+    device: str = "auto",
+    weights: str = "model",
 ) -> dict:
-    """--eval-only: `path`, or the workdir's best checkpoint (else its last), evaluated."""
-    return driver.evaluate_checkpoint(backend_factory(recipe, device), recipe, workdir, path)
+    """--eval-only: `path`, or the workdir's best checkpoint (else its last), evaluated (its
+    model's weights, or its EMA's)."""
+    return driver.evaluate_checkpoint(
+        backend_factory(recipe, device), recipe, workdir, path, weights
+    )
 
 
 COMMAND = driver.Stack(

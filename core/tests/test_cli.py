@@ -2,6 +2,7 @@
 exit code 2, no traceback, no files; runs resume and evaluate."""
 
 import importlib
+import json
 import os
 import urllib.request
 import subprocess
@@ -62,6 +63,10 @@ OFFLINE = {
         (["--recipe", "fashion_mnist", "--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--recipe", "fashion_mnist", "epochs=1", "epochs=2"], "override epochs is given twice"),
         (["--recipe", "fashion_mnist", "--workdir", ""], "--workdir is empty"),
+        (["--recipe", "fashion_mnist", "--weights", "ema"], "--weights is for --eval-only"),
+        (["--recipe", "fashion_mnist", "ema_decay=1"], "ema_decay must be in [0, 1)"),
+        (["--recipe", "fashion_mnist", "warmup_epochs=30"], "warmup_epochs=30 leaves no epoch"),
+        (["--recipe", "fashion_mnist", "train_crop=24"], "train_crop and eval_crop are for"),
     ],
 )
 def test_user_mistakes(tmp_path, args, needle, stack, monkeypatch, capsys, in_process):
@@ -150,7 +155,7 @@ def assert_run_pictures(w, stack):
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack):
+def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack, capsys):
     common = [
         "--recipe",
         "fashion_mnist",
@@ -160,11 +165,14 @@ def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack):
         str(fashion_dir),
         "--workdir",
         str(tmp_path / "w"),
+        "ema_decay=0.999",  # a model EMA (decay 0.968 adjusted), updated after every step
+        "ema_every_steps=1",
         "epochs=1",
     ]
     first = run_cli(common, tmp_path, stack=stack)
     assert first.returncode == 0, first.stderr
     assert "first batch loss" in first.stdout and "epoch   1/1" in first.stdout
+    assert "% (ema " in first.stdout
     assert_run_pictures(tmp_path / "w", stack)
     again = run_cli(common, tmp_path, stack=stack)
     assert again.returncode == 0 and "already finished" in again.stdout
@@ -174,6 +182,28 @@ def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack):
     )
     ev = run_cli(common + ["--eval-only"], tmp_path, stack=stack)
     assert ev.returncode == 0 and "test loss" in ev.stdout and "on 40 images" in ev.stdout
+    ema = run_cli(common + ["--eval-only", "--weights", "ema"], tmp_path, stack=stack)
+    assert ema.returncode == 0 and "(its EMA): test loss" in ema.stdout, ema.stderr
+    record = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    want = next(m for m in record if "test_acc_ema" in m)
+    assert f"acc {100 * want['test_acc_ema']:.2f}%" in ema.stdout  # the EMA the run evaluated
+    # predict with the EMA in both stacks (the other one converts this stack's checkpoint)
+    import numpy as np
+    from PIL import Image
+
+    from flax_impl import predict as flax_predict
+    from torch_ref import predict as torch_predict
+
+    png = tmp_path / "zeros.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
+    logits = []
+    for tool in (torch_predict, flax_predict):
+        args = ["--workdir", str(tmp_path / "w"), "--weights", "ema", "--json", str(png)]
+        assert tool.main(args + ["--device", "cpu"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert "(its EMA)" in out["checkpoint"]
+        logits.append(out["logits"])
+    np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-4)  # float32 apart
     other_stack = "flax_impl" if stack == "torch_ref" else "torch_ref"
     foreign = run_cli(common, tmp_path, stack=other_stack)
     assert foreign.returncode == 2 and f"holds a {stack} run" in foreign.stderr

@@ -56,6 +56,7 @@ class FakeBackend:
         self.nan_steps, self.corrupt_at, self.crash_at = set(nan_steps), corrupt_at, crash_at
         self.nonfinite_steps_allowed = allowed
         self.w, self.steps_done = 1.0, 0
+        self.ema, self.ema_count, self.ema_log, self.last_step = 0.0, 0, [], None
         # the processes meet here, as a real backend's start does (torch.distributed's and
         # jax.distributed's initialisation): each has read the workdir's config before the
         # main process writes it (without this, a "process" started late saw the other's
@@ -85,6 +86,7 @@ class FakeBackend:
         g = epoch * self.steps_per_epoch + step
         if g == self.crash_at:
             raise RuntimeError(f"the process died before step {g}")  # no checkpoint written
+        self.last_step = g
         self.w = 0.9 * self.w + 0.1 * np.sin(g)  # the same on every rank, as after all-reduce
         loss = np.nan if g in self.nan_steps else abs(self.w) + 0.01 * (self.rank + 1) * step
         return loss, float((g + self.rank) % 3), 4.0 + self.rank  # uneven shares
@@ -99,10 +101,15 @@ class FakeBackend:
     def any_process(self, flag):
         return bool(self.all_sum([float(flag)])[0] > 0)
 
-    def evaluate(self, between=None):
+    def evaluate(self, between=None, weights="model"):
         confusion = np.zeros((10, 10), np.int64)  # fashion_mnist's 10 classes: 5 right of 10
         confusion[0, 0], confusion[0, 1] = 5, 5
-        return 10 * abs(self.w), 5.0, 10.0, confusion
+        return 10 * abs(self.ema if weights == "ema" else self.w), 5.0, 10.0, confusion
+
+    def ema_update(self, restart):
+        self.ema_log.append((self.last_step, restart))
+        self.ema = self.w if self.ema_count == 0 else 0.5 * self.ema + 0.5 * self.w
+        self.ema_count = 0 if restart else self.ema_count + 1
 
     def end_epoch(self):
         pass
@@ -113,7 +120,7 @@ class FakeBackend:
     def save(self, meta, best):
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            text = json.dumps({"meta": meta, "w": self.w})
+            text = json.dumps({"meta": meta, "w": self.w, "ema": [self.ema, self.ema_count]})
             for name in ("best", "last") if best else ("last",):
                 (self.ckpt_dir / f"{name}.json").write_text(text)
         self.exchange.barrier.wait()
@@ -125,9 +132,10 @@ class FakeBackend:
         saved = json.loads(Path(where).read_text())
         check(saved["meta"], where)
         self.w = saved["w"]
+        self.ema, self.ema_count = saved["ema"]
         return saved["meta"]
 
-    def restore_for_eval(self, path, check):
+    def restore_for_eval(self, path, check, weights="model"):
         raise NotImplementedError
 
     def close(self):
@@ -185,6 +193,49 @@ def test_two_processes_resumed_mid_epoch_record_what_an_uninterrupted_run_does(t
         pytest.approx(sum(((e * 4 + s) % 3) * 1.0 + ((e * 4 + s + 1) % 3) for s in range(4)) / 36)
         for e in range(4)
     ]
+
+
+def test_the_ema_follows_every_nth_step_restarts_in_the_warmup_and_resumes(tmp_path):
+    """The driver updates the EMA after steps 0, 3, 6, ... of each epoch (torchvision's
+    ``i % model_ema_steps == 0``), with a restart after each update of the warm-up epochs, and
+    evaluates it beside the model; a run stopped mid-epoch resumes to the same record."""
+    ema = dict(ema_decay=0.5, ema_every_steps=3, warmup_epochs=1)
+    straight = run_two(tmp_path / "straight", recipe_changes=ema)
+    assert all(isinstance(r, dict) for r in straight), straight
+    # 4 steps an epoch: indices 0 and 3 of each; the restarts are epoch 1's (the warm-up)
+    assert straight[0]["test_acc_ema"] == 0.5
+    want = records(tmp_path / "straight")
+    losses = [(m["test_loss"], m["test_loss_ema"]) for m in want if "test_loss" in m]
+    assert len(losses) == 4 and all(a != b for a, b in losses[1:])  # the EMA lags the model
+    stopped = run_two(tmp_path / "stopped", stop_after_step=9, recipe_changes=ema)
+    assert all(isinstance(r, Preempted) for r in stopped), stopped
+    run_two(tmp_path / "stopped", recipe_changes=ema)
+    assert records(tmp_path / "stopped") == want
+
+
+def test_the_ema_update_points(tmp_path):
+    """Which steps update the EMA and which restart it: 0 and 3 of each 4-step epoch, restarts in
+    the first (warm-up) epoch only."""
+    from core import schedules
+
+    r = get_config("fashion_mnist", "smoke").replace(
+        epochs=4, ema_decay=0.5, ema_every_steps=3, warmup_epochs=1
+    )
+    points = [
+        (e * 4 + s, schedules.ema_restarts(r, e))
+        for e in range(4)
+        for s in range(4)
+        if schedules.ema_updates_after(r, s)
+    ]
+    assert points == [(0, True), (3, True), (4, False), (7, False), (8, False), (11, False)] + [
+        (12, False),
+        (15, False),
+    ]
+    assert not schedules.ema_updates_after(r.replace(ema_decay=0.0), 0)
+    # torchvision's adjustment with its V2 values: 8 GPUs x 128, every 32 steps, 600 epochs
+    v2 = r.replace(epochs=600, batch_size=128, ema_every_steps=32, ema_decay=0.99998)
+    assert schedules.ema_decay(v2, 8) == 1.0 - (1.0 - 0.99998) * (8 * 128 * 32 / 600)
+    assert schedules.ema_decay(r, 2) == 0.0  # alpha capped at 1: the EMA copies the model
 
 
 def test_a_crash_rewinds_the_record_and_the_tensorboard_files(tmp_path):

@@ -132,3 +132,19 @@ def test_user_mistakes_are_one_line(case, says, tmp_path, capsys):
     assert predict.main(["--workdir", str(workdir), *args], "prog", never) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err, err
+
+
+def test_the_ema_weights_are_picked_from_either_stacks_checkpoint():
+    """--weights ema: torch's AveragedModel keeps the model under "module." beside its count;
+    flax_impl's TrainState under "ema"; a checkpoint without one is one line."""
+    from core.errors import UserError
+
+    state = {"model_state": {"fc.bias": 1}, "model_ema": {"n_averaged": 3, "module.fc.bias": 2}}
+    assert predict.torch_weights(state, "model", "x.pt") == {"fc.bias": 1}
+    assert predict.torch_weights(state, "ema", "x.pt") == {"fc.bias": 2}
+    tree = {"params": 1, "batch_stats": 2, "opt_state": 0, "ema": {"params": 3, "batch_stats": 4}}
+    assert predict.flax_variables(tree, "model", "s") == {"params": 1, "batch_stats": 2}
+    assert predict.flax_variables(tree, "ema", "s") == {"params": 3, "batch_stats": 4}
+    for pick, bare in ((predict.torch_weights, {"model_state": {}}), (predict.flax_variables, {})):
+        with pytest.raises(UserError, match="holds no model EMA .* use --weights model"):
+            pick(bare, "ema", "RUN/checkpoints/best.pt")

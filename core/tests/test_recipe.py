@@ -87,12 +87,38 @@ def test_overrides_parse_by_type():
         ("color_jitter=0.2,0.2", "color_jitter must be three numbers"),
         ("mean=0.5", "mean and std need 3 values"),
         ("recipe=cifar100", "chosen with --recipe"),
+        ("warmup_epochs=200", "warmup_epochs=200 leaves no epoch of the schedule"),
+        ("warmup_epochs=-1", "warmup_epochs must be 0 or more"),
+        ("warmup_decay=0", "warmup_decay must be in (0, 1]"),
+        ("warmup_decay=1.5", "warmup_decay must be in (0, 1]"),
+        ("norm_weight_decay=-1e-4", "norm_weight_decay must be 0 or more, or none"),
+        ("bias_weight_decay=x", "expected a number"),
+        ("schedule=cosine", "expected one of cosine_per_epoch, cosine_per_step, onecycle"),
+        ("train_crop=24", "train_crop and eval_crop are for imagenet"),
+        ("eval_crop=-1", "eval_crop must be 0 or more"),
     ],
 )
 def test_bad_overrides_are_user_errors(override, message):
     with pytest.raises(UserError) as err:
         apply_overrides(get_config("cifar10"), [override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_warmup_before_onecycle_is_refused_and_none_resets_a_rate():
+    with pytest.raises(UserError, match="onecycle warms up by itself"):
+        apply_overrides(get_config("imagenet"), ["warmup_epochs=5"])
+    r = apply_overrides(get_config("cifar10"), ["norm_weight_decay=0", "bias_weight_decay=1e-5"])
+    assert (r.norm_weight_decay, r.bias_weight_decay) == (0.0, 1e-5)
+    assert apply_overrides(r, ["norm_weight_decay=none"]).norm_weight_decay is None
+
+
+def test_fixres_crops_are_checked_against_the_resize():
+    r = apply_overrides(get_config("imagenet"), ["train_crop=176", "eval_resize=232"])
+    assert (r.train_size, r.eval_size) == (176, 224)
+    with pytest.raises(UserError, match="the eval centre crop .240 pixels.* eval_resize=232"):
+        apply_overrides(r, ["eval_crop=240"])
+    with pytest.raises(UserError, match="training image's 176 pixels"):
+        apply_overrides(r, ["cutout_holes=1", "cutout_length=200"])
 
 
 def test_unknown_recipe():
@@ -172,7 +198,8 @@ def test_regularised_variants_carry_their_sources():
 
 
 def test_a_run_saved_before_a_key_existed_resumes():
-    """A workdir's config.json written before the regulariser keys: they ran with the defaults."""
+    """A workdir's config.json written before the regulariser, decay and warm-up keys: it ran with
+    their defaults."""
     saved = get_config("cifar10").to_dict()
     for key in (
         "cutout_holes",
@@ -181,6 +208,10 @@ def test_a_run_saved_before_a_key_existed_resumes():
         "cutmix_alpha",
         "mix_switch_prob",
         "label_smoothing",
+        "norm_weight_decay",
+        "bias_weight_decay",
+        "warmup_epochs",
+        "warmup_decay",
     ):
         del saved[key]
     assert resume_differences(saved, get_config("cifar10")) == []

@@ -11,7 +11,7 @@ from configs import get_config
 from flax_impl import data, optim, steps
 from flax_impl.models import resnet20
 from flax_impl.train import FlaxBackend, NonFiniteLoss, Preempted, train_and_evaluate
-from testkit import samples
+from testkit import REGULARISED, TODAY, samples
 from core.recipe import apply_overrides
 
 QUICK = [
@@ -24,14 +24,6 @@ QUICK = [
     "num_workers=2",
 ]
 ONE = jax.devices()[:1]
-# Cutout, MixUp or CutMix (one per batch) and label smoothing: every draw from the data plan
-REGULARISED = [
-    "cutout_holes=1",
-    "cutout_length=8",
-    "mixup_alpha=0.4",
-    "cutmix_alpha=1.0",
-    "label_smoothing=0.1",
-]
 
 
 def recipe_for(name, data_dir, *overrides):
@@ -66,7 +58,7 @@ def test_a_real_step_on_a_small_resnet_learns(fashion_dir):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-@pytest.mark.parametrize("extra", [[], REGULARISED])
+@pytest.mark.parametrize("extra", [[], REGULARISED + TODAY])
 def test_run_records_and_resumes_exactly(fashion_dir, tmp_path, extra):
     r = recipe_for("fashion_mnist", fashion_dir, "checkpoint_every_steps=4", *extra)
     straight = train_and_evaluate(r, tmp_path / "straight", devices=ONE)
@@ -125,20 +117,28 @@ def test_decoding_threads_neither_change_nor_break_a_resumed_run(imagefolder_dir
     assert records(tmp_path / "one-thread") == want
 
 
-def test_imagenet_folder_path(imagefolder_dir, tmp_path):
+# imagenet_v2 (smoke): as torch_ref's test of the same name
+V2 = ["train_crop=24", "ema_every_steps=2", "warmup_epochs=1", "epochs=2"]
+
+
+@pytest.mark.parametrize(
+    "name, extra, steps", [("imagenet", ["epochs=1"], 4), ("imagenet_v2", V2, 10)]
+)
+def test_imagenet_folder_path(imagefolder_dir, tmp_path, name, extra, steps):
     r = recipe_for(
-        "imagenet",
+        name,
         imagefolder_dir,
         "model=resnet18",
         "num_classes=3",
         "image_size=32",
         "eval_resize=36",
-        "epochs=1",
         "batch_size=4",
         "eval_batch_size=4",
+        *extra,
     )
     out = train_and_evaluate(r, tmp_path / "inet", devices=ONE)
-    assert out["test_count"] == 9 and out["global_step"] == 18 // 4
+    assert out["test_count"] == 9 and out["global_step"] == steps
+    assert ("test_acc_ema" in out) == (name == "imagenet_v2")
 
 
 def test_cifar_path(cifar_dir, tmp_path):

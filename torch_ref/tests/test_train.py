@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from configs import get_config
-from testkit import samples
+from testkit import REGULARISED, TODAY, samples
 from core.recipe import apply_overrides
 from torch_ref import checkpoints
 from torch_ref.train import Preempted, train_and_evaluate
@@ -20,14 +20,6 @@ QUICK = [
     "eval_subset=0",
     "log_every_steps=2",
     "num_workers=0",
-]
-# Cutout, MixUp or CutMix (one per batch) and label smoothing: every draw from the data plan
-REGULARISED = [
-    "cutout_holes=1",
-    "cutout_length=8",
-    "mixup_alpha=0.4",
-    "cutmix_alpha=1.0",
-    "label_smoothing=0.1",
 ]
 
 
@@ -81,7 +73,7 @@ def records(workdir):
 
 @pytest.mark.parametrize("stop_after", [5, 6])  # mid-epoch, and exactly at the epoch boundary
 @pytest.mark.parametrize(
-    "pipeline, extra", [("fast", []), ("dataloader", []), ("fast", REGULARISED)]
+    "pipeline, extra", [("fast", []), ("dataloader", []), ("fast", REGULARISED + TODAY)]
 )
 def test_resume_is_exact(fashion_dir, tmp_path, stop_after, pipeline, extra):
     """A run stopped after step k and resumed ends bit-identical to an uninterrupted run."""
@@ -153,20 +145,30 @@ def test_cifar10_and_cifar100_paths(cifar_dir, tmp_path):
     assert out["test_count"] == 20 and out["global_step"] == 5
 
 
-def test_imagenet_folder_path(imagefolder_dir, tmp_path):
+# imagenet_v2 (smoke): torchvision's V2 training side, FixRes at 24 -> 36 -> 32, the EMA every
+# 2 steps and a one-epoch warm-up of a two-epoch run; its last batch is kept (no drop_last)
+V2 = ["train_crop=24", "ema_every_steps=2", "warmup_epochs=1", "epochs=2"]
+
+
+@pytest.mark.parametrize(
+    "name, extra, steps", [("imagenet", ["epochs=1"], 4), ("imagenet_v2", V2, 10)]
+)
+def test_imagenet_folder_path(imagefolder_dir, tmp_path, name, extra, steps):
     # resnet18 at 32 pixels stands in for resnet50 at 224: the same loader, transforms and loop
     r = recipe_for(
-        "imagenet",
+        name,
         imagefolder_dir,
         "model=resnet18",
         "num_classes=3",
         "image_size=32",
         "eval_resize=36",
-        "epochs=1",
         "batch_size=4",
+        *extra,
     )
     out = train_and_evaluate(r, tmp_path / "inet")
-    assert out["test_count"] == 9 and out["global_step"] == 18 // 4  # drop_last=True
+    # 18 images: 18 // 4 steps with drop_last (imagenet), 5 an epoch without (imagenet_v2)
+    assert out["test_count"] == 9 and out["global_step"] == steps
+    assert ("test_acc_ema" in out) == (name == "imagenet_v2")
 
 
 def test_bf16_autocast_on_cpu(fashion_dir, tmp_path):
