@@ -7,6 +7,13 @@ device pass ``jax.devices()[:1]`` explicitly.
 
 import os
 
+# CI runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`: each test file on one
+# worker, so its module fixtures are made once) on two cores: with both busy, OpenMP threads
+# that spin while they wait would take the other worker's core, so they sleep (torch reads this
+# when it loads; the trainers the tests start inherit it)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -70,17 +77,3 @@ def references(tmp_path_factory):
     from testkit import chaos
 
     return chaos.References(tmp_path_factory.mktemp("references"))
-
-
-# CI runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Each test file is one
-# group, so a module's fixtures are made once; the files that share the `references` runs are one
-# group, so those runs are made once too.
-SHARE_REFERENCES = {"test_reliability.py", "test_workdir.py", "test_preemption.py"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        group = "references" if name in SHARE_REFERENCES else str(item.path)
-        item.add_marker(pytest.mark.xdist_group(group))
