@@ -30,8 +30,11 @@ from core.cli import Parser, add_weights_flag
 from core.errors import UserError, report
 from core.recipe import Recipe, make_recipe
 
-# (recipe, checkpoint path or None, run folder) -> (logits of uint8 NHWC images, a description)
-Loader = Callable[[Recipe, "str | None", Path], tuple[Callable[[np.ndarray], np.ndarray], str]]
+# (recipe, checkpoint path or None, run folder, device, "model" | "ema") -> (logits of uint8 NHWC
+# images, a description)
+Loader = Callable[
+    [Recipe, "str | None", Path, str, str], tuple[Callable[[np.ndarray], np.ndarray], str]
+]
 
 
 def run_recipe(workdir: Path) -> Recipe:

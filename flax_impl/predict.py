@@ -61,13 +61,8 @@ def logits_fn(variables, recipe: Recipe, device: str = "auto"):
     return run
 
 
-def load(
-    recipe: Recipe,
-    checkpoint: str | None,
-    workdir: Path,
-    device: str = "auto",
-    which: str = "model",
-):
+def load(recipe: Recipe, checkpoint, workdir: Path, device="auto", which="model"):
+    """core.predict's loader: (logits of uint8 images, description)."""
     variables, where = load_variables(recipe, checkpoint, workdir, which)
     return logits_fn(variables, recipe, device), where
 

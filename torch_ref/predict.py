@@ -22,15 +22,9 @@ from torch_ref.models import build_model
 PROG = "python -m torch_ref.predict"
 
 
-def load_model(
-    recipe: Recipe,
-    checkpoint: str | None,
-    workdir: Path,
-    device: str = "auto",
-    which: str = "model",
-):
-    """(eval-mode model on its device, description) from a checkpoint of either stack; `which`:
-    the model's weights or its EMA's."""
+def load_model(recipe: Recipe, checkpoint, workdir: Path, device="auto", which="model"):
+    """(eval-mode model on its device, description) from a checkpoint of either stack (a path, or
+    None for the run's best); `which`: the model's weights or its EMA's."""
     kind, path = predict.find_checkpoint(workdir, checkpoint)
     if kind == "torch_ref":
         state = checkpoints.load(path)
@@ -65,13 +59,8 @@ def logits_fn(model: torch.nn.Module, recipe: Recipe):
     return run
 
 
-def load(
-    recipe: Recipe,
-    checkpoint: str | None,
-    workdir: Path,
-    device: str = "auto",
-    which: str = "model",
-):
+def load(recipe: Recipe, checkpoint, workdir: Path, device="auto", which="model"):
+    """core.predict's loader: (logits of uint8 images, description)."""
     model, where = load_model(recipe, checkpoint, workdir, device, which)
     return logits_fn(model, recipe), where
 
