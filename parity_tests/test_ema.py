@@ -103,9 +103,10 @@ def test_the_ema_trajectory_is_torchs_at_level_1(f64):
     EMA is no further from torch's than the two stacks' models have been from each other at the
     updates so far (the EMA is a weighted mean of those models, so its gap is at most their
     largest gap; 1% and 1e-14 of the array's size on top for the lerp's own roundings). And the
-    gap is float64's, not float32's: under 1e-7 relative (float64 steps start ~1e-12 apart and
-    drift ~10x a step, reaching ~1e-8 on the smallest arrays by step 12; float32 would be
-    ~1e-4). num_batches_tracked, by torch's integer rule, equal."""
+    gap is float64's, not float32's: under 1e-6 relative (float64 steps start ~1e-12 apart and
+    drift ~10x a step, reaching 4.4e-8 on the smallest arrays by step 12 here, a machine with
+    other kernels drifts otherwise; float32 would be ~1e-4). num_batches_tracked, by torch's
+    integer rule, equal."""
     torch_ema, torch_model, flax_ema, flax_model = f64
     assert len(torch_ema) == len(flax_ema) == len(flax_model) == 6
     worst: dict = {}
@@ -119,7 +120,7 @@ def test_the_ema_trajectory_is_torchs_at_level_1(f64):
             worst[name] = max(worst.get(name, 0.0), np.linalg.norm(fm[name] - tm[name]))
             gap = np.linalg.norm(f[name] - want)
             assert gap <= 1.01 * worst[name] + 1e-14 * size, (name, gap, worst[name])
-            assert gap < 1e-7 * size, (name, gap / size)
+            assert gap < 1e-6 * size, (name, gap / size)
 
 
 def test_copies_in_the_warmup_then_an_average(f64):
