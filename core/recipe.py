@@ -72,6 +72,7 @@ class Recipe:
     batch_size: int = 128  # per process (per GPU); the global batch is batch_size x world size
     eval_batch_size: int = 256  # images per evaluation batch (does not change the results)
     drop_last: bool = False  # drop the last partial training batch of each epoch
+    grad_accum_steps: int = 1  # micro-batches of batch_size / this per optimizer step; 1 = off
     lr: float = 0.1  # peak learning rate at the reference world size
     lr_reference_world_size: int = 0  # lr x world / this (linear scaling); 0 = no scaling
     momentum: float = 0.9  # SGD momentum (OneCycle cycles it instead)
@@ -113,6 +114,12 @@ class Recipe:
     @property
     def is_cifar_family(self) -> bool:
         return self.model in CIFAR_MODELS
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows of a process's micro-batch: batch_size / grad_accum_steps (the whole batch when
+        there is no accumulation)."""
+        return self.batch_size // self.grad_accum_steps
 
     @property
     def train_size(self) -> int:
@@ -279,6 +286,7 @@ def validate(r: Recipe) -> Recipe:
         "eval_batch_size",
         "log_every_steps",
         "ema_every_steps",
+        "grad_accum_steps",
     ):
         need(getattr(r, name) >= 1, f"{name} must be at least 1 (got {getattr(r, name)})")
     for name in (
@@ -305,6 +313,11 @@ def validate(r: Recipe) -> Recipe:
             f"{name} must be 0 or more, or none for weight_decay's value (got {value})",
         )
     need(not r.nesterov or r.momentum > 0, "nesterov needs momentum > 0")
+    need(
+        r.batch_size % r.grad_accum_steps == 0,
+        f"grad_accum_steps={r.grad_accum_steps} does not divide batch_size={r.batch_size}: "
+        "an optimizer step's batch is cut into micro-batches of batch_size / grad_accum_steps",
+    )
     need(
         0 <= r.ema_decay < 1,
         f"ema_decay must be in [0, 1): 0 is off, torchvision's recipe uses 0.99998 "

@@ -157,16 +157,17 @@ def masked_cross_entropy(logits, labels, mask):
     return jnp.sum(ce * mask) / jnp.maximum(count, 1), ce, count
 
 
-def train_loss(logits, labels, mask, smoothing: float = 0.0, mix=None):
+def train_loss(logits, labels, mask, smoothing: float = 0.0, mix=None, count=None):
     """Mean over the real rows of CE_eps(y), or under MixUp/CutMix of
-    lam * CE_eps(y) + (1 - lam) * CE_eps(y[partner]) (core.regularisers)."""
+    lam * CE_eps(y) + (1 - lam) * CE_eps(y[partner]) (core.regularisers); `count`: divide by
+    this many rows instead of this batch's (a micro-batch's share of its step's mean)."""
     ce = cross_entropy(logits, labels, smoothing)
     if mix is not None:
         partner_labels, lam, rest = mix
         ce = ce * lam.astype(ce.dtype) + cross_entropy(
             logits, partner_labels, smoothing
         ) * rest.astype(ce.dtype)
-    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask) if count is None else count, 1)
 
 
 def train_step(
@@ -179,8 +180,11 @@ def train_step(
     aug: dict,
     dtype,
     smoothing: float = 0.0,
+    chunks: int = 1,
+    micro_sharding=None,
 ):
-    """One SGD step on the (global) batch; returns (new state, metrics of this batch)."""
+    """One SGD step on the (global) batch; returns (new state, metrics of this batch).
+    `chunks` > 1: gradient accumulation (`accumulated_grads`)."""
     x, labels = prepare_inputs(batch, source, aug, dtype)
     mask = batch["mask"]
     mix, dominant = None, labels
@@ -189,6 +193,12 @@ def train_step(
         mix = (partner_labels, lam, rest)
         # train accuracy under mixing: the label with the larger weight
         dominant = jnp.where(lam >= 0.5, labels, partner_labels)
+
+    if chunks > 1:
+        loss, batch_stats, grads, correct = accumulated_grads(
+            state, x, labels, mask, mix, dominant, model, smoothing, chunks, micro_sharding
+        )
+        return _apply(state, tx, grads, batch_stats, loss, correct, mask)
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -202,9 +212,66 @@ def train_step(
         return loss, (updates["batch_stats"], logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    correct = jnp.sum((jnp.argmax(logits, -1) == dominant) * mask)
+    return _apply(state, tx, grads, batch_stats, loss, correct, mask)
+
+
+def accumulated_grads(state, x, labels, mask, mix, dominant, model, smoothing, chunks, sharding):
+    """Gradient accumulation: the batch's rows in `chunks` micro-batches of consecutive rows
+    (as torch_ref cuts them: a short batch's padded rows fall in its last micro-batches), one
+    after the other, BatchNorm's running statistics carried from each to the next; each adds
+    its real rows' share of the mean loss's gradient. A micro-batch of padding only leaves the
+    statistics as they were (it runs with every row counted, so nothing divides by zero, and
+    weighs nothing in the loss). `sharding` spreads each micro-batch over the devices, so the
+    result does not depend on how many there are. Returns (loss, batch_stats, grads, correct)."""
+    count = jnp.sum(mask)
+
+    def split(a):
+        a = a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:])
+        if sharding is not None:
+            a = jax.lax.with_sharding_constraint(a, sharding(a.ndim))
+        return a
+
+    rows = {"x": x, "labels": labels, "mask": mask, "dominant": dominant}
+    if mix is not None:
+        rows["partner_labels"], rows["lam"], rows["rest"] = mix
+    parts = jax.tree_util.tree_map(split, rows)
+
+    def body(carry, part):
+        batch_stats, grads, loss, correct = carry
+        real = jnp.sum(part["mask"]) > 0
+        bn_mask = jnp.where(real, part["mask"], jnp.ones_like(part["mask"]))
+        mixed = None if mix is None else (part["partner_labels"], part["lam"], part["rest"])
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                part["x"],
+                train=True,
+                mask=bn_mask,
+                mutable=["batch_stats"],
+            )
+            micro = train_loss(logits, part["labels"], part["mask"], smoothing, mixed, count)
+            return micro, (updates["batch_stats"], logits)
+
+        (micro, (new_stats, logits)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        batch_stats = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(real, new, old), new_stats, batch_stats
+        )
+        grads = jax.tree_util.tree_map(jnp.add, grads, g)
+        hits = jnp.sum((jnp.argmax(logits, -1) == part["dominant"]) * part["mask"])
+        return (batch_stats, grads, loss + micro, correct + hits), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    loss_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float64 in the parity tests
+    start = (state.batch_stats, zeros, jnp.zeros((), loss_dtype), jnp.zeros((), mask.dtype))
+    (batch_stats, grads, loss, correct), _ = jax.lax.scan(body, start, parts)
+    return loss, batch_stats, grads, correct
+
+
+def _apply(state, tx, grads, batch_stats, loss, correct, mask):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    correct = jnp.sum((jnp.argmax(logits, -1) == dominant) * mask)
     metrics = {
         "loss": loss,
         "correct": correct,
@@ -249,15 +316,28 @@ class Steps:
     `replicate`), or None when batches carry their images.
     """
 
-    def __init__(self, model, tx, aug: dict, mesh: Mesh, dtype=jnp.float32, smoothing: float = 0.0):
+    def __init__(
+        self,
+        model,
+        tx,
+        aug: dict,
+        mesh: Mesh,
+        dtype=jnp.float32,
+        smoothing: float = 0.0,
+        chunks: int = 1,
+    ):
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         self.split = NamedSharding(mesh, P(DATA_AXIS))
+
+        def micro_sharding(ndim):  # (chunks, rows, ...): each micro-batch over every device
+            return NamedSharding(mesh, P(None, DATA_AXIS, *([None] * (ndim - 2))))
+
         # on a batch already placed by `put_batch`: (state, batch, source) -> (state, metrics)
+        step = functools.partial(train_step, model=model, tx=tx, aug=aug, dtype=dtype)
+        accumulate = dict(chunks=chunks, micro_sharding=micro_sharding)
         self.train_placed = jax.jit(
-            functools.partial(
-                train_step, model=model, tx=tx, aug=aug, dtype=dtype, smoothing=smoothing
-            ),
+            functools.partial(step, smoothing=smoothing, **accumulate),
             donate_argnums=(0,),
             out_shardings=(self.replicated, self.replicated),
         )

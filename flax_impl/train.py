@@ -94,6 +94,13 @@ class FlaxBackend:
                     f"{len(self.devices)} devices; make {name} a multiple of "
                     f"{len(self.devices)}"
                 )
+        k = recipe.grad_accum_steps
+        if (batch // k) % len(self.devices):
+            raise UserError(
+                f"micro-batches of {batch // k} (a global batch of {batch} / grad_accum_steps="
+                f"{k}) do not split over {len(self.devices)} devices; make batch_size a "
+                f"multiple of {k * len(self.devices)}"
+            )
         where = (jax.process_index(), self.num_processes)
         pad = len(self.devices)  # a batch larger than the data is padded only to the data
         self.train_batches = (
@@ -109,7 +116,13 @@ class FlaxBackend:
         tx, _, _ = optim.for_recipe(recipe, self.steps_per_epoch, self.replicas, tables=tables)
         aug = {"pad": recipe.crop_padding, "mean": tuple(recipe.mean), "std": tuple(recipe.std)}
         self.steps = steps.Steps(
-            self.model, tx, aug, steps.make_mesh(self.devices), self.dtype, recipe.label_smoothing
+            self.model,
+            tx,
+            aug,
+            steps.make_mesh(self.devices),
+            self.dtype,
+            recipe.label_smoothing,
+            recipe.grad_accum_steps,
         )
         shape = (recipe.train_size, recipe.train_size, recipe.in_channels)
         state = steps.create_state(self.model, tx, jax.random.PRNGKey(recipe.seed), shape)

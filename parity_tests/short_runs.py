@@ -117,10 +117,24 @@ def run_torch(
                 torch.from_numpy(b.images), mean, std, True, params, b.jitter is not None, dtype
             )
             x, targets = augment.regularise(x, torch.from_numpy(b.labels), b.draws)
-            loss = torch_steps.train_loss(model(x), targets, recipe.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if recipe.grad_accum_steps > 1:  # torch_ref's own accumulated step
+                scaler = torch.amp.GradScaler("cpu", enabled=False)
+                loss, _ = torch_steps.train_step(
+                    model,
+                    opt,
+                    scaler,
+                    None,
+                    x,
+                    targets,
+                    1.0,
+                    recipe.label_smoothing,
+                    recipe.micro_batch,
+                )
+            else:
+                loss = torch_steps.train_loss(model(x), targets, recipe.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             if when == "step" or (k + 1) % steps_per_epoch == 0:
                 sched.step()
             if on_step is not None:
@@ -152,6 +166,7 @@ def run_flax(
         steps.make_mesh(jax.devices()[:1]),
         dtype,
         recipe.label_smoothing,
+        recipe.grad_accum_steps,
     )
     state = fns.replicate(steps.state_from_variables(variables, tx))
     pending = []
@@ -165,11 +180,26 @@ def run_flax(
             batch["jitter"], batch["jitter_order"] = b.jitter, b.jitter_order.astype(np.int32)
         if b.draws is not None:
             batch.update(flax_data.regulariser_rows(None, b.draws))
+        if recipe.grad_accum_steps > 1:  # a short batch padded as the trainer pads it
+            batch = pad_rows(batch, recipe.batch_size)
         state, metrics = fns.train(state, batch)
         if on_step is not None:
             state = on_step(len(pending), state)
         pending.append(metrics["loss"])
     return np.asarray(jax.device_get(pending), np.float64)
+
+
+def pad_rows(batch: dict, rows: int) -> dict:
+    """A batch of fewer rows padded to `rows` with masked-out copies of its first row."""
+    n = len(batch["mask"])
+    if n == rows:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = np.concatenate([v, np.repeat(v[:1], rows - n, axis=0)])
+    out["mask"][n:] = 0
+    return out
 
 
 @dataclasses.dataclass

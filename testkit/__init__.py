@@ -8,7 +8,8 @@ STACKS = ["torch_ref", "flax_impl"]  # the two stacks, as the tests parametrize 
 # Overrides the stacks' training tests share. REGULARISED: Cutout, MixUp or CutMix (one per
 # batch) and label smoothing, every draw from the data plan. TODAY: today's training side, a
 # per-step cosine after a one-epoch warm-up (a stop at step 5 of 6 lands inside it), no decay on
-# BatchNorm and another rate on biases (parameter groups; decay masks)
+# BatchNorm and another rate on biases (parameter groups; decay masks), a model EMA updated
+# every second step, and each step in two micro-batches (gradient accumulation)
 REGULARISED = [
     "cutout_holes=1",
     "cutout_length=8",
@@ -22,4 +23,7 @@ TODAY = [
     "weight_decay=5e-4",
     "norm_weight_decay=0",
     "bias_weight_decay=1e-4",
+    "ema_decay=0.99",
+    "ema_every_steps=2",
+    "grad_accum_steps=2",
 ]

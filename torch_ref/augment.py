@@ -102,6 +102,11 @@ class Targets(NamedTuple):
     def numel(self) -> int:
         return self.y.numel()
 
+    def rows(self, part: slice) -> "Targets":
+        """These targets for rows `part` of the batch (a micro-batch)."""
+        partner = None if self.partner_y is None else self.partner_y[part]
+        return Targets(self.y[part], partner, self.lam, self.one_minus_lam)
+
     def dominant(self) -> torch.Tensor:
         """The label with the larger weight: what train accuracy counts."""
         return self.y if self.partner_y is None or self.lam >= 0.5 else self.partner_y

@@ -38,6 +38,11 @@ def train_loss(logits: torch.Tensor, t: Targets, smoothing: float = 0.0) -> torc
     )
 
 
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """The loss is computed in float32 under mixed precision, in float64 for a float64 model."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def train_step(
     forward: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -47,18 +52,55 @@ def train_step(
     targets: Targets,
     weight: float,
     smoothing: float = 0.0,
+    micro: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; (loss, correct) as device tensors. `weight` scales this process's
     loss before DDP averages gradients (see TorchBackend.train_step). Under mixing a prediction
-    is correct when it names the label with the larger weight."""
+    is correct when it names the label with the larger weight.
+
+    `micro` > 0 (gradient accumulation): the rows go through in micro-batches of `micro` rows
+    (a short last batch in as many as it fills), each backward adding its share (rows / all
+    rows) of the mean loss's gradient, so the step is the whole batch's but for BatchNorm, whose
+    statistics (and running buffers) are each micro-batch's; under DDP only the last backward
+    all-reduces."""
+    if micro and micro < x.shape[0]:
+        return _accumulated_step(
+            forward, optimizer, scaler, amp_dtype, x, targets, weight, smoothing, micro
+        )
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = forward(x)
-        loss = train_loss(logits.float(), targets, smoothing)
+        loss = train_loss(_at_least_float32(logits), targets, smoothing)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss * weight if weight != 1 else loss).backward()
     scaler.step(optimizer)
     scaler.update()
     return loss.detach(), (logits.detach().argmax(1) == targets.dominant()).sum()
+
+
+def _accumulated_step(forward, optimizer, scaler, amp_dtype, x, targets, weight, smoothing, micro):
+    import contextlib
+
+    n = x.shape[0]
+    starts = range(0, n, micro)
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=x.device)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for j, start in enumerate(starts):
+        part = slice(start, min(start + micro, n))
+        share = (part.stop - part.start) / n
+        t = targets.rows(part)
+        last = j == len(starts) - 1
+        quiet = forward.no_sync() if hasattr(forward, "no_sync") and not last else None
+        with quiet or contextlib.nullcontext():
+            with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = forward(x[part])
+                loss = train_loss(_at_least_float32(logits), t, smoothing)
+            scaler.scale(loss * (share * weight)).backward()
+        total = total + loss.detach() * share
+        correct = correct + (logits.detach().argmax(1) == t.dominant()).sum()
+    scaler.step(optimizer)
+    scaler.update()
+    return total, correct
 
 
 @torch.no_grad()

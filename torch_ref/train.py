@@ -145,6 +145,7 @@ class TorchBackend:
             targets,
             weight,
             self.recipe.label_smoothing,
+            self.recipe.micro_batch if self.recipe.grad_accum_steps > 1 else 0,
         )
         if self.scheduler_steps == "step":
             self.scheduler.step()

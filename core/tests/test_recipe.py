@@ -95,6 +95,8 @@ def test_overrides_parse_by_type():
         ("bias_weight_decay=x", "expected a number"),
         ("schedule=cosine", "expected one of cosine_per_epoch, cosine_per_step, onecycle"),
         ("train_crop=24", "train_crop and eval_crop are for imagenet"),
+        ("grad_accum_steps=3", "grad_accum_steps=3 does not divide batch_size=128"),
+        ("grad_accum_steps=0", "grad_accum_steps must be at least 1"),
         ("eval_crop=-1", "eval_crop must be 0 or more"),
     ],
 )
@@ -212,6 +214,11 @@ def test_a_run_saved_before_a_key_existed_resumes():
         "bias_weight_decay",
         "warmup_epochs",
         "warmup_decay",
+        "ema_decay",
+        "ema_every_steps",
+        "grad_accum_steps",
+        "train_crop",
+        "eval_crop",
     ):
         del saved[key]
     assert resume_differences(saved, get_config("cifar10")) == []
