@@ -77,3 +77,28 @@ def references(tmp_path_factory):
     from testkit import chaos
 
     return chaos.References(tmp_path_factory.mktemp("references"))
+
+
+@pytest.fixture
+def in_process():
+    """`in_process(stack)`: `main` of that stack's train module (what `python -m STACK.train`
+    runs), to call in this process instead of starting a trainer. The signal handlers it
+    installs, the stop state and the download opener it may leave are put back afterwards."""
+    import importlib
+    import signal
+    import urllib.request
+
+    from core import preemption
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def main_of(stack):
+        return importlib.import_module(f"{stack}.train").main
+
+    yield main_of
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    preemption.reset()
+    # urlopen's shared opener read the proxies once, when a download was first tried (a closed
+    # port in the offline tests): dropped, so later tests in this process connect as set up
+    urllib.request.install_opener(None)

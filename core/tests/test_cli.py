@@ -1,10 +1,8 @@
 """Both command lines (torch_ref.train, flax_impl.train): user mistakes are one line on stderr,
 exit code 2, no traceback, no files; runs resume and evaluate."""
 
-import importlib
 import json
 import os
-import urllib.request
 import subprocess
 import sys
 
@@ -85,29 +83,6 @@ def test_user_mistakes(tmp_path, args, needle, stack, monkeypatch, capsys, in_pr
     assert list(tmp_path.iterdir()) == []  # nothing written: no workdir, no empty data folder
 
 
-@pytest.fixture
-def in_process():
-    """`main` of a stack's train module, run here; the signal handlers it installs, the stop
-    state and the download opener it may leave are put back afterwards."""
-    import signal
-
-    from core import preemption
-
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def main_of(stack):
-        module = importlib.import_module(f"{stack}.train")
-        return module.main
-
-    yield main_of
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-    preemption.reset()
-    # urlopen's shared opener read the proxies once, when a download was first tried (the
-    # closed OFFLINE port): dropped, so later tests in this process connect as set up
-    urllib.request.install_opener(None)
-
-
 @pytest.mark.parametrize("stack", STACKS)
 def test_cifar10_message_says_how_to_fix(tmp_path, stack):
     line = run_cli(["--recipe", "cifar10"], tmp_path, OFFLINE, stack).stderr
@@ -155,7 +130,20 @@ def assert_run_pictures(w, stack):
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack, capsys):
+def test_smoke_run_then_resume_then_eval_only(
+    tmp_path, fashion_dir, stack, capsys, in_process, monkeypatch
+):
+    """The trainer's command end to end (a subprocess), then the same command again, with other
+    settings, evaluating, with the other stack (in this process: what `python -m STACK.train`
+    runs, without a trainer's start-up each)."""
+    monkeypatch.chdir(tmp_path)
+
+    def here(args, stack=stack):
+        capsys.readouterr()
+        code = in_process(stack)(args)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
     common = [
         "--recipe",
         "fashion_mnist",
@@ -174,15 +162,15 @@ def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack, caps
     assert "first batch loss" in first.stdout and "epoch   1/1" in first.stdout
     assert "% (ema " in first.stdout
     assert_run_pictures(tmp_path / "w", stack)
-    again = run_cli(common, tmp_path, stack=stack)
+    again = here(common)
     assert again.returncode == 0 and "already finished" in again.stdout
-    other = run_cli(common[:-1] + ["epochs=2", "lr=0.2"], tmp_path, stack=stack)
+    other = here(common[:-1] + ["epochs=2", "lr=0.2"])
     assert (
         other.returncode == 2 and "other settings (epochs: 1 -> 2; lr: 0.1 -> 0.2)" in other.stderr
     )
-    ev = run_cli(common + ["--eval-only"], tmp_path, stack=stack)
+    ev = here(common + ["--eval-only"])
     assert ev.returncode == 0 and "test loss" in ev.stdout and "on 40 images" in ev.stdout
-    ema = run_cli(common + ["--eval-only", "--weights", "ema"], tmp_path, stack=stack)
+    ema = here(common + ["--eval-only", "--weights", "ema"])
     assert ema.returncode == 0 and "(its EMA): test loss" in ema.stdout, ema.stderr
     record = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     want = next(m for m in record if "test_acc_ema" in m)
@@ -205,7 +193,7 @@ def test_smoke_run_then_resume_then_eval_only(tmp_path, fashion_dir, stack, caps
         logits.append(out["logits"])
     np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-4)  # float32 apart
     other_stack = "flax_impl" if stack == "torch_ref" else "torch_ref"
-    foreign = run_cli(common, tmp_path, stack=other_stack)
+    foreign = here(common, other_stack)
     assert foreign.returncode == 2 and f"holds a {stack} run" in foreign.stderr
 
 

@@ -160,8 +160,43 @@ def trained(references):
     return copy_into
 
 
+@pytest.fixture
+def evaluate(in_process, capsys, monkeypatch, tmp_path):
+    """`evaluate(stack, args)`: that stack's command line run in this process (no trainer
+    process: the trainers' start-up is what these tests would otherwise spend their time on),
+    from tmp_path; returns (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(stack, args):
+        capsys.readouterr()
+        code = in_process(stack)(args)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def _eval_args(data, workdir, checkpoint, *extra):
+    return [
+        "--recipe",
+        "fashion_mnist",
+        "--size",
+        "smoke",
+        "--data-dir",
+        str(data),
+        "--workdir",
+        str(workdir),
+        "--device",
+        "cpu",
+        "--eval-only",
+        "--checkpoint",
+        str(checkpoint),
+        *extra,
+    ]
+
+
 @pytest.mark.parametrize("stack", STACKS)
-def test_evaluating_what_is_not_a_checkpoint_is_one_line(stack, tmp_path, trained):
+def test_evaluating_what_is_not_a_checkpoint_is_one_line(stack, tmp_path, trained, evaluate):
     """--eval-only --checkpoint with a truncated checkpoint, a run folder or a text file: one
     line that says what was expected, never advice to delete anything, nothing changed.
     (Resuming from a truncated checkpoint falls back to the one before it: test_workdir.py.)"""
@@ -178,84 +213,41 @@ def test_evaluating_what_is_not_a_checkpoint_is_one_line(stack, tmp_path, traine
     text.write_text("not a checkpoint\n")
     checkpoint = victim if stack == "torch_ref" else last
     for path in (checkpoint, tmp_path / "w", text):
-        proc = _cli(
-            stack,
-            [
-                "--recipe",
-                "fashion_mnist",
-                "--size",
-                "smoke",
-                "--data-dir",
-                str(tmp_path / "data"),
-                "--workdir",
-                str(tmp_path / "w"),
-                "--eval-only",
-                "--checkpoint",
-                str(path),
-            ],
-            tmp_path,
-        )
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-        assert "Traceback" not in proc.stderr and "delete" not in proc.stderr, proc.stderr
+        code, _, err = evaluate(stack, _eval_args(tmp_path / "data", tmp_path / "w", path))
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert "Traceback" not in err and "delete" not in err, err
         assert str(path) in lines[0]
     assert victim.stat().st_size == size  # nothing overwritten
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_checkpoint_of_another_architecture_or_framework(stack, tmp_path, trained):
+def test_checkpoint_of_another_architecture_or_framework(stack, tmp_path, trained, evaluate):
     trained(stack, tmp_path)
     ckpts = tmp_path / "w" / "checkpoints"
     ckpt = ckpts / "best.pt" if stack == "torch_ref" else next((ckpts / "best").iterdir())
-    data = str(tmp_path / "data")
-    other = _cli(
-        stack,
-        [
-            "--recipe",
-            "fashion_mnist",
-            "--size",
-            "smoke",
-            "--data-dir",
-            data,
-            "--workdir",
-            str(tmp_path / "w2"),
-            "--eval-only",
-            "--checkpoint",
-            str(ckpt),
-            "model=resnet32",
-        ],
-        tmp_path,
-    )
-    assert other.returncode == 2 and "Traceback" not in other.stderr
-    assert "resnet20" in other.stderr and "resnet32" in other.stderr
+    data = tmp_path / "data"
+    code, _, err = evaluate(stack, _eval_args(data, tmp_path / "w2", ckpt, "model=resnet32"))
+    assert code == 2 and "Traceback" not in err
+    assert "resnet20" in err and "resnet32" in err
     # the other stack converts the checkpoint (a note on stderr) and scores what this one does;
     # with another architecture it refuses in one line
     foreign_stack = "flax_impl" if stack == "torch_ref" else "torch_ref"
-    args = [
-        "--recipe",
-        "fashion_mnist",
-        "--size",
-        "smoke",
-        "--data-dir",
-        data,
-        "--eval-only",
-        "--checkpoint",
-        str(ckpt),
-    ]
-    own = _cli(stack, args + ["--workdir", str(tmp_path / "w")], tmp_path)
-    foreign = _cli(foreign_stack, args + ["--workdir", str(tmp_path / "w3")], tmp_path)
-    assert own.returncode == 0 and foreign.returncode == 0, foreign.stderr
-    assert f"is a {stack} checkpoint; converted" in foreign.stderr
+    code, own, err = evaluate(stack, _eval_args(data, tmp_path / "w", ckpt))
+    assert code == 0, err
+    code, foreign, err = evaluate(foreign_stack, _eval_args(data, tmp_path / "w3", ckpt))
+    assert code == 0, err
+    assert f"is a {stack} checkpoint; converted" in err
     # the same accuracy: the stacks' float32 logits are ~1e-6 apart, so only an image whose two
     # highest logits tie that closely could flip (parity_tests/test_serving.py bounds it on
     # 10,000 real test images; the 200 generated ones here have no such tie)
-    assert own.stdout.split(" acc ")[1].split()[0] == foreign.stdout.split(" acc ")[1].split()[0]
+    assert own.split(" acc ")[1].split()[0] == foreign.split(" acc ")[1].split()[0]
     assert not (tmp_path / "w3").exists()  # evaluating writes nothing
-    wrong = _cli(
-        foreign_stack, args + ["--workdir", str(tmp_path / "w4"), "model=resnet32"], tmp_path
+    code, _, err = evaluate(
+        foreign_stack, _eval_args(data, tmp_path / "w4", ckpt, "model=resnet32")
     )
-    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
-    assert len(wrong.stderr.strip().splitlines()) == 1 and "resnet32" in wrong.stderr
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "resnet32" in err
 
 
 def test_stale_partial_writes_are_removed(tmp_path):
