@@ -1,5 +1,6 @@
 """Contract item 7: 100 steps of fashion_mnist (real data; 200 in the slow tier) and 200 of
-cifar10 (generated CIFAR-shaped data; slow tier), each recipe at batch 64, in both stacks from the same weights on the same augmented batches.
+cifar10 (generated CIFAR-shaped data; slow tier), each recipe at batch 64, in both stacks from
+the same weights on the same augmented batches.
 
 Bounds:
 - first step, float32: 1e-6 relative. Before any update both compute the same forward on the same
