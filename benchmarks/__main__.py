@@ -90,9 +90,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument(
         "--only",
-        choices=["regularised"],
-        help="regularised: only section c's rows with Cutout, MixUp/CutMix and "
-        "label smoothing on (prints)",
+        choices=["regularised", "augmented"],
+        help="only section c's rows with Cutout, MixUp/CutMix and label smoothing on "
+        "(regularised), or with TrivialAugment and Random Erasing on (augmented); prints",
     )
     args = parser.parse_args(argv)
     quick = args.quick
@@ -122,16 +122,21 @@ def main(argv=None) -> int:
                 "model_time": model_time,
             }
 
-        def regularised_rows():
+        def with_rows(extra, tag):
             out = {}
             for stack in ("torch_ref", "flax_impl"):
-                out[stack] = measure(
-                    epoch_spec(stack, REGULARISED, f"{stack}-reg", model_time=True)
-                )
+                out[stack] = measure(epoch_spec(stack, extra, f"{stack}-{tag}", model_time=True))
             return out
 
-        if args.only == "regularised":
-            rows += overhead_rows(regularised_rows(), " + regularisers")
+        def regularised_rows():
+            return with_rows(REGULARISED, "reg")
+
+        if args.only:
+            extra, label = {
+                "regularised": (REGULARISED, " + regularisers"),
+                "augmented": (AUGMENTED, " + TrivialAugment, Random Erasing"),
+            }[args.only]
+            rows += overhead_rows(with_rows(extra, args.only), label)
             print("\n".join(rows))
             return 0
         # a + c + d: epochs
@@ -149,6 +154,7 @@ def main(argv=None) -> int:
         ours_bf16 = measure(epoch_spec("torch_ref", ["amp=bf16"], "ours-bf16"))
         flax = measure(epoch_spec("flax_impl", [], "flax", model_time=True))
         regularised = regularised_rows()
+        augmented = with_rows(AUGMENTED, "aug")
         # b + d: steps
         log("b: steps ...")
         big_batch = 4 if quick else 8
@@ -227,10 +233,13 @@ def main(argv=None) -> int:
     ]
     rows += overhead_rows({"torch_ref": ours, "flax_impl": flax}, "")
     rows += overhead_rows(regularised, " + regularisers")
+    rows += overhead_rows(augmented, " + TrivialAugment, Random Erasing")
     rows += [
         "",
         f'"+ regularisers": `{" ".join(REGULARISED)}` (Cutout, MixUp or CutMix on '
         "every batch, label smoothing). "
+        f'"+ TrivialAugment, Random Erasing": `{" ".join(AUGMENTED)}` (torchvision\'s '
+        "values; TrivialAugment runs on the host, per image, in both stacks). "
         "Target: overhead <= 10% of an epoch in both stacks. Model time is measured "
         "right after each epoch, in the same process and over as many steps, so both see "
         "the same machine; the overhead is the median over these pairs. The last "
@@ -273,6 +282,9 @@ def main(argv=None) -> int:
         write_section(text)
     return 0
 
+
+# today's augmentation at torchvision's values (section c)
+AUGMENTED = ["trivial_augment=true", "random_erasing=0.1"]
 
 # seed 002's regularisers, all at once: what an epoch costs with them (section c)
 REGULARISED = [

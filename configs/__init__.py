@@ -25,6 +25,7 @@ RECIPES = (
     "cifar100_mmda",
     "imagenet_mixcut",
     "imagenet_v2",
+    "fashion_mnist_v2",
 )
 
 

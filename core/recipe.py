@@ -58,6 +58,10 @@ class Recipe:
     pipeline: Literal["fast", "dataloader"] = "fast"  # fast = in-memory uint8 + batched tensor ops
     num_workers: int = 4  # DataLoader workers (dataloader pipeline and ImageNet)
     max_image_pixels: int = PIL_PIXEL_LIMIT  # larger image files are corrupt data; 0 = no limit
+    # today's augmentation (torchvision's second-generation recipe), on every pipeline
+    trivial_augment: bool = False  # TrivialAugment Wide on each training image (uint8, host)
+    random_erasing: float = 0.0  # chance of torchvision's RandomErasing per training image
+    repeated_augmentation: int = 0  # RASampler: each image this many times in a row; 0/1 = off
     # regularisers (core.regularisers): batched on the device, never at eval
     cutout_holes: int = 0  # Cutout squares per training image; 0 = off
     cutout_length: int = 16  # side of each Cutout square, pixels
@@ -363,6 +367,16 @@ def validate(r: Recipe) -> Recipe:
         not r.cutout_holes or r.cutout_length <= r.train_size,
         f"cutout_length must be 1 to the training image's {r.train_size} pixels "
         f"(image_size or train_crop; got {r.cutout_length})",
+    )
+    need(
+        0 <= r.random_erasing <= 1,
+        f"random_erasing is a probability: use a value in [0, 1], torchvision's recipe uses "
+        f"0.1 (got {r.random_erasing})",
+    )
+    need(
+        r.repeated_augmentation >= 0,
+        "repeated_augmentation is how often each image repeats in an epoch's order: 0 or 1 "
+        f"is off, torchvision's recipe uses 4 (got {r.repeated_augmentation})",
     )
     for name in ("mixup_alpha", "cutmix_alpha"):
         need(getattr(r, name) >= 0, f"{name} must be 0 (off) or positive (got {getattr(r, name)})")

@@ -19,6 +19,13 @@ before they existed. The stacks apply the draws to the normalised float batch on
   (the box actually pasted after clipping; Yun et al., as torchvision.transforms.v2.CutMix).
 - With both on, each batch uses CutMix with probability `mix_switch_prob`, else MixUp (timm's
   switch_prob); with one on, every batch uses it.
+- **Random Erasing** (`random_erasing` = probability p): torchvision's ``RandomErasing(p)`` as
+  its classification recipe uses it, scale (0.02, 0.33), ratio (0.3, 3.3), value 0: with
+  probability p, up to ten tries of an area share uniform in scale and a log-uniform aspect
+  ratio, ``h = round(sqrt(area * ratio))``, ``w = round(sqrt(area / ratio))``; the first that
+  fits strictly inside the image is placed uniformly and set to 0 on the normalised image
+  (the value itself, not a product: 0.0 where torchvision writes 0.0); none fits: unchanged. On
+  its own stream, drawn per image in the global batch's order.
 - **Label smoothing** (`label_smoothing`): the targets of
   ``torch.nn.functional.cross_entropy(label_smoothing=eps)``, ``(1 - eps) * onehot + eps / K``,
   in both CE terms. Evaluation never smooths, mixes or cuts.
@@ -44,14 +51,16 @@ from core.recipe import Recipe
 from core.shares import group_bounds
 
 _REGULARISE = 0xB1E  # stream tag, apart from sampling's order/augment/image streams
+_ERASE = 0xE2A5E  # Random Erasing's own stream: recipes without it draw what they drew before
+ERASE_SCALE, ERASE_RATIO, ERASE_TRIES = (0.02, 0.33), (0.3, 3.3), 10  # torchvision's defaults
 
 NONE, MIXUP, CUTMIX = 0, 1, 2
 
 
 def enabled(r: Recipe) -> bool:
-    """Whether a recipe trains with any of Cutout, MixUp or CutMix (label smoothing needs no
-    draws)."""
-    return bool(r.cutout_holes or r.mixup_alpha or r.cutmix_alpha)
+    """Whether a recipe trains with any of Cutout, MixUp, CutMix or Random Erasing (label
+    smoothing needs no draws)."""
+    return bool(r.cutout_holes or r.mixup_alpha or r.cutmix_alpha or r.random_erasing)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +72,7 @@ class Draws:
     lam: float  # weight of each row's own label (CutMix: after clipping); 1.0 when NONE
     box: np.ndarray  # (4,) int32: y0, y1, x0, x1 of CutMix's box; zeros otherwise
     partner: np.ndarray  # (B,) int32: the global-batch row each row is mixed with
+    erase: np.ndarray | None = None  # (B, 4) int32: y0, y1, x0, x1 of Random Erasing; 0s: none
 
     @property
     def one_minus_lam(self) -> float:
@@ -74,7 +84,8 @@ class Draws:
         partner = self.partner[start:stop] - start
         if len(partner) and (partner.min() < 0 or partner.max() >= stop - start):
             raise ValueError("a partner outside the share: the share is not a replica's")
-        return dataclasses.replace(self, holes=self.holes[start:stop], partner=partner)
+        erase = None if self.erase is None else self.erase[start:stop]
+        return dataclasses.replace(self, holes=self.holes[start:stop], partner=partner, erase=erase)
 
 
 def cutout_boxes(cy: np.ndarray, cx: np.ndarray, length: int, h: int, w: int) -> np.ndarray:
@@ -98,6 +109,24 @@ def cutmix_box(lam: float, cy: int, cx: int, h: int, w: int) -> tuple[np.ndarray
     y0, y1 = max(cy - rh, 0), min(cy + rh, h)
     x0, x1 = max(cx - rw, 0), min(cx + rw, w)
     return (np.array([y0, y1, x0, x1], np.int32), float(1.0 - (x1 - x0) * (y1 - y0) / (w * h)))
+
+
+def erase_box(rng: np.random.Generator, p: float, h: int, w: int) -> np.ndarray:
+    """One image's Random Erasing box (y0, y1, x0, x1), all zeros when it is left alone: a
+    coin with chance p, then torchvision's RandomErasing.get_params on an h x w image."""
+    if not rng.random() < p:
+        return np.zeros(4, np.int32)
+    area = h * w
+    log_ratio = (math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]))
+    for _ in range(ERASE_TRIES):
+        erase_area = area * rng.uniform(*ERASE_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        eh = int(round(math.sqrt(erase_area * aspect)))
+        ew = int(round(math.sqrt(erase_area / aspect)))
+        if eh < h and ew < w:
+            top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+            return np.array([top, top + eh, left, left + ew], np.int32)
+    return np.zeros(4, np.int32)
 
 
 def draw(r: Recipe, epoch: int, step: int, batch: int, groups: int, h: int, w: int) -> Draws:
@@ -127,4 +156,8 @@ def draw(r: Recipe, epoch: int, step: int, batch: int, groups: int, h: int, w: i
     if kind != NONE:
         for start, stop in group_bounds(batch, groups):
             partner[start:stop] = start + rng.permutation(stop - start)
-    return Draws(holes, kind, lam, box, partner)
+    erase = None
+    if r.random_erasing:
+        er = np.random.default_rng([r.seed, _ERASE, epoch, step])
+        erase = np.stack([erase_box(er, r.random_erasing, h, w) for _ in range(batch)])
+    return Draws(holes, kind, lam, box, partner, erase)

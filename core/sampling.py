@@ -13,6 +13,16 @@ skipped within the epoch. The last global batch of an epoch may be partial (``dr
 it is split as evenly as possible over the processes (their shares differ by at most one), and
 nothing is padded or duplicated, unlike torch's DistributedSampler.
 
+Repeated augmentation (`repeated_augmentation` = k > 1, torchvision's RASampler from DeiT):
+the epoch's order is the permutation with each example repeated k times in a row, cut back to
+the data set's length, so an epoch has the steps it has without it and sees about 1/k of the
+distinct examples, each k times with its own draws (torchvision also cuts each epoch down to
+a multiple of 256 examples; here the last partial batch is trained as any other, so the schedule's
+steps per epoch stay as they are). Each global batch is then dealt round-robin to the `deal`
+processes (RASampler's ``indices[rank::num_replicas]``), so the copies of an example land on
+different processes: process r's whole epoch is ``order[r::deal]``, RASampler's list for rank r
+up to its 256-rounding.
+
 Augmentation: the random numbers of step s (crop offsets, flips, colour-jitter factors and order)
 are drawn for the whole global batch from (seed, epoch, step) and sliced like the examples. The
 per-image draws of PIL-side transforms (RandomResizedCrop's box and its flip) come from a generator
@@ -28,19 +38,41 @@ from typing import Iterator
 
 import numpy as np
 
-from core import regularisers
+from core import regularisers, trivial_augment
 from core.errors import UserError
 from core.shares import share
 from core.recipe import Recipe
 from core.regularisers import Draws
 
 # stream tags: the uses never share random numbers
-_ORDER, _AUGMENT, _IMAGE = 0x5EED0, 0xA06, 0xC0
+_ORDER, _AUGMENT, _IMAGE, _TRIVIAL = 0x5EED0, 0xA06, 0xC0, 0x7A1
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     rng = np.random.default_rng([seed, _ORDER, epoch])
     return rng.permutation(num_examples)
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int, repetitions: int = 0) -> np.ndarray:
+    """The examples of an epoch in training order: the epoch's permutation, or with
+    `repetitions` k > 1 each of its examples k times in a row, cut to `num_examples`."""
+    perm = epoch_permutation(num_examples, seed, epoch)
+    if repetitions <= 1:
+        return perm
+    return np.repeat(perm, repetitions)[:num_examples]
+
+
+def deal(indices: np.ndarray, processes: int) -> np.ndarray:
+    """A global batch reordered so that process r's contiguous share (`share`) holds
+    ``indices[r::processes]``: repeated augmentation's round-robin dealing."""
+    if processes <= 1:
+        return indices
+    return np.concatenate([indices[r::processes] for r in range(processes)])
+
+
+def trivial_draws(seed: int, epoch: int, step: int, batch: int) -> np.ndarray:
+    """TrivialAugment's (op, bin, sign) for each image of a global batch (core.trivial_augment)."""
+    return trivial_augment.draw(np.random.default_rng([seed, _TRIVIAL, epoch, step]), batch)
 
 
 def steps_in_epoch(
@@ -134,7 +166,13 @@ class StepPlan:
     step: int
     slice: StepSlice
     params: AugmentParams  # for the whole global batch, in its order
-    regularisers: Draws | None = None  # Cutout/MixUp/CutMix draws (core.regularisers)
+    regularisers: Draws | None = None  # Cutout/MixUp/CutMix/erasing draws (core.regularisers)
+    trivial: np.ndarray | None = None  # (B, 3) TrivialAugment's op, bin, sign; None = off
+
+    @property
+    def local_trivial(self) -> np.ndarray | None:
+        """This process's rows of TrivialAugment's draws."""
+        return None if self.trivial is None else self.trivial[self.slice.start : self.slice.stop]
 
     @property
     def local_regularisers(self) -> Draws | None:
@@ -168,8 +206,12 @@ class TrainPlan:
         world_size: int = 1,
         rank: int = 0,
         mix_groups: int | None = None,
+        deal: int | None = None,
     ):
+        """`deal`: the processes repeated augmentation deals each global batch to (None: the
+        world size; a stack that feeds the global batch from each process passes their count)."""
         self.recipe, self.num_examples = recipe, num_examples
+        self.deal = world_size if deal is None else deal
         # MixUp/CutMix partners stay inside each replica's share of the global batch
         self.mix_groups = world_size if mix_groups is None else mix_groups
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
@@ -189,8 +231,10 @@ class TrainPlan:
     def step(self, epoch: int, step: int, perm: np.ndarray | None = None) -> StepPlan:
         r = self.recipe
         if perm is None:
-            perm = epoch_permutation(self.num_examples, r.seed, epoch)
+            perm = epoch_order(self.num_examples, r.seed, epoch, r.repeated_augmentation)
         sl = step_slice(perm, step, self.batch_size, self.world_size, self.rank)
+        if r.repeated_augmentation > 1 and self.deal > 1:
+            sl = StepSlice(deal(sl.global_indices, self.deal), sl.start, sl.stop)
         params = augment_params(
             r.seed, epoch, step, sl.global_size, self._pad, self._flip, r.color_jitter
         )
@@ -199,9 +243,13 @@ class TrainPlan:
             draws = regularisers.draw(
                 r, epoch, step, sl.global_size, self.mix_groups, r.train_size, r.train_size
             )
-        return StepPlan(r.seed, epoch, step, sl, params, draws)
+        trivial = None
+        if r.trivial_augment:
+            trivial = trivial_draws(r.seed, epoch, step, sl.global_size)
+        return StepPlan(r.seed, epoch, step, sl, params, draws, trivial)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[StepPlan]:
-        perm = epoch_permutation(self.num_examples, self.recipe.seed, epoch)
+        r = self.recipe
+        perm = epoch_order(self.num_examples, r.seed, epoch, r.repeated_augmentation)
         for step in range(start_step, self.steps):
             yield self.step(epoch, step, perm)

@@ -68,7 +68,8 @@ def _box_mask(box, h: int, w: int):
 
 
 def regularise(x, labels, batch: dict):
-    """Cutout, then MixUp or CutMix, on a normalised float NHWC batch: torch_ref.augment.regularise
+    """Cutout and Random Erasing, then MixUp or CutMix, on a normalised float NHWC batch:
+    torch_ref.augment.regularise
     in JAX, on the draws a batch carries (core.regularisers). Every row carries its
     partner (a row of the global batch), lam and 1 - lam (1 and 0 when the batch mixes nothing),
     the mix kind and CutMix's box, so the arithmetic is row-wise and the batch may be sharded.
@@ -78,6 +79,8 @@ def regularise(x, labels, batch: dict):
     if holes.shape[1]:
         cut = jnp.any(_box_mask(holes, h, w), axis=1)  # (B, h, w)
         x = x * (~cut)[..., None].astype(x.dtype)  # seed 002: img * mask
+    if "erase" in batch:  # Random Erasing: torchvision writes the value 0 into the box
+        x = jnp.where(_box_mask(batch["erase"], h, w)[..., None], jnp.zeros((), x.dtype), x)
     partner = batch["partner"]
     xp = x[partner]
     lam = batch["lam"].astype(x.dtype).reshape(-1, 1, 1, 1)

@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from core import datasets, pil_transforms, readers, sampling
+from core import datasets, pil_transforms, readers, sampling, trivial_augment
 from core.errors import UserError
 from core.recipe import Recipe
 
@@ -95,25 +95,46 @@ class InMemoryTrain:
     ):
         self.recipe, self.global_batch = recipe, global_batch
         self.arrays = (split.images, split.labels.astype(np.int32))
+        self.arrays_labels = self.arrays[1]
         self.num_examples = len(split)
         self.rows = _Rows(
             global_batch, process_index, process_count, self.num_examples, pad_multiple
         )
         self.plan = sampling.TrainPlan(
-            recipe, self.num_examples, global_batch, mix_groups=mix_groups
+            recipe, self.num_examples, global_batch, mix_groups=mix_groups, deal=process_count
         )
         self.steps = self.plan.steps
         self.jitter = any(recipe.color_jitter)
+        if recipe.trivial_augment:
+            # TrivialAugment runs on the host, per image, after the crop and flip (core): the
+            # batches carry their images, and only the test split is held on the devices
+            self.images, self.arrays = split.images, None
 
     def batch(self, sp: sampling.StepPlan) -> dict:
-        p = sp.params
-        batch = {
-            "index": self.rows.take(sp.slice.global_indices.astype(np.int32)),
-            "mask": self.rows.mask(sp.slice.global_size),
-            "crop_y": self.rows.take(p.crop_y.astype(np.int32)),
-            "crop_x": self.rows.take(p.crop_x.astype(np.int32)),
-            "flip": self.rows.take(p.flip),
-        }
+        p, rows = sp.params, self.rows
+        if sp.trivial is not None:
+            part = slice(rows.start, rows.start + rows.per_process)
+            images = trivial_augment.augment_rows(
+                self.images[sp.slice.global_indices[part]],
+                self.recipe.crop_padding,
+                p.crop_y[part],
+                p.crop_x[part],
+                p.flip[part],
+                sp.trivial[part],
+            )
+            batch = {
+                "images": _pad(images, rows.per_process),
+                "labels": rows.take(self.arrays_labels[sp.slice.global_indices]),
+                "mask": rows.mask(sp.slice.global_size),
+            }
+        else:
+            batch = {
+                "index": rows.take(sp.slice.global_indices.astype(np.int32)),
+                "mask": rows.mask(sp.slice.global_size),
+                "crop_y": rows.take(p.crop_y.astype(np.int32)),
+                "crop_x": rows.take(p.crop_x.astype(np.int32)),
+                "flip": rows.take(p.flip),
+            }
         if self.jitter:
             batch["jitter"] = self.rows.take(p.jitter)
             batch["jitter_order"] = self.rows.take(p.jitter_order.astype(np.int32))
@@ -215,6 +236,7 @@ class _Images:
         self.rows = _Rows(
             global_batch, process_index, process_count, self.num_examples, pad_multiple
         )
+        self.process_count = process_count
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, recipe.num_workers))
         self.arrays = None  # nothing held on the devices: batches carry their images
 
@@ -227,15 +249,20 @@ class ImagesTrain(_Images):
     def __init__(self, *args, mix_groups: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.plan = sampling.TrainPlan(
-            self.recipe, self.num_examples, self.global_batch, mix_groups=mix_groups
+            self.recipe,
+            self.num_examples,
+            self.global_batch,
+            mix_groups=mix_groups,
+            deal=self.process_count,
         )
         self.steps = self.plan.steps
 
-    def _load(self, i: int, rng: np.random.Generator) -> np.ndarray:
+    def _load(self, i: int, rng: np.random.Generator, trivial=None) -> np.ndarray:
         r = self.recipe
-        return pil_transforms.train_image(
+        out = pil_transforms.train_image(
             self.images.image(int(i)), rng, r.train_size, r.hflip, r.in_channels
         )
+        return out if trivial is None else trivial_augment.apply(out, *trivial)
 
     def batch(self, sp: sampling.StepPlan) -> dict:
         r, rows, sl = self.recipe, self.rows, sp.slice
@@ -248,6 +275,7 @@ class ImagesTrain(_Images):
                         self._load,
                         sl.global_indices[rows.start :],
                         [sp.image_rng(k) for k in positions],
+                        [None if sp.trivial is None else sp.trivial[k] for k in positions],
                     )
                 )
             )
@@ -360,7 +388,8 @@ def regulariser_rows(rows: "_Rows | None", d) -> dict:
     host's float64 numbers until the device casts them."""
     take = rows.take if rows is not None else (lambda a: a)
     n = len(d.partner)
-    return {
+    erase = {} if d.erase is None else {"erase": take(d.erase)}
+    return erase | {
         "holes": take(d.holes),
         "partner": take(d.partner),
         "lam": take(np.full(n, d.lam)),

@@ -17,30 +17,24 @@ import numpy as np
 import pytest
 import torch
 
-from configs import get_config
 from flax_impl import augment as flax_augment, data as flax_data
-from core.recipe import apply_overrides
 from torch_ref import augment as torch_augment, data as torch_data
 from torch_ref.distributed import Dist
+import testkit
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def recipe(imagefolder_dir):
-    r = apply_overrides(
-        get_config("imagenet", "smoke"),
-        [
-            "model=resnet18",
-            "num_classes=3",
-            "image_size=32",
-            "eval_resize=36",
-            "batch_size=4",
-            "train_subset=0",
-            "num_workers=2",
-        ],
+    return testkit.smoke_recipe(
+        "imagenet",
+        imagefolder_dir,
+        *testkit.SMALL_IMAGENET,
+        "batch_size=4",
+        "train_subset=0",
+        "num_workers=2",
     )
-    return r.replace(data_dir=str(imagefolder_dir))
 
 
 def torch_batches(recipe, epoch):
@@ -110,3 +104,17 @@ def test_train_and_test_resolutions_apart_are_the_same_in_both_stacks(recipe):
     theirs = np.concatenate([b["images"][b["mask"] > 0] for b in flax_data.build_eval(r, 4)])
     assert ours.shape[1:3] == (28, 28)
     assert np.array_equal(ours, theirs)
+
+
+def test_imagenet_batches_with_trivial_augment_are_the_same_in_both_stacks(recipe):
+    """TrivialAugment after RandomResizedCrop + flip, in torch_ref's 2 DataLoader workers and in
+    flax_impl's decoding threads: the same uint8 images (the same host code on the same draws),
+    and not those of the recipe without it."""
+    r = recipe.replace(trivial_augment=True)
+    flax_train = flax_data.build_train(r, r.batch_size)
+    theirs = [flax_train.batch(sp) for sp, _ in zip(flax_train.plan.epoch(0), range(STEPS))]
+    ours = torch_batches(r, 0)
+    plain = torch_batches(recipe, 0)
+    for (x, y, _), fb, (x0, _, _) in zip(ours, theirs, plain):
+        assert np.array_equal(x, fb["images"]) and np.array_equal(y, fb["labels"])
+    assert not all(np.array_equal(x, x0) for (x, _, _), (x0, _, _) in zip(ours, plain))

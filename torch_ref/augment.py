@@ -122,8 +122,8 @@ def _box_mask(box: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def regularise(x: torch.Tensor, y: torch.Tensor, d: reg.Draws | None) -> tuple:
-    """Cutout, then MixUp or CutMix, on a normalised float NCHW batch (any memory format), with
-    this process's draws (core.regularisers). Returns (x, Targets)."""
+    """Cutout and Random Erasing, then MixUp or CutMix, on a normalised float NCHW batch (any
+    memory format), with this process's draws (core.regularisers). Returns (x, Targets)."""
     if d is None:
         return x, Targets(y)
     _, _, h, w = x.shape
@@ -131,6 +131,9 @@ def regularise(x: torch.Tensor, y: torch.Tensor, d: reg.Draws | None) -> tuple:
         holes = torch.from_numpy(d.holes).to(x.device)
         cut = _box_mask(holes, h, w).any(1)  # (B, h, w)
         x = x * (~cut)[:, None].to(x.dtype)  # seed 002: img * mask
+    if d.erase is not None:  # Random Erasing: torchvision writes the value 0 into the box
+        erased = _box_mask(torch.from_numpy(d.erase).to(x.device), h, w)  # (B, h, w)
+        x = torch.where(erased[:, None], torch.zeros((), dtype=x.dtype, device=x.device), x)
     if d.kind == reg.NONE:
         return x, Targets(y)
     partner = torch.from_numpy(d.partner).to(x.device, torch.long)

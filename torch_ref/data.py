@@ -29,7 +29,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from core import datasets, pil_transforms, preemption, readers, sampling
+from core import datasets, pil_transforms, preemption, readers, sampling, trivial_augment
 from core.datasets import load_split, resolve_data_dir
 from core.errors import UserError, WorkerFailed
 from core.recipe import Recipe
@@ -84,12 +84,26 @@ class InMemoryTrain:
         self.steps, self.num_examples = self.plan.steps, len(split)
         self.mean, self.std = _stats(recipe, device)
         self.jitter = any(recipe.color_jitter)
+        # TrivialAugment runs on the host, per image, after the crop and flip (core)
+        self.host_images = split.images if recipe.trivial_augment else None
 
     def batch(self, sp: sampling.StepPlan):
         r = self.recipe
         p = _as_tensors(sp.local_params, self.device)
         idx = torch.from_numpy(sp.slice.local_indices).to(self.device, non_blocking=True)
-        raw = augment.crop_flip(self.images[idx], r.crop_padding, p.crop_y, p.crop_x, p.flip)
+        if sp.trivial is None:
+            raw = augment.crop_flip(self.images[idx], r.crop_padding, p.crop_y, p.crop_x, p.flip)
+        else:
+            lp = sp.local_params
+            raw = trivial_augment.augment_rows(
+                self.host_images[sp.slice.local_indices],
+                r.crop_padding,
+                lp.crop_y,
+                lp.crop_x,
+                lp.flip,
+                sp.local_trivial,
+            )
+            raw = torch.from_numpy(raw).to(self.device, non_blocking=True)
         x = augment.to_float_normalized(raw, self.mean, self.std, r.channels_last, p, self.jitter)
         x, targets = augment.regularise(x, self.labels[idx], sp.local_regularisers)
         return x, targets, sp.slice.global_size
@@ -135,12 +149,14 @@ class Item(NamedTuple):
     flip: bool
     jitter: tuple
     jitter_order: tuple
+    trivial: tuple = ()  # TrivialAugment's (op, bin, sign), when the recipe has it
 
 
 def pil_train_transform(img, item: Item, recipe: Recipe) -> torch.Tensor:
-    """torchvision's RandomCrop(padding) + RandomHorizontalFlip + ColorJitter + ToTensor +
-    Normalize on a PIL image, as the seeds compose them, with the plan's draws instead of
-    torch's random numbers (the same functional calls torchvision's classes make)."""
+    """torchvision's RandomCrop(padding) + RandomHorizontalFlip (+ TrivialAugmentWide) +
+    ColorJitter + ToTensor + Normalize on a PIL image, as the seeds compose them, with the
+    plan's draws instead of torch's random numbers (the same functional calls torchvision's
+    classes make)."""
     import torchvision.transforms.functional as TF
 
     if recipe.crop_padding:
@@ -153,6 +169,8 @@ def pil_train_transform(img, item: Item, recipe: Recipe) -> torch.Tensor:
         )
     if item.flip:
         img = TF.hflip(img)
+    if item.trivial:
+        img = trivial_augment.apply_pil(img, *item.trivial)
     adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
     for op in item.jitter_order:
         if recipe.color_jitter[op]:  # torchvision skips an adjustment of strength 0
@@ -231,6 +249,8 @@ class FolderImages(torch.utils.data.Dataset):
         if isinstance(item, Item):
             rng = sampling.image_rng(r.seed, item.epoch, item.step, item.position)
             out = pil_transforms.train_image(img, rng, r.train_size, r.hflip, r.in_channels)
+            if item.trivial:
+                out = trivial_augment.apply(out, *item.trivial)
         else:
             out = pil_transforms.eval_image(img, r.eval_resize, r.eval_size, r.in_channels)
         return torch.from_numpy(np.array(out)), int(self.labels[i])  # a writable copy
@@ -266,6 +286,7 @@ class PlanSampler(torch.utils.data.Sampler):
                     bool(p.flip[k]),
                     tuple(p.jitter[k].tolist()),
                     tuple(p.jitter_order[k].tolist()),
+                    () if sp.trivial is None else tuple(sp.trivial[k].tolist()),
                 )
                 for k in range(sl.start, sl.stop)
             ]
@@ -434,7 +455,7 @@ class LoaderTrain:
         r = self.recipe
         self.sampler.set_epoch(epoch, start_step)
         fmt = torch.channels_last if r.channels_last else torch.contiguous_format
-        perm = sampling.epoch_permutation(self.num_examples, r.seed, epoch)
+        perm = sampling.epoch_order(self.num_examples, r.seed, epoch, r.repeated_augmentation)
         for step, (x, y) in enumerate(loader_batches(self.loader, self.workers), start=start_step):
             sp = self.plan.step(epoch, step, perm)
             x = x.to(self.device, non_blocking=True)

@@ -98,6 +98,10 @@ def test_overrides_parse_by_type():
         ("grad_accum_steps=3", "grad_accum_steps=3 does not divide batch_size=128"),
         ("grad_accum_steps=0", "grad_accum_steps must be at least 1"),
         ("eval_crop=-1", "eval_crop must be 0 or more"),
+        ("random_erasing=1.5", "random_erasing is a probability: use a value in [0, 1]"),
+        ("random_erasing=-0.1", "random_erasing is a probability"),
+        ("repeated_augmentation=-1", "repeated_augmentation is how often each image repeats"),
+        ("trivial_augment=maybe", "expected true or false"),
     ],
 )
 def test_bad_overrides_are_user_errors(override, message):

@@ -7,12 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import get_config
 from flax_impl import data, optim, steps
 from flax_impl.models import resnet20
 from flax_impl.train import FlaxBackend, NonFiniteLoss, Preempted, train_and_evaluate
-from testkit import REGULARISED, TODAY, samples
-from core.recipe import apply_overrides
+import testkit
+from testkit import AUGMENTED, REGULARISED, TODAY, samples
 
 QUICK = [
     "batch_size=16",
@@ -27,8 +26,7 @@ ONE = jax.devices()[:1]
 
 
 def recipe_for(name, data_dir, *overrides):
-    r = apply_overrides(get_config(name, "smoke"), QUICK + list(overrides))
-    return r.replace(data_dir=str(data_dir))
+    return testkit.smoke_recipe(name, data_dir, *QUICK, *overrides)
 
 
 def _setup(fashion_dir, devices, dtype=jnp.float32):
@@ -58,7 +56,7 @@ def test_a_real_step_on_a_small_resnet_learns(fashion_dir):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-@pytest.mark.parametrize("extra", [[], REGULARISED + TODAY])
+@pytest.mark.parametrize("extra", [[], REGULARISED + TODAY + AUGMENTED])
 def test_run_records_and_resumes_exactly(fashion_dir, tmp_path, extra):
     r = recipe_for("fashion_mnist", fashion_dir, "checkpoint_every_steps=4", *extra)
     straight = train_and_evaluate(r, tmp_path / "straight", devices=ONE)
@@ -97,10 +95,7 @@ def test_decoding_threads_neither_change_nor_break_a_resumed_run(imagefolder_dir
     r = recipe_for(
         "imagenet",
         imagefolder_dir,
-        "model=resnet18",
-        "num_classes=3",
-        "image_size=32",
-        "eval_resize=36",
+        *testkit.SMALL_IMAGENET,
         "batch_size=4",
         "eval_batch_size=4",
         *REGULARISED,
@@ -128,10 +123,7 @@ def test_imagenet_folder_path(imagefolder_dir, tmp_path, name, extra, steps):
     r = recipe_for(
         name,
         imagefolder_dir,
-        "model=resnet18",
-        "num_classes=3",
-        "image_size=32",
-        "eval_resize=36",
+        *testkit.SMALL_IMAGENET,
         "batch_size=4",
         "eval_batch_size=4",
         *extra,
@@ -183,10 +175,7 @@ def test_a_batch_larger_than_the_data_is_the_data(fashion_dir, imagefolder_dir, 
         r = recipe_for(
             "imagenet",
             imagefolder_dir,
-            "model=resnet18",
-            "num_classes=3",
-            "image_size=32",
-            "eval_resize=36",
+            *testkit.SMALL_IMAGENET,
             "drop_last=false",
         )
     train, evals = (

@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from configs import get_config
-from testkit import REGULARISED, TODAY, samples
-from core.recipe import apply_overrides
+import testkit
+from testkit import AUGMENTED, REGULARISED, TODAY, samples
 from torch_ref import checkpoints
 from torch_ref.train import Preempted, train_and_evaluate
 
@@ -24,8 +23,7 @@ QUICK = [
 
 
 def recipe_for(name, data_dir, *overrides):
-    r = apply_overrides(get_config(name, "smoke"), QUICK + list(overrides))
-    return r.replace(data_dir=str(data_dir))
+    return testkit.smoke_recipe(name, data_dir, *QUICK, *overrides)
 
 
 def load_last(workdir):
@@ -73,7 +71,7 @@ def records(workdir):
 
 @pytest.mark.parametrize("stop_after", [5, 6])  # mid-epoch, and exactly at the epoch boundary
 @pytest.mark.parametrize(
-    "pipeline, extra", [("fast", []), ("dataloader", []), ("fast", REGULARISED + TODAY)]
+    "pipeline, extra", [("fast", []), ("dataloader", []), ("fast", REGULARISED + TODAY + AUGMENTED)]
 )
 def test_resume_is_exact(fashion_dir, tmp_path, stop_after, pipeline, extra):
     """A run stopped after step k and resumed ends bit-identical to an uninterrupted run."""
@@ -104,10 +102,7 @@ def test_worker_processes_neither_change_nor_break_a_resumed_run(
         r = recipe_for(
             "imagenet",
             imagefolder_dir,
-            "model=resnet18",
-            "num_classes=3",
-            "image_size=32",
-            "eval_resize=36",
+            *testkit.SMALL_IMAGENET,
             "batch_size=4",
             "color_jitter=0.4,0.4,0.4",
             *REGULARISED,
@@ -158,10 +153,7 @@ def test_imagenet_folder_path(imagefolder_dir, tmp_path, name, extra, steps):
     r = recipe_for(
         name,
         imagefolder_dir,
-        "model=resnet18",
-        "num_classes=3",
-        "image_size=32",
-        "eval_resize=36",
+        *testkit.SMALL_IMAGENET,
         "batch_size=4",
         *extra,
     )

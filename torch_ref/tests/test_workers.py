@@ -16,6 +16,8 @@ import time
 import pytest
 import torch
 
+import testkit
+
 from core import preemption
 from testkit import samples
 from core.errors import EXIT_DATA_WORKER
@@ -45,10 +47,7 @@ def argv(root, workdir, *extra):
         str(workdir),
         "--device",
         "cpu",
-        "model=resnet18",
-        "num_classes=3",
-        "image_size=32",
-        "eval_resize=36",
+        *testkit.SMALL_IMAGENET,
         "batch_size=4",
         "eval_batch_size=4",
         "epochs=1",
