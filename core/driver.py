@@ -452,10 +452,12 @@ class Run:
         try:
             self.backend.save(meta, best)
         except Exception as err:
+            # a save that wrote `best` and then filled the disk writing `last` leaves a
+            # checkpoint the rerun resumes from, though none was complete before it
             found = file_system_error(
                 err,
                 getattr(self.backend, "checkpoint_bytes", int)(),
-                resumable=self.have_checkpoint,
+                resumable=self.have_checkpoint or bool(self.backend.resume_candidates()),
                 where=self.record.checkpoint_dir,
             )
             if found is None:

@@ -16,7 +16,7 @@ import pytest
 from configs import get_config
 from core import driver
 from testkit import samples
-from core.errors import CorruptData
+from core.errors import CorruptData, UserError
 from core.preemption import Preempted
 
 
@@ -328,6 +328,26 @@ def test_pictures_are_drawn_at_most_every_30_seconds_and_when_the_run_ends(tmp_p
     epoch(6)
     with pytest.raises(OSError):
         pictures.flush()
+
+
+def test_a_disk_full_after_the_best_checkpoint_says_the_rerun_resumes(tmp_path, monkeypatch):
+    """The first save of a run writes `best`, then fills the disk writing `last`: the line says
+    the rerun resumes (it does, from `best`), not that nothing was written."""
+
+    def best_then_full(self, meta, best):
+        if self.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.ckpt_dir / "best.json").write_text(json.dumps({"meta": meta, "w": self.w}))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FakeBackend, "save", best_then_full)
+    monkeypatch.setattr(
+        FakeBackend, "resume_candidates", lambda self: [str(p) for p in self.ckpt_dir.glob("*")]
+    )
+    out = run_two(tmp_path / "w")
+    assert all(isinstance(r, UserError) for r in out), out
+    assert "No space left on device" in str(out[0])
+    assert "rerun the same command to resume" in str(out[0]), out[0]
 
 
 def test_tolerated_non_finite_steps_are_left_out_and_a_longer_streak_stops(tmp_path):

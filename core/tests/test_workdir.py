@@ -239,7 +239,10 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_after_space_is_freed(
 ):
     """The disk fills at a checkpoint (the line gives its size) or, when a checkpoint left the
     disk within a few KB of full, at the next record file (flax_impl in one run of the whole
-    suite: confusion.png); either way one line, and the rerun elsewhere loses nothing."""
+    suite: confusion.png); either way one line, and the rerun elsewhere loses nothing. (In
+    another run of the suite, under load, flax_impl's first save wrote `best` and filled the
+    disk writing `last`: the line then said nothing was written, though the rerun resumes from
+    `best`; test_driver.py's test_a_disk_full_after_the_best_checkpoint... holds that case.)"""
     w = small_disk / "w"
     cmd = chaos.command(stack, data, w)
     proc = run(cmd)
