@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-import queue
-import threading
 
 import numpy as np
 
 from core import datasets, pil_transforms, readers, sampling, trivial_augment
+from core.prefetch import Prefetch
 from core.errors import UserError
 from core.recipe import Recipe
 
@@ -143,8 +142,9 @@ class InMemoryTrain:
         return batch
 
     def epoch(self, epoch: int, start_step: int = 0):
-        for sp in self.plan.epoch(epoch, start_step):
-            yield self.batch(sp)
+        batches = (self.batch(sp) for sp in self.plan.epoch(epoch, start_step))
+        # TrivialAugment's host work for the next batches runs while this one trains
+        return batches if self.arrays is not None else iter(Prefetch(batches))
 
 
 class InMemoryEval:
@@ -171,33 +171,6 @@ class InMemoryEval:
                 start, min(start + self.global_batch, self.num_examples), dtype=np.int32
             )
             yield {"index": self.rows.take(idx), "mask": self.rows.mask(len(idx))}
-
-
-class _Prefetch:
-    """Run a generator in a thread, `depth` items ahead (host work overlaps device work)."""
-
-    def __init__(self, gen, depth: int = 2):
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.thread = threading.Thread(target=self._fill, args=(gen,), daemon=True)
-        self.thread.start()
-
-    def _fill(self, gen):
-        try:
-            for item in gen:
-                self.q.put(("item", item))
-        except BaseException as err:  # re-raised in the consumer
-            self.q.put(("error", err))
-            return
-        self.q.put(("end", None))
-
-    def __iter__(self):
-        while True:
-            kind, item = self.q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            yield item
 
 
 class ImageFiles:
@@ -292,7 +265,7 @@ class ImagesTrain(_Images):
         return batch
 
     def epoch(self, epoch: int, start_step: int = 0):
-        return _Prefetch(self.batch(sp) for sp in self.plan.epoch(epoch, start_step))
+        return Prefetch(self.batch(sp) for sp in self.plan.epoch(epoch, start_step))
 
 
 class ImagesEval(_Images):
@@ -322,7 +295,7 @@ class ImagesEval(_Images):
             }
 
     def __iter__(self):
-        return iter(_Prefetch(self._batches()))
+        return iter(Prefetch(self._batches()))
 
 
 def _tfds_split(recipe: Recipe, train: bool) -> readers.ArraySplit:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from core import datasets, pil_transforms, preemption, readers, sampling, trivial_augment
+from core.prefetch import Prefetch
 from core.datasets import load_split, resolve_data_dir
 from core.errors import UserError, WorkerFailed
 from core.recipe import Recipe
@@ -109,8 +110,11 @@ class InMemoryTrain:
         return x, targets, sp.slice.global_size
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple]:
-        for sp in self.plan.epoch(epoch, start_step):
-            yield self.batch(sp)
+        batches = (self.batch(sp) for sp in self.plan.epoch(epoch, start_step))
+        if self.host_images is None:
+            return batches
+        # TrivialAugment's host work for the next batches runs while this one trains
+        return iter(Prefetch(batches))
 
 
 class InMemoryEval:

@@ -202,7 +202,7 @@ def test_a_stop_while_the_decoding_threads_are_late_ends_the_wait():
     import signal
     import threading
 
-    from flax_impl.data import _Prefetch
+    from core.prefetch import Prefetch
     from core import preemption
 
     release = threading.Event()
@@ -211,7 +211,7 @@ def test_a_stop_while_the_decoding_threads_are_late_ends_the_wait():
         release.wait(60)  # a decoding thread stuck on a hung file system
         yield "batch"
 
-    batches = iter(_Prefetch(late()))
+    batches = iter(Prefetch(late()))
     preemption.reset()
     try:
         with preemption.StopOnSignal():
