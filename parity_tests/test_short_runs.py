@@ -21,9 +21,9 @@ from core import readers
 from parity_tests import short_runs
 
 
-# fashion_mnist (real data) for 100 steps in the default run (five 20-step windows; 70 s of the
-# suite's time) and 200 in the slow tier; cifar10 (the same loop with colour jitter, on generated
-# data; 170 s) in the slow tier: the jitter itself is proven equal batch for batch by
+# fashion_mnist (real data) for 100 steps in the default run (five 20-step windows; half the
+# 200-step run's time) and 200 in the slow tier; cifar10 (the same loop with colour jitter, on
+# generated data) in the slow tier: the jitter itself is proven equal batch for batch by
 # test_data_plan, and its schedule by test_optimizer_schedules
 @pytest.fixture(
     scope="module",
