@@ -55,11 +55,9 @@ OVERRIDES = [
 REPO = testkit.REPO
 
 
-def command(stack: str, data_dir: Path, workdir: Path) -> list[str]:
+def smoke_args(data_dir: Path, workdir: Path) -> list[str]:
+    """The trainer's arguments for the smoke-sized fashion_mnist recipe on CPU (no overrides)."""
     return [
-        sys.executable,
-        "-m",
-        f"{stack}.train",
         "--recipe",
         "fashion_mnist",
         "--size",
@@ -70,8 +68,11 @@ def command(stack: str, data_dir: Path, workdir: Path) -> list[str]:
         str(workdir),
         "--device",
         "cpu",
-        *OVERRIDES,
     ]
+
+
+def command(stack: str, data_dir: Path, workdir: Path) -> list[str]:
+    return [sys.executable, "-m", f"{stack}.train", *smoke_args(data_dir, workdir), *OVERRIDES]
 
 
 def trainer_env() -> dict:

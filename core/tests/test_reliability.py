@@ -178,16 +178,7 @@ def evaluate(in_process, capsys, monkeypatch, tmp_path):
 
 def _eval_args(data, workdir, checkpoint, *extra):
     return [
-        "--recipe",
-        "fashion_mnist",
-        "--size",
-        "smoke",
-        "--data-dir",
-        str(data),
-        "--workdir",
-        str(workdir),
-        "--device",
-        "cpu",
+        *chaos.smoke_args(data, workdir),
         "--eval-only",
         "--checkpoint",
         str(checkpoint),

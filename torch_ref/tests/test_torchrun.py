@@ -50,16 +50,7 @@ def launch(workdir, data, env=None):
         "--standalone",
         "-m",
         "torch_ref.train",
-        "--recipe",
-        "fashion_mnist",
-        "--size",
-        "smoke",
-        "--data-dir",
-        str(data),
-        "--workdir",
-        str(workdir),
-        "--device",
-        "cpu",
+        *chaos.smoke_args(data, workdir),
         *OVERRIDES,
     ]
     environ = {**chaos.trainer_env(), "OMP_NUM_THREADS": "1", **(env or {})}
