@@ -100,7 +100,10 @@ class Recipe:
     amp: Literal["auto", "off", "fp16", "bf16"] = "auto"  # auto = fp16 on CUDA, off on CPU
     channels_last: bool = True  # torch: NHWC memory layout (faster convolutions on GPUs)
     sync_bn: bool = False  # torch: SyncBatchNorm under DDP (needs CUDA/NCCL)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch: torch.compile the step's forward and loss, static shapes
+    compile_backend: str = "inductor"  # torch: torch.compile's backend (aot_eager: no codegen)
+    fused_optimizer: Literal["auto", "on", "off"] = "auto"  # torch: fused SGD; auto = on CUDA
+    cuda_graphs: bool = False  # torch: capture the whole step as a CUDA graph (CUDA only)
     deterministic: bool = False  # torch.use_deterministic_algorithms + cuDNN deterministic
     log_every_steps: int = 50  # a record line (and one device sync) every N steps
     tensorboard: bool = True  # event files in WORKDIR/tensorboard/ (needs the tensorboard package)
@@ -406,6 +409,19 @@ def validate(r: Recipe) -> Recipe:
         f"the eval centre crop ({r.eval_size} pixels: eval_crop or image_size) is larger than "
         f"eval_resize={r.eval_resize}; crop at most what the resize leaves",
     )
+    need(bool(r.compile_backend), "compile_backend must name a torch.compile backend (inductor)")
+    if r.cuda_graphs:  # what a captured step cannot change between replays (torch_ref.graphs)
+        for ok, what in (
+            (not r.compile, "compile=true (choose one of the two)"),
+            (r.grad_accum_steps == 1, "gradient accumulation (grad_accum_steps > 1)"),
+            (
+                not (r.mixup_alpha or r.cutmix_alpha),
+                "MixUp/CutMix (their weights change per batch)",
+            ),
+            (r.schedule != "onecycle", "schedule=onecycle (SGD takes its momentum as a number)"),
+            (r.fused_optimizer != "off", "fused_optimizer=off"),
+        ):
+            need(ok, f"cuda_graphs does not combine with {what}; set cuda_graphs=false")
     return r
 
 

@@ -42,15 +42,39 @@ def param_groups(model: torch.nn.Module, recipe: Recipe) -> list:
     return [{"params": ps, "weight_decay": rate[k]} for k, ps in groups.items() if ps]
 
 
+def fused(recipe: Recipe, device: torch.device) -> bool:
+    """Whether SGD runs fused (`fused_optimizer`; auto = on CUDA). Fused, one kernel updates every
+    parameter and GradScaler hands it the scale and the overflow flag on the device, so an fp16
+    step never waits for the GPU (unfused, GradScaler reads the flag with `.item()` each step).
+    Off on a CPU by default: there the fused kernel rounds a few float32 updates differently
+    (1 ulp) from the loop every parity number and checkpoint digest was measured with."""
+    if recipe.fused_optimizer == "auto":
+        return device.type == "cuda"
+    return recipe.fused_optimizer == "on"
+
+
 def make_optimizer(model: torch.nn.Module, recipe: Recipe, world_size: int) -> torch.optim.SGD:
-    """torch.optim.SGD with coupled weight decay (per parameter group), at the scaled peak rate."""
+    """torch.optim.SGD with coupled weight decay (per parameter group), at the scaled peak rate,
+    fused where `fused` says so."""
+    device = next(model.parameters()).device
     return torch.optim.SGD(
         param_groups(model, recipe),
         lr=world_lr(recipe, world_size),
         momentum=recipe.momentum,
         nesterov=recipe.nesterov,
         weight_decay=recipe.weight_decay,
+        fused=fused(recipe, device) or None,
     )
+
+
+def load_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """opt.load_state_dict(state), keeping how this optimizer runs (fused or not, foreach):
+    torch would take those from the checkpoint, which may have been written on another device
+    (or before `fused_optimizer` existed)."""
+    how = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, keep in zip(opt.param_groups, how, strict=True):
+        group.update(keep)
 
 
 def make_scheduler(

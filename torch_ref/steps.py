@@ -29,18 +29,59 @@ def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
 def train_loss(logits: torch.Tensor, t: Targets, smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy with torch's own label smoothing; under MixUp/CutMix
     lam * CE(y) + (1 - lam) * CE(y[partner]) (core.regularisers)."""
-    loss = F.cross_entropy(logits, t.y, label_smoothing=smoothing)
-    if t.partner_y is None:
-        return loss
-    return (
-        loss * t.lam
-        + F.cross_entropy(logits, t.partner_y, label_smoothing=smoothing) * t.one_minus_lam
+    return _mixed(*_cross_entropies(logits, t.y, t.partner_y, smoothing), t)
+
+
+def _cross_entropies(logits, y, partner_y, smoothing):
+    loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+    other = (
+        None if partner_y is None else F.cross_entropy(logits, partner_y, label_smoothing=smoothing)
     )
+    return loss, other
+
+
+def _mixed(loss, other, t: Targets):
+    return loss if other is None else loss * t.lam + other * t.one_minus_lam
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
     """The loss is computed in float32 under mixed precision, in float64 for a float64 model."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _forward_and_losses(forward, amp_dtype, x, y, partner_y, smoothing):
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = forward(x)
+        return (logits, *_cross_entropies(_at_least_float32(logits), y, partner_y, smoothing))
+
+
+def forward_and_loss(
+    forward: nn.Module, amp_dtype, x: torch.Tensor, targets: Targets, smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, loss)."""
+    logits, loss, other = _forward_and_losses(
+        forward, amp_dtype, x, targets.y, targets.partner_y, smoothing
+    )
+    return logits, _mixed(loss, other, targets)
+
+
+def compiled_forward_and_loss(forward: nn.Module, amp_dtype, smoothing: float, backend: str):
+    """forward_and_loss with the forward and the cross-entropies compiled for static shapes
+    (`dynamic=False`; the backward with them, through AOTAutograd): one graph per batch shape, so
+    the epoch's short last batch adds one graph instead of turning the batch dimension dynamic
+    (torch's default, which then runs less specialised kernels for every batch). MixUp's weights,
+    a new float each step, stay outside the graph (torch would guard on their values and
+    recompile every step): the two cross-entropies come out, and are mixed as in eager mode."""
+
+    @torch.compile(dynamic=False, backend=backend)
+    def losses(x, y, partner_y):
+        return _forward_and_losses(forward, amp_dtype, x, y, partner_y, smoothing)
+
+    def run(x: torch.Tensor, targets: Targets):
+        logits, loss, other = losses(x, targets.y, targets.partner_y)
+        return logits, _mixed(loss, other, targets)
+
+    return run
 
 
 def train_step(
@@ -53,6 +94,7 @@ def train_step(
     weight: float,
     smoothing: float = 0.0,
     micro: int = 0,
+    forward_loss=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; (loss, correct) as device tensors. `weight` scales this process's
     loss before DDP averages gradients (see TorchBackend.train_step). Under mixing a prediction
@@ -62,14 +104,20 @@ def train_step(
     (a short last batch in as many as it fills), each backward adding its share (rows / all
     rows) of the mean loss's gradient, so the step is the whole batch's but for BatchNorm, whose
     statistics (and running buffers) are each micro-batch's; under DDP only the last backward
-    all-reduces."""
+    all-reduces.
+
+    `forward_loss(x, targets)` -> (logits, loss), when given, replaces forward_and_loss (the
+    compiled one, `compile=true`). Nothing here reads a device value."""
+    if forward_loss is None:
+
+        def forward_loss(x, t):
+            return forward_and_loss(forward, amp_dtype, x, t, smoothing)
+
     if micro and micro < x.shape[0]:
         return _accumulated_step(
-            forward, optimizer, scaler, amp_dtype, x, targets, weight, smoothing, micro
+            forward, optimizer, scaler, forward_loss, x, targets, weight, micro
         )
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = forward(x)
-        loss = train_loss(_at_least_float32(logits), targets, smoothing)
+    logits, loss = forward_loss(x, targets)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss * weight if weight != 1 else loss).backward()
     scaler.step(optimizer)
@@ -77,7 +125,7 @@ def train_step(
     return loss.detach(), (logits.detach().argmax(1) == targets.dominant()).sum()
 
 
-def _accumulated_step(forward, optimizer, scaler, amp_dtype, x, targets, weight, smoothing, micro):
+def _accumulated_step(forward, optimizer, scaler, forward_loss, x, targets, weight, micro):
     import contextlib
 
     n = x.shape[0]
@@ -92,9 +140,7 @@ def _accumulated_step(forward, optimizer, scaler, amp_dtype, x, targets, weight,
         last = j == len(starts) - 1
         quiet = forward.no_sync() if hasattr(forward, "no_sync") and not last else None
         with quiet or contextlib.nullcontext():
-            with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = forward(x[part])
-                loss = train_loss(_at_least_float32(logits), t, smoothing)
+            logits, loss = forward_loss(x[part], t)
             scaler.scale(loss * (share * weight)).backward()
         total = total + loss.detach() * share
         correct = correct + (logits.detach().argmax(1) == t.dominant()).sum()

@@ -98,10 +98,32 @@ class TorchBackend:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if recipe.compile:
-            self.forward = torch.compile(self.forward)
+        self.forward_loss = self.graphed = None
+        if recipe.compile:  # static shapes: one graph per batch shape (torch_ref.steps)
+            self.forward_loss = steps.compiled_forward_and_loss(
+                self.forward, self.amp_dtype, recipe.label_smoothing, recipe.compile_backend
+            )
+        if recipe.cuda_graphs:
+            self.graphed = self._graphed_step()
         if self.is_main:
             checkpoints.remove_partial_writes(self.ckpt_dir)
+
+    def _graphed_step(self):
+        """cuda_graphs=true: what it needs beyond the recipe's own checks (torch_ref.graphs)."""
+        from torch_ref import graphs
+
+        if self.device.type != "cuda":
+            raise UserError(
+                f"cuda_graphs needs a CUDA device (this run is on {self.device.type}); "
+                "set cuda_graphs=false"
+            )
+        if self.dist.enabled:
+            raise UserError("cuda_graphs runs in one process; set cuda_graphs=false under torchrun")
+        if not optim.fused(self.recipe, self.device):
+            raise UserError("cuda_graphs needs the fused optimizer: set fused_optimizer=auto or on")
+        return graphs.GraphedStep(
+            self.model, self.optimizer, self.scaler, self.amp_dtype, self.recipe.label_smoothing
+        )
 
     # --- what the opening line and environment.json say ------------------------------------
     def device_name(self) -> str:
@@ -136,17 +158,21 @@ class TorchBackend:
         # DDP averages gradients over processes; weight each share by its size so the result is
         # the mean over the global batch even when the last batch splits unevenly.
         weight = targets.numel() * self.dist.world_size / n_global
-        loss, correct = steps.train_step(
-            self.forward,
-            self.optimizer,
-            self.scaler,
-            self.amp_dtype,
-            x,
-            targets,
-            weight,
-            self.recipe.label_smoothing,
-            self.recipe.micro_batch if self.recipe.grad_accum_steps > 1 else 0,
-        )
+        if self.graphed is not None:
+            loss, correct = self.graphed(x, targets)
+        else:
+            loss, correct = steps.train_step(
+                self.forward,
+                self.optimizer,
+                self.scaler,
+                self.amp_dtype,
+                x,
+                targets,
+                weight,
+                self.recipe.label_smoothing,
+                self.recipe.micro_batch if self.recipe.grad_accum_steps > 1 else 0,
+                self.forward_loss,
+            )
         if self.scheduler_steps == "step":
             self.scheduler.step()
         return loss, correct, targets.numel()
@@ -176,7 +202,7 @@ class TorchBackend:
     def ema_update(self, restart: bool) -> None:
         self.ema.update_parameters(self.model)
         if restart:  # torchvision's reference during its warm-up epochs
-            self.ema.n_averaged.fill_(0)
+            self.ema.restart()
 
     def _weights(self, weights: str) -> torch.nn.Module:
         if weights == "ema":
@@ -259,7 +285,7 @@ class TorchBackend:
 
     def restore(self, where: str, check) -> dict:
         state = self._load(Path(where), check)
-        self.optimizer.load_state_dict(state["optimizer"])
+        optim.load_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         return state
@@ -291,10 +317,9 @@ def make_ema(model: nn.Module, recipe: Recipe, world_size: int):
     world size, batch size, update interval and epochs (core.schedules.ema_decay)."""
     if not recipe.ema_decay:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch_ref.ema import EMA  # AveragedModel without its host sync per update
 
-    decay = schedules.ema_decay(recipe, world_size)
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return EMA(model, schedules.ema_decay(recipe, world_size))
 
 
 def backend_factory(recipe: Recipe, device: str = "auto", tables=None) -> driver.Factory:

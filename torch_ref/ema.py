@@ -1,0 +1,47 @@
+"""The model EMA, as torchvision's reference keeps it, without a host sync per update.
+
+torch's `AveragedModel.update_parameters` asks `n_averaged == 0` and `n_averaged > 0` of a
+device tensor on every update, and each question waits for the GPU to finish the steps queued
+before it. `EMA` is the same class with the same state (`n_averaged`, `module.*`), whose update
+asks a host-side count instead: the averaging itself is torch's, called as torch calls it (its
+grouping by device and dtype, `get_ema_multi_avg_fn`'s lerp), so the numbers are the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+
+class EMA(AveragedModel):
+    """AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) with a
+    host mirror of `n_averaged`, read from the device once per load."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.count = 0  # == int(self.n_averaged), kept on the host
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        mine = [t.detach() for t in (*self.module.parameters(), *self.module.buffers())]
+        theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if self.count == 0:
+            for averaged, current in zip(mine, theirs, strict=True):
+                averaged.copy_(current)
+        else:
+            groups = _group_tensors_by_device_and_dtype([mine, theirs])
+            for (averaged, current), _ in groups.values():
+                self.multi_avg_fn(averaged, current, self.n_averaged)
+        self.n_averaged += 1
+        self.count += 1
+
+    def restart(self) -> None:
+        """Count from zero: the next update copies the model (torchvision's warm-up epochs)."""
+        self.n_averaged.fill_(0)
+        self.count = 0
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict, assign)
+        self.count = int(self.n_averaged)
+        return result

@@ -1,0 +1,145 @@
+"""`cuda_graphs=true`: the whole training step (forward, loss, backward, GradScaler, fused SGD)
+captured once per batch shape as a CUDA graph and replayed, so a step costs one launch instead of
+hundreds. CUDA only, and not yet run on a GPU by this project: it stays behind its flag until a
+GPU run (`python -m benchmarks.gpu`) has measured it against the eager step.
+
+What makes a replay the eager step's:
+- Static inputs: each batch is copied into the graph's own input tensors; the learning rate is
+  a float32 device tensor per parameter group, filled from the scheduler's float before each
+  replay (the scheduler itself keeps working on floats, as in eager mode). A replay's loss and
+  count are copied out, as the driver holds several steps' results until its log interval.
+- Warm-up without trace: capture needs a few eager steps first (lazy state, cuDNN's choices); they
+  run on the first batch of each shape and then every tensor they changed is put back: the
+  parameters, BatchNorm's statistics and step count, SGD's momentum (zeros where it did not exist
+  yet: momentum x 0 + gradient is the gradient, bit for bit, as SGD's first step), GradScaler's
+  scale and growth count. Capture itself runs nothing, so the first replay is the run's step.
+- One graph per batch shape (the epoch's short last batch adds one), each in its own memory
+  pool, so one graph's gradients are never another's scratch space.
+What it refuses (core.recipe.validate and TorchBackend): a CPU, DDP, gradient accumulation,
+MixUp/CutMix (their weights change per batch), OneCycle (torch's SGD takes momentum as a Python
+number, which a graph would freeze), torch.compile on top, and an unfused optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_ref import steps
+from torch_ref.augment import Targets
+
+WARMUP_STEPS = 3  # eager steps before a capture (torch's examples use 3 on a side stream)
+
+
+class _Graph:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.graph = torch.cuda.CUDAGraph()
+        self.x, self.y = x.clone(), y.clone()
+        self.loss = self.correct = None
+
+
+class GraphedStep:
+    """step(x, targets) -> (loss, correct), each step a replay of its shape's graph."""
+
+    def __init__(self, model, optimizer, scaler, amp_dtype, smoothing: float):
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.amp_dtype, self.smoothing = amp_dtype, smoothing
+        device = next(model.parameters()).device
+        # float32: what torch's fused CUDA kernels read a tensor rate as; a float rate becomes
+        # the float32 of a float32 model's arithmetic too, so the two round alike
+        groups = optimizer.param_groups
+        self.lr = [torch.zeros((), dtype=torch.float32, device=device) for _ in groups]
+        self.graphs: dict[tuple, _Graph] = {}
+
+    def _fill_lr(self) -> None:
+        for t, group in zip(self.lr, self.optimizer.param_groups, strict=True):
+            rate = group["lr"]
+            t.fill_(rate if not torch.is_tensor(rate) else rate.item())
+
+    def _eager(self, x, y):
+        return steps.train_step(
+            self.model,
+            self.optimizer,
+            self.scaler,
+            self.amp_dtype,
+            x,
+            Targets(y),
+            1.0,
+            self.smoothing,
+        )
+
+    def _snapshot(self) -> dict:
+        opt_state = self.optimizer.state
+        momentum = {p: opt_state[p].get("momentum_buffer") for p in opt_state}
+        return {
+            "model": [t.detach().clone() for t in self.model.state_dict().values()],
+            "momentum": {p: None if b is None else b.clone() for p, b in momentum.items()},
+            "scaler": [
+                t.clone()
+                for t in (self.scaler._scale, self.scaler._growth_tracker)
+                if t is not None
+            ],
+        }
+
+    def _restore(self, saved: dict) -> None:
+        with torch.no_grad():
+            for live, kept in zip(self.model.state_dict().values(), saved["model"], strict=True):
+                live.copy_(kept)
+            for p, state in self.optimizer.state.items():
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    continue
+                kept = saved["momentum"].get(p)
+                buf.copy_(kept) if kept is not None else buf.zero_()
+            live = [t for t in (self.scaler._scale, self.scaler._growth_tracker) if t is not None]
+            for t, kept in zip(live, saved["scaler"], strict=False):
+                t.copy_(kept)
+
+    def _with_tensor_lr(self, fn):
+        floats = [g["lr"] for g in self.optimizer.param_groups]
+        for t, group in zip(self.lr, self.optimizer.param_groups, strict=True):
+            group["lr"] = t
+        try:
+            return fn()
+        finally:
+            for rate, group in zip(floats, self.optimizer.param_groups, strict=True):
+                group["lr"] = rate
+
+    def _capture(self, key, x, y) -> _Graph:
+        g = _Graph(x, y)
+        self._fill_lr()
+        saved = self._snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._with_tensor_lr(lambda: self._eager(g.x, g.y))
+        torch.cuda.current_stream().wait_stream(side)
+        self._restore(saved)
+        self.optimizer.zero_grad(set_to_none=True)
+
+        def record():
+            with torch.cuda.graph(g.graph):
+                logits, loss = steps.forward_and_loss(
+                    self.model, self.amp_dtype, g.x, Targets(g.y), self.smoothing
+                )
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                g.loss = loss.detach()
+                g.correct = (logits.detach().argmax(1) == g.y).sum()
+
+        self._with_tensor_lr(record)
+        self.graphs[key] = g
+        return g
+
+    def __call__(self, x: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(x.shape), x.dtype, x.stride())
+        g = self.graphs.get(key)
+        if g is None:
+            g = self._capture(key, x, targets.y)
+        else:
+            g.x.copy_(x)
+            g.y.copy_(targets.y)
+        self._fill_lr()
+        g.graph.replay()
+        return g.loss.clone(), g.correct.clone()

@@ -1,0 +1,231 @@
+"""What makes a torch_ref step ready for a GPU, proved on a CPU: no host read of a device value
+inside a training epoch except the driver's one per log interval; torch.compile with static
+shapes (one graph per batch shape, none after the first epoch); the EMA without its sync;
+cuda_graphs refused off CUDA. Where CUDA exists, torch's own sync debug mode checks the same."""
+
+import contextlib
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import testkit
+from core import driver
+from torch_ref import train
+from torch_ref.ema import EMA
+
+# 96 images at 20 per step: four full batches and a short one of 16 per epoch
+QUICK = ["batch_size=20", "epochs=2", "train_subset=0", "eval_subset=0", "log_every_steps=2"]
+ONE_EPOCH = ["epochs=1", "train_subset=60"]  # three steps: enough to see a per-step read
+# every way a tensor's value reaches Python; on CUDA each waits for the queued work
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+class Phases:
+    """Counts host reads of tensors, by where the run is: inside an epoch's steps ("epoch"),
+    inside the driver's fetch at a log interval ("fetch"), or elsewhere (evaluation, saving)."""
+
+    def __init__(self, monkeypatch):
+        self.now, self.reads, self.fetches = "outside", {}, 0
+        for name in READS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, original))
+        monkeypatch.setattr(torch.cuda, "synchronize", self._counting("synchronize", None))
+
+    def _counting(self, name, original):
+        def read(*args, **kwargs):
+            key = (self.now, name)
+            self.reads[key] = self.reads.get(key, 0) + 1
+            return original(*args, **kwargs) if original is not None else None
+
+        return read
+
+    def count(self, phase: str) -> int:
+        return sum(n for (where, _), n in self.reads.items() if where == phase)
+
+    @contextlib.contextmanager
+    def at(self, phase: str):
+        before, self.now = self.now, phase
+        try:
+            yield
+        finally:
+            self.now = before
+
+    def wrap(self, backend):
+        batches, fetch = backend.batches, backend.fetch
+
+        def epoch(epoch, start_step):
+            with self.at("epoch"):
+                yield from batches(epoch, start_step)
+
+        def fetching(handles):
+            self.fetches += 1
+            with self.at("fetch"):
+                return fetch(handles)
+
+        backend.batches, backend.fetch = epoch, fetching
+        return backend
+
+
+def run(recipe, workdir, wrap=lambda backend: backend):
+    make = train.backend_factory(recipe, "cpu")
+
+    def factory(ckpt_dir, training):
+        backend = make(ckpt_dir, training)
+        return wrap(backend) if training else backend
+
+    return driver.train_and_evaluate(factory, recipe, workdir, train.STACK)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["ema_decay=0.9", "ema_every_steps=2"],  # float32, torch's loop SGD, the EMA
+        ["fused_optimizer=on", "amp=fp16"],  # the CUDA default's path: fused SGD + GradScaler
+    ],
+    ids=["float32-ema", "fused-fp16"],
+)
+def test_no_host_read_in_an_epoch_but_at_the_log_interval(
+    fashion_dir, tmp_path, monkeypatch, extra
+):
+    recipe = testkit.smoke_recipe("fashion_mnist", fashion_dir, *QUICK, *ONE_EPOCH, *extra)
+    phases = Phases(monkeypatch)
+    run(recipe, tmp_path / "run", phases.wrap)
+    assert phases.count("epoch") == 0, phases.reads
+    # the driver reads once per log interval (2 steps: 2 windows in the 3-step epoch), and
+    # once after the first step for its "first batch loss" line ...
+    assert phases.fetches == 1 + 2
+    # ... and the counting sees those reads: it would see one inside a step too
+    assert phases.count("fetch") >= phases.fetches
+
+
+def test_the_counting_sees_gradscalers_sync_without_the_fused_optimizer(
+    fashion_dir, tmp_path, monkeypatch
+):
+    """Unfused, GradScaler reads the overflow flag with .item() every step: the count above is
+    zero because the fused path has no such read, not because the counting misses it."""
+    recipe = testkit.smoke_recipe("fashion_mnist", fashion_dir, *QUICK, *ONE_EPOCH, "amp=fp16")
+    phases = Phases(monkeypatch)
+    run(recipe, tmp_path / "run", phases.wrap)
+    assert phases.reads.get(("epoch", "item"), 0) >= 3  # one per step at least
+
+
+def test_the_ema_is_torchs_averagedmodel_without_the_sync(monkeypatch):
+    """The same bits as torch's AveragedModel (EMA lerp, buffers too) over updates, a restart and
+    a reload, and no read of n_averaged (torch's asks it twice per update)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    ours = EMA(model, 0.8)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=True)
+    reads = []
+    for step in range(6):
+        model(torch.randn(2, 1, 5, 5)).sum().backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or True)
+            ours.update_parameters(model)
+        theirs.update_parameters(model)
+        if step == 2:  # torchvision's warm-up restart
+            ours.restart()
+            theirs.n_averaged.fill_(0)
+        if step == 4:
+            again = EMA(model, 0.8)
+            again.load_state_dict(ours.state_dict())
+            ours = again
+    assert reads == []
+    want, got = theirs.state_dict(), ours.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+def test_compile_makes_one_graph_per_batch_shape_and_none_after_the_first_epoch(
+    fashion_dir, tmp_path
+):
+    """compile=true, two epochs with a short last batch: two graphs (20 and 16 rows), both with
+    static shapes, made in epoch 1; epoch 2 reuses them. A recording backend stands in for
+    inductor (the graphs and guards are dynamo's whatever compiles them; inductor's code
+    generation would add minutes and nothing to what is counted)."""
+    from torch._dynamo.backends.registry import register_backend
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        assert not any(isinstance(s, torch.SymInt) for t in example_inputs for s in _sizes(t))
+        return gm.forward
+
+    register_backend(recording, name="recording_for_tests")
+    torch._dynamo.reset()
+    per_epoch = []
+
+    def wrap(backend):
+        end = backend.end_epoch
+
+        def end_epoch():
+            per_epoch.append(len(graphs))
+            end()
+
+        backend.end_epoch = end_epoch
+        return backend
+
+    recipe = testkit.smoke_recipe(
+        "fashion_mnist",
+        fashion_dir,
+        *QUICK,
+        "compile=true",
+        "compile_backend=recording_for_tests",
+        "mixup_alpha=0.2",  # MixUp's weight, a new float each step, must not recompile
+    )
+    run(recipe, tmp_path / "run", wrap)
+    assert per_epoch == [2, 2]
+    assert {shapes[0][0] for shapes in graphs} == {20, 16}  # the images' rows
+
+
+def _sizes(t):
+    return t.shape if isinstance(t, torch.Tensor) else ()
+
+
+def test_cuda_graphs_is_refused_off_cuda_and_with_what_a_graph_cannot_replay(fashion_dir):
+    from core.errors import UserError
+
+    recipe = testkit.smoke_recipe("fashion_mnist", fashion_dir, *QUICK, "cuda_graphs=true")
+    with pytest.raises(UserError, match="cuda_graphs needs a CUDA device"):
+        train.TorchBackend(recipe, "unused", "cpu")
+    for bad, why in (
+        ("compile=true", "compile"),
+        ("schedule=onecycle", "onecycle"),
+        ("mixup_alpha=0.2", "MixUp"),
+        ("grad_accum_steps=2", "accumulation"),
+        ("fused_optimizer=off", "fused_optimizer=off"),
+    ):
+        with pytest.raises(UserError, match=f"cuda_graphs does not combine with .*{why}"):
+            testkit.smoke_recipe("fashion_mnist", fashion_dir, *QUICK, "cuda_graphs=true", bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("extra", [[], ["cuda_graphs=true"]], ids=["eager", "cuda-graphs"])
+def test_on_cuda_torchs_sync_debug_mode_sees_no_sync_in_a_step(fashion_dir, tmp_path, extra):
+    recipe = testkit.smoke_recipe("fashion_mnist", fashion_dir, *QUICK, *extra)
+
+    def wrap(backend):
+        step = backend.train_step
+
+        def strict(batch):
+            if backend.graphed is not None and len(backend.graphed.graphs) < 2:
+                return step(batch)  # a capture synchronises: epoch 1 captures both shapes
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return step(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        backend.train_step = strict
+        return backend
+
+    make = train.backend_factory(recipe, "cuda")
+    driver.train_and_evaluate(
+        lambda d, t: wrap(make(d, t)) if t else make(d, t), recipe, tmp_path / "run", train.STACK
+    )
