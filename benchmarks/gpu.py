@@ -10,15 +10,19 @@ Needs no network and no data: it generates CIFAR-format files and random tensors
        <= 5e-3 (a 10-bit mantissa rounds each product to ~5e-4; errors partly cancel);
      - bf16 compute (torch autocast bf16, flax dtype=bfloat16): <= 5e-2 (an 8-bit mantissa,
        ~4e-3 per operation, through tens of layers).
-2. The cifar10 epoch (ResNet-20, batch 128, 50,000 images resident on the GPU, the trainer's own
-   loop; the second epoch is timed, the first includes compilation) for torch eager float32 NCHW,
-   + channels_last, + AMP (fp16 + GradScaler), + torch.compile; flax_impl float32 and bf16;
-   and seed 000's own pipeline (DataLoader + PIL transforms, 4 workers, NCHW, AMP) for the ratio.
-   Targets on one H100: <= 1.5 s per epoch.
-3. ResNet-50 at 224 px, training images/s at batch 256: torch AMP + channels_last, with and
-   without torch.compile, and flax_impl bf16. Target on one H100: >= 3,000 images/s (NVIDIA
-   publishes
-   2,470 images/s for one A100 with AMP).
+2. Correctness of each way to run a torch_ref step (fused SGD, torch.compile, cuda_graphs):
+   one ResNet-20 step from the same weights and batch against the eager unfused step, float32
+   with TF32 off (tolerances at STEP_TOLERANCES, each with its reason).
+3. The cifar10 epoch (ResNet-20, batch 128, 50,000 images resident on the GPU, the trainer's own
+   loop; the second epoch is timed, the first includes compilation and graph capture) for torch
+   eager float32 NCHW, + channels_last, + AMP (fp16 + GradScaler) with unfused SGD (a host sync
+   per step) and with fused SGD (none: the default on CUDA), + torch.compile, + cuda_graphs;
+   flax_impl float32, bf16 without and with device prefetch; and seed 000's own pipeline
+   (DataLoader + PIL transforms, 4 workers, NCHW, AMP) for the ratio. Target on one H100/H200:
+   <= 1.0 s per epoch in both stacks, torch_ref within 1.2x of flax_impl.
+4. ResNet-50 at 224 px, training images/s at batch 256: torch AMP + channels_last with unfused
+   and fused SGD, + torch.compile, + cuda_graphs, and flax_impl bf16. Target on one H100:
+   >= 3,000 images/s (NVIDIA publishes 2,470 images/s for one A100 with AMP).
 
 --smoke runs the same code paths at toy sizes (on a CPU too), to check the script itself.
 Each measurement runs in its own process; one that fails is listed under "Not measured" and the
@@ -76,6 +80,80 @@ def correctness(size_scale: float, batch: int) -> list[tuple]:
             err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
             rows.append((name, precision, err, TOLERANCES[precision], err <= TOLERANCES[precision]))
         torch.backends.cudnn.allow_tf32 = True
+    return rows
+
+
+# Tolerances of the step rows, each relative to the size of what is compared (L2 norms):
+# - fused SGD: the same update rounded in another order, one float32 ulp of some elements of an
+#   update whose own size is the norm compared against (parameter change): <= 1e-6;
+# - torch.compile: inductor fuses and reorders the float32 sums of the forward and the backward
+#   (~1e-7 per operation through 20 layers and back): logits and parameter change <= 1e-4;
+# - cuda_graphs: the same kernels as the fused eager step, replayed: <= 1e-6.
+STEP_TOLERANCES = {"fused SGD": 1e-6, "torch.compile": 1e-4, "cuda_graphs": 1e-6}
+
+
+def step_correctness(batch: int) -> list[tuple]:
+    """(step, compared, relative error, tolerance, ok) rows: one ResNet-20 step each way."""
+    import torch
+
+    from torch_ref import models, steps
+    from torch_ref.augment import Targets
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
+
+    def one_step(fused: bool, how: str):
+        torch.manual_seed(0)
+        model = models.resnet20(num_classes=10).to(dev)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(
+            model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused or None
+        )
+        scaler = torch.amp.GradScaler(dev.type, enabled=False)
+        with torch.no_grad():
+            logits = model.eval()(x).clone() if how != "compile" else None
+        model.train()
+        if how == "graphs":
+            from torch_ref.graphs import GraphedStep
+
+            GraphedStep(model, opt, scaler, None, 0.0)(x, Targets(y))
+        else:
+            compiled = None
+            if how == "compile":
+                compiled = steps.compiled_forward_and_loss(model, None, 0.0, "inductor")
+                model.eval()
+                with torch.no_grad():
+                    logits = compiled(x, Targets(y))[0].clone()
+                model.train()
+            steps.train_step(model, opt, scaler, None, x, Targets(y), 1.0, forward_loss=compiled)
+        change = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+        return logits, change
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    ref_logits, ref_change = one_step(False, "eager")
+    rows = []
+    variants = [("fused SGD", True, "eager"), ("torch.compile", True, "compile")]
+    if dev.type == "cuda":
+        variants.append(("cuda_graphs", True, "graphs"))
+    fused_change = None
+    for name, fused, how in variants:
+        logits, change = one_step(fused, how)
+        tol = STEP_TOLERANCES[name]
+        if how == "compile":
+            err = rel(logits, ref_logits)
+            rows.append((name, "eval logits", err, tol, err <= tol))
+        # a replay is the fused eager step's: compared with that, and with the reference
+        against = fused_change if how == "graphs" else ref_change
+        err = rel(change, against)
+        rows.append((name, "parameter change after one step", err, tol, err <= tol))
+        if name == "fused SGD":
+            fused_change = change
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     return rows
 
 
@@ -153,6 +231,22 @@ def main(argv=None) -> int:
         failures.append(f"correctness: {type(exc).__name__}: {exc}"[:300])
     for name, prec, err, tol, ok in rows:
         emit(f"| {name} | {prec} | {err:.1e} | {tol:.0e} | {'yes' if ok else 'NO'} |")
+    emit(
+        "",
+        "### Correctness of each way to run a step (ResNet-20, float32, TF32 off, one SGD step "
+        "from the same weights and batch, against torch's eager step with its unfused SGD)",
+        "",
+        "| step | compared | relative error | tolerance | ok |",
+        "| --- | --- | --- | --- | --- |",
+    )
+    try:
+        step_rows = step_correctness(4 if args.smoke else 128)
+    except Exception as exc:
+        step_rows = []
+        failures.append(f"step correctness: {type(exc).__name__}: {exc}"[:300])
+    for name, what, err, tol, ok in step_rows:
+        emit(f"| {name} | {what} | {err:.1e} | {tol:.0e} | {'yes' if ok else 'NO'} |")
+    rows = rows + [(None, None, None, None, r[-1]) for r in step_rows]
     all_ok = bool(rows) and all(r[-1] for r in rows)
 
     emit(
@@ -176,16 +270,34 @@ def main(argv=None) -> int:
             ),
             ("torch eager float32, NCHW", "torch_ref", ["amp=off", "channels_last=false"]),
             ("torch float32, channels_last", "torch_ref", ["amp=off", "channels_last=true"]),
-            ("torch AMP fp16, channels_last", "torch_ref", ["amp=auto", "channels_last=true"]),
+            (
+                "torch AMP fp16, channels_last, unfused SGD (GradScaler's .item() per step)",
+                "torch_ref",
+                ["amp=auto", "channels_last=true", "fused_optimizer=off"],
+            ),
+            (
+                "torch AMP fp16, channels_last, fused SGD: no sync (the default)",
+                "torch_ref",
+                ["amp=auto", "channels_last=true"],
+            ),
             ("flax_impl float32", "flax_impl", ["amp=off"]),
-            ("flax_impl bf16", "flax_impl", ["amp=bf16"]),
+            ("flax_impl bf16, no device prefetch", "flax_impl", ["amp=bf16", "device_prefetch=0"]),
+            ("flax_impl bf16 (device prefetch 2, the default)", "flax_impl", ["amp=bf16"]),
             (
                 "torch AMP + channels_last + torch.compile",
                 "torch_ref",
                 ["amp=auto", "channels_last=true", "compile=true"],
             ),
+            (
+                "torch AMP + channels_last + cuda_graphs",
+                "torch_ref",
+                ["amp=auto", "channels_last=true", "cuda_graphs=true"],
+            ),
         ]
         for label, stack, extra in configs:
+            if "cuda_graphs=true" in extra and not torch.cuda.is_available():
+                failures.append(f"{label}: needs CUDA")
+                continue
             res = run(
                 label,
                 {
@@ -224,21 +336,18 @@ def main(argv=None) -> int:
         "| configuration | images/s (median, min-max) | peak host memory |",
         "| --- | --- | --- |",
     )
+    half = "fp16" if torch.cuda.is_available() else "bf16"
+    torch50 = {"stack": "torch_ref", "dtype": half}
     for label, spec in (
         ("flax_impl bf16", {"stack": "flax_impl", "dtype": "bf16"}),
-        (
-            "torch AMP fp16 + channels_last",
-            {"stack": "torch_ref", "dtype": "fp16" if torch.cuda.is_available() else "bf16"},
-        ),
-        (
-            "torch AMP fp16 + channels_last + torch.compile",
-            {
-                "stack": "torch_ref",
-                "dtype": "fp16" if torch.cuda.is_available() else "bf16",
-                "compile": True,
-            },
-        ),
+        ("torch AMP fp16 + channels_last, unfused SGD", torch50),
+        ("torch AMP fp16 + channels_last, fused SGD", {**torch50, "fused": True}),
+        ("torch ... fused SGD + torch.compile", {**torch50, "fused": True, "compile": True}),
+        ("torch ... fused SGD + cuda_graphs", {**torch50, "fused": True, "cuda_graphs": True}),
     ):
+        if spec.get("cuda_graphs") and not torch.cuda.is_available():
+            failures.append(f"ResNet-50 {label}: needs CUDA")
+            continue
         res = run(
             label,
             {

@@ -137,29 +137,45 @@ def step(spec: dict) -> dict:
     extra = {}
     if spec["stack"] == "torch_ref":
         import torch
-        import torch.nn.functional as F
 
-        from torch_ref import models
+        from torch_ref import models, steps
+        from torch_ref.augment import Targets
 
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(0)
         fmt = torch.channels_last if spec.get("channels_last", True) else torch.contiguous_format
         model = getattr(models, model_name)(num_classes=10).to(dev, memory_format=fmt)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=0.01,
+            momentum=0.9,
+            weight_decay=5e-4,
+            fused=spec.get("fused", False) or None,
+        )
         x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
         y = torch.randint(0, 10, (batch,), device=dev)
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype_name)
         scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-        forward = torch.compile(model) if spec.get("compile") else model
+        # the trainer's own step: eager, compiled (compile=true) or replayed (cuda_graphs=true)
+        forward_loss = (
+            steps.compiled_forward_and_loss(model, amp, 0.0, "inductor")
+            if spec.get("compile")
+            else None
+        )
+        if spec.get("cuda_graphs"):
+            from torch_ref.graphs import GraphedStep
 
-        def one():
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                loss = F.cross_entropy(forward(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            return loss
+            graphed = GraphedStep(model, opt, scaler, amp, 0.0)
+
+            def one():
+                return graphed(x, Targets(y))[0]
+        else:
+
+            def one():
+                loss, _ = steps.train_step(
+                    model, opt, scaler, amp, x, Targets(y), 1.0, forward_loss=forward_loss
+                )
+                return loss
 
         for _ in range(spec.get("warmup", 2)):
             one()

@@ -4,6 +4,7 @@ come in, are the generator's own; an exception inside it is raised in the consum
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 
@@ -33,3 +34,17 @@ class Prefetch:
             if kind == "error":
                 raise item
             yield item
+
+
+def ahead(items, depth: int):
+    """The items of `items`, each yielded once the next `depth` have been asked for: flax_impl
+    places batches on the devices this way, so batch k+1's copy (asynchronous in JAX) is under way
+    before step k is dispatched, and a step never waits for its own input. The order and the
+    items are unchanged; depth 0 yields each as it comes."""
+    window: collections.deque = collections.deque()
+    for item in items:
+        window.append(item)
+        if len(window) > depth:
+            yield window.popleft()
+    while window:
+        yield window.popleft()

@@ -104,6 +104,7 @@ class Recipe:
     compile_backend: str = "inductor"  # torch: torch.compile's backend (aot_eager: no codegen)
     fused_optimizer: Literal["auto", "on", "off"] = "auto"  # torch: fused SGD; auto = on CUDA
     cuda_graphs: bool = False  # torch: capture the whole step as a CUDA graph (CUDA only)
+    device_prefetch: int = 2  # flax: batches placed on the devices ahead of the step; 0 = none
     deterministic: bool = False  # torch.use_deterministic_algorithms + cuDNN deterministic
     log_every_steps: int = 50  # a record line (and one device sync) every N steps
     tensorboard: bool = True  # event files in WORKDIR/tensorboard/ (needs the tensorboard package)
@@ -153,6 +154,7 @@ RESUME_MAY_CHANGE = frozenset(
         "tensorboard",
         "max_image_pixels",
         "resume_with_gap",
+        "device_prefetch",
     }
 )
 
@@ -299,6 +301,7 @@ def validate(r: Recipe) -> Recipe:
     for name in (
         "crop_padding",
         "num_workers",
+        "device_prefetch",
         "train_subset",
         "eval_subset",
         "eval_resize",

@@ -34,7 +34,7 @@ import numpy as np
 import configs
 from flax_impl import checkpoints, cpu_setup, data, multihost, optim, steps
 from flax_impl.models import build_model
-from core import driver, schedules
+from core import driver, prefetch, schedules
 from core.driver import NonFiniteLoss
 from core.errors import UserError
 from core.preemption import EXIT_PREEMPTED, Preempted
@@ -173,8 +173,8 @@ class FlaxBackend:
 
     # --- training ----------------------------------------------------------------------------
     def batches(self, epoch: int, start_step: int):
-        for batch in self.train_batches.epoch(epoch, start_step):
-            yield self.steps.put_batch(batch)
+        placed = (self.steps.put_batch(b) for b in self.train_batches.epoch(epoch, start_step))
+        return prefetch.ahead(placed, self.recipe.device_prefetch)
 
     def train_step(self, batch):
         self.state, metrics = self.steps.train_placed(self.state, batch, self.train_source)
