@@ -30,9 +30,30 @@ from torch_ref.augment import Targets
 WARMUP_STEPS = 3  # eager steps before a capture (torch's examples use 3 on a side stream)
 
 
+class Cuda:
+    """What GraphedStep asks of CUDA; a test stands an eager imitation in for it on a CPU."""
+
+    def warm_up(self, run) -> None:
+        side = torch.cuda.Stream()  # torch's recipe: warm-up on a side stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def new_graph(self):
+        return torch.cuda.CUDAGraph()
+
+    def capture(self, graph, record) -> None:
+        with torch.cuda.graph(graph):  # records the kernels, runs none
+            record()
+
+    def replay(self, graph) -> None:
+        graph.replay()
+
+
 class _Graph:
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.graph = torch.cuda.CUDAGraph()
+    def __init__(self, graph, x: torch.Tensor, y: torch.Tensor):
+        self.graph = graph
         self.x, self.y = x.clone(), y.clone()
         self.loss = self.correct = None
 
@@ -40,9 +61,10 @@ class _Graph:
 class GraphedStep:
     """step(x, targets) -> (loss, correct), each step a replay of its shape's graph."""
 
-    def __init__(self, model, optimizer, scaler, amp_dtype, smoothing: float):
+    def __init__(self, model, optimizer, scaler, amp_dtype, smoothing: float, cuda=None):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.amp_dtype, self.smoothing = amp_dtype, smoothing
+        self.cuda = cuda or Cuda()
         device = next(model.parameters()).device
         # float32: what torch's fused CUDA kernels read a tensor rate as; a float rate becomes
         # the float32 of a float32 model's arithmetic too, so the two round alike
@@ -73,12 +95,13 @@ class GraphedStep:
         return {
             "model": [t.detach().clone() for t in self.model.state_dict().values()],
             "momentum": {p: None if b is None else b.clone() for p, b in momentum.items()},
-            "scaler": [
-                t.clone()
-                for t in (self.scaler._scale, self.scaler._growth_tracker)
-                if t is not None
-            ],
+            "scaler": [None if t is None else t.clone() for t in self._scaler_tensors()],
         }
+
+    def _scaler_tensors(self) -> list:
+        """GradScaler's scale and growth count, or None for each before its first use (and
+        always when it is disabled)."""
+        return [getattr(self.scaler, name, None) for name in ("_scale", "_growth_tracker")]
 
     def _restore(self, saved: dict) -> None:
         with torch.no_grad():
@@ -90,9 +113,13 @@ class GraphedStep:
                     continue
                 kept = saved["momentum"].get(p)
                 buf.copy_(kept) if kept is not None else buf.zero_()
-            live = [t for t in (self.scaler._scale, self.scaler._growth_tracker) if t is not None]
-            for t, kept in zip(live, saved["scaler"], strict=False):
-                t.copy_(kept)
+            scale, growth = self._scaler_tensors()
+            if scale is not None:  # made during the warm-up: back to its first value
+                kept_scale, kept_growth = saved["scaler"]
+                scale.copy_(kept_scale) if kept_scale is not None else scale.fill_(
+                    self.scaler._init_scale
+                )
+                growth.copy_(kept_growth) if kept_growth is not None else growth.zero_()
 
     def _with_tensor_lr(self, fn):
         floats = [g["lr"] for g in self.optimizer.param_groups]
@@ -105,30 +132,29 @@ class GraphedStep:
                 group["lr"] = rate
 
     def _capture(self, key, x, y) -> _Graph:
-        g = _Graph(x, y)
+        g = _Graph(self.cuda.new_graph(), x, y)
         self._fill_lr()
         saved = self._snapshot()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+
+        def warm_up():
             for _ in range(WARMUP_STEPS):
-                self._with_tensor_lr(lambda: self._eager(g.x, g.y))
-        torch.cuda.current_stream().wait_stream(side)
+                self._eager(g.x, g.y)
+
+        self._with_tensor_lr(lambda: self.cuda.warm_up(warm_up))
         self._restore(saved)
         self.optimizer.zero_grad(set_to_none=True)
 
         def record():
-            with torch.cuda.graph(g.graph):
-                logits, loss = steps.forward_and_loss(
-                    self.model, self.amp_dtype, g.x, Targets(g.y), self.smoothing
-                )
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                g.loss = loss.detach()
-                g.correct = (logits.detach().argmax(1) == g.y).sum()
+            logits, loss = steps.forward_and_loss(
+                self.model, self.amp_dtype, g.x, Targets(g.y), self.smoothing
+            )
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            g.loss = loss.detach()
+            g.correct = (logits.detach().argmax(1) == g.y).sum()
 
-        self._with_tensor_lr(record)
+        self._with_tensor_lr(lambda: self.cuda.capture(g.graph, record))
         self.graphs[key] = g
         return g
 
@@ -141,5 +167,5 @@ class GraphedStep:
             g.x.copy_(x)
             g.y.copy_(targets.y)
         self._fill_lr()
-        g.graph.replay()
+        self._with_tensor_lr(lambda: self.cuda.replay(g.graph))
         return g.loss.clone(), g.correct.clone()

@@ -4,6 +4,7 @@ shapes (one graph per batch shape, none after the first epoch); the EMA without 
 cuda_graphs refused off CUDA. Where CUDA exists, torch's own sync debug mode checks the same."""
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -203,6 +204,81 @@ def test_cuda_graphs_is_refused_off_cuda_and_with_what_a_graph_cannot_replay(fas
     ):
         with pytest.raises(UserError, match=f"cuda_graphs does not combine with .*{why}"):
             testkit.smoke_recipe("fashion_mnist", fashion_dir, *QUICK, "cuda_graphs=true", bad)
+
+
+class EagerImitation:
+    """CUDA graphs' contract run eagerly on a CPU: a capture runs nothing (the recorded step runs
+    once to bind its outputs, then every tensor it changed is put back), a replay runs the step
+    again on the graph's static inputs, writing (not adding to) the gradients."""
+
+    def __init__(self):
+        self.step = None  # the GraphedStep, set once it exists
+
+    def warm_up(self, run):
+        run()
+
+    def new_graph(self):
+        return {}
+
+    def capture(self, graph, record):
+        saved = self.step._snapshot()
+        record()
+        self.step._restore(saved)
+        graph["record"] = record
+
+    def replay(self, graph):
+        self.step.optimizer.zero_grad(set_to_none=True)
+        graph["record"]()
+
+
+def _records(workdir):
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("epoch_time", "train_images_per_s")}
+        for line in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def test_cuda_graphs_warm_up_and_capture_leave_the_run_as_eager_and_resume_exactly(
+    fashion_dir, tmp_path
+):
+    """GraphedStep's own logic on a CPU, the graph replaced by EagerImitation: its warm-up steps
+    undone (parameters, BatchNorm statistics and count, momentum), a graph per batch shape (the
+    short last batch), the rate as a tensor, outputs copied out. Two epochs end with the eager
+    fused run's per-epoch state digests (parameters, statistics, momentum, EMA) and records, and
+    so does a run stopped after step 3 and resumed."""
+    from torch_ref import graphs
+
+    recipe = testkit.smoke_recipe(
+        "fashion_mnist", fashion_dir, *QUICK, "fused_optimizer=on", "ema_decay=0.9"
+    )
+    run(recipe, tmp_path / "eager")
+    shapes = []
+
+    def graphed(backend):
+        imitation = EagerImitation()
+        backend.graphed = graphs.GraphedStep(
+            backend.model, backend.optimizer, backend.scaler, backend.amp_dtype, 0.0, imitation
+        )
+        imitation.step = backend.graphed
+        shapes.append(backend.graphed.graphs)
+        return backend
+
+    run(recipe, tmp_path / "graphed", graphed)
+    want = _records(tmp_path / "eager")
+    assert len([m for m in want if "state_digest" in m]) == 2
+    assert _records(tmp_path / "graphed") == want
+    assert sorted(key[0][0] for key in shapes[0]) == [16, 20]  # one graph per batch shape
+    with pytest.raises(train.Preempted):
+        make = train.backend_factory(recipe, "cpu")
+        driver.train_and_evaluate(
+            lambda d, t: graphed(make(d, t)) if t else make(d, t),
+            recipe,
+            tmp_path / "stopped",
+            train.STACK,
+            stop_after_step=3,
+        )
+    run(recipe, tmp_path / "stopped", graphed)
+    assert _records(tmp_path / "stopped") == want
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
