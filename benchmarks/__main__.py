@@ -90,9 +90,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument(
         "--only",
-        choices=["regularised", "augmented"],
+        choices=["regularised", "augmented", "compile"],
         help="only section c's rows with Cutout, MixUp/CutMix and label smoothing on "
-        "(regularised), or with TrivialAugment and Random Erasing on (augmented); prints",
+        "(regularised), or with TrivialAugment and Random Erasing on (augmented); or torch_ref's "
+        "epoch eager against compile=true (compile); prints",
     )
     args = parser.parse_args(argv)
     quick = args.quick
@@ -131,6 +132,9 @@ def main(argv=None) -> int:
         def regularised_rows():
             return with_rows(REGULARISED, "reg")
 
+        if args.only == "compile":
+            print("\n".join(compile_rows(measure, epoch_spec)))
+            return 0
         if args.only:
             extra, label = {
                 "regularised": (REGULARISED, " + regularisers"),
@@ -285,6 +289,26 @@ def main(argv=None) -> int:
 
 # today's augmentation at torchvision's values (section c)
 AUGMENTED = ["trivial_augment=true", "random_erasing=0.1"]
+
+
+def compile_rows(measure, epoch_spec) -> list[str]:
+    """torch_ref's cifar10-shaped epoch eager and with compile=true (inductor), one after the
+    other; the first epoch of each (compilation) is left out of the medians."""
+    got = {
+        label: measure(epoch_spec("torch_ref", extra, label))
+        for label, extra in (("eager", []), ("compile", ["compile=true"]))
+    }
+    timed = {k: v["images_per_s"][1:] for k, v in got.items()}
+    first = {k: v["images_per_s"][0] for k, v in got.items()}
+    speedup = statistics.median(timed["compile"]) / statistics.median(timed["eager"])
+    return [
+        "| torch_ref epoch | images/s, epochs after the first | first epoch (compiling) |",
+        "| --- | --- | --- |",
+        *(f"| {k} | {med(timed[k])} | {first[k]:,.0f} |" for k in got),
+        "",
+        f"compile=true / eager: **{speedup:.2f}x**",
+    ]
+
 
 # seed 002's regularisers, all at once: what an epoch costs with them (section c)
 REGULARISED = [

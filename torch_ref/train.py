@@ -100,6 +100,7 @@ class TorchBackend:
             self.forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.forward_loss = self.graphed = None
         if recipe.compile:  # static shapes: one graph per batch shape (torch_ref.steps)
+            check_compile_backend(recipe.compile_backend)
             self.forward_loss = steps.compiled_forward_and_loss(
                 self.forward, self.amp_dtype, recipe.label_smoothing, recipe.compile_backend
             )
@@ -308,6 +309,19 @@ class TorchBackend:
 
     def close(self) -> None:
         self.dist.close()
+
+
+def check_compile_backend(name: str) -> None:
+    """A name torch.compile knows, or a UserError now (torch would raise at the first step)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    try:
+        lookup_backend(name)
+    except Exception:  # torch's InvalidBackend, or an import error inside the backend
+        known = ", ".join(torch._dynamo.list_backends(exclude_tags=()))
+        raise UserError(
+            f"compile_backend={name!r} is not a torch.compile backend; use one of: {known}"
+        )
 
 
 def make_ema(model: nn.Module, recipe: Recipe, world_size: int):

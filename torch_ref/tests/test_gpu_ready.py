@@ -195,6 +195,10 @@ def test_cuda_graphs_is_refused_off_cuda_and_with_what_a_graph_cannot_replay(fas
     recipe = testkit.smoke_recipe("fashion_mnist", fashion_dir, *QUICK, "cuda_graphs=true")
     with pytest.raises(UserError, match="cuda_graphs needs a CUDA device"):
         train.TorchBackend(recipe, "unused", "cpu")
+    # and a compile backend torch does not know is said before the first step, not inside it
+    recipe = recipe.replace(cuda_graphs=False, compile=True, compile_backend="nope")
+    with pytest.raises(UserError, match="'nope' is not a torch.compile backend.*aot_eager"):
+        train.TorchBackend(recipe, "unused", "cpu")
     for bad, why in (
         ("compile=true", "compile"),
         ("schedule=onecycle", "onecycle"),
