@@ -88,7 +88,9 @@ def correctness(size_scale: float, batch: int) -> list[tuple]:
 #   update whose own size is the norm compared against (parameter change): <= 1e-6;
 # - torch.compile: inductor fuses and reorders the float32 sums of the forward and the backward
 #   (~1e-7 per operation through 20 layers and back): logits and parameter change <= 1e-4;
-# - cuda_graphs: the same kernels as the fused eager step, replayed: <= 1e-6.
+# - cuda_graphs: the same kernels as the fused eager step, replayed, at a rate that float32
+#   holds exactly (a graph's rate is a float32 tensor; see torch_ref/graphs.py), cuDNN
+#   deterministic: expected equal; <= 1e-6 allows for a kernel chosen differently in capture.
 STEP_TOLERANCES = {"fused SGD": 1e-6, "torch.compile": 1e-4, "cuda_graphs": 1e-6}
 
 
@@ -96,11 +98,22 @@ def step_correctness(batch: int) -> list[tuple]:
     """(step, compared, relative error, tolerance, ok) rows: one ResNet-20 step each way."""
     import torch
 
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    flags = torch.backends.cudnn
+    kept = (flags.allow_tf32, torch.backends.cuda.matmul.allow_tf32, flags.deterministic)
+    flags.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    flags.deterministic = True
+    try:
+        return _step_rows(torch, dev, batch)
+    finally:
+        flags.allow_tf32, torch.backends.cuda.matmul.allow_tf32, flags.deterministic = kept
+
+
+def _step_rows(torch, dev, batch: int) -> list[tuple]:
     from torch_ref import models, steps
     from torch_ref.augment import Targets
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    rate = float(np.float32(0.1))  # the same number as a float64 and as a float32 tensor
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev)
     y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
@@ -110,7 +123,7 @@ def step_correctness(batch: int) -> list[tuple]:
         model = models.resnet20(num_classes=10).to(dev)
         before = [p.detach().clone() for p in model.parameters()]
         opt = torch.optim.SGD(
-            model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused or None
+            model.parameters(), lr=rate, momentum=0.9, weight_decay=5e-4, fused=fused or None
         )
         scaler = torch.amp.GradScaler(dev.type, enabled=False)
         with torch.no_grad():
@@ -153,7 +166,6 @@ def step_correctness(batch: int) -> list[tuple]:
         rows.append((name, "parameter change after one step", err, tol, err <= tol))
         if name == "fused SGD":
             fused_change = change
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     return rows
 
 

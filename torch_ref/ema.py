@@ -1,10 +1,13 @@
 """The model EMA, as torchvision's reference keeps it, without a host sync per update.
 
-torch's `AveragedModel.update_parameters` asks `n_averaged == 0` and `n_averaged > 0` of a
-device tensor on every update, and each question waits for the GPU to finish the steps queued
-before it. `EMA` is the same class with the same state (`n_averaged`, `module.*`), whose update
-asks a host-side count instead: the averaging itself is torch's, called as torch calls it (its
-grouping by device and dtype, `get_ema_multi_avg_fn`'s lerp), so the numbers are the same bits.
+torch's `AveragedModel` keeps its count `n_averaged` on the host (a buffer made without a
+device) and, on every update, copies it to the device of each group of parameters it averages
+(float32, then int64 for BatchNorm's step count): on a GPU each copy is a blocking transfer that
+waits for the steps queued before it. The EMA function torchvision uses (`get_ema_multi_avg_fn`)
+never reads that count. `EMA` is the same class with the same state (`n_averaged`, `module.*`),
+whose update passes the count as it is and decides "first update: copy" from a host-side mirror;
+the averaging itself is torch's, called as torch calls it (its grouping by device and dtype, the
+lerp), so the numbers are the same bits.
 """
 
 from __future__ import annotations

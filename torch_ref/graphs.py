@@ -1,20 +1,31 @@
 """`cuda_graphs=true`: the whole training step (forward, loss, backward, GradScaler, fused SGD)
-captured once per batch shape as a CUDA graph and replayed, so a step costs one launch instead of
+captured once per batch shape as a CUDA graph and replayed, so a step costs a handful of
+launches (the inputs' copies, the rate's fill, the replay, the outputs' copies) instead of
 hundreds. CUDA only, and not yet run on a GPU by this project: it stays behind its flag until a
 GPU run (`python -m benchmarks.gpu`) has measured it against the eager step.
 
 What makes a replay the eager step's:
 - Static inputs: each batch is copied into the graph's own input tensors; the learning rate is
   a float32 device tensor per parameter group, filled from the scheduler's float before each
-  replay (the scheduler itself keeps working on floats, as in eager mode). A replay's loss and
-  count are copied out, as the driver holds several steps' results until its log interval.
+  replay (the scheduler itself keeps working on floats, as in eager mode). torch's fused kernel
+  reads a tensor rate as float32, so a replayed step uses the rate rounded to float32 where the
+  eager step uses the float64 one: the two differ by that rounding (about 1e-7 of an update)
+  unless the rate is a float32 number. A replay's loss and count are copied out, as the driver
+  holds several steps' results until its log interval.
 - Warm-up without trace: capture needs a few eager steps first (lazy state, cuDNN's choices); they
   run on the first batch of each shape and then every tensor they changed is put back: the
   parameters, BatchNorm's statistics and step count, SGD's momentum (zeros where it did not exist
-  yet: momentum x 0 + gradient is the gradient, bit for bit, as SGD's first step), GradScaler's
-  scale and growth count. Capture itself runs nothing, so the first replay is the run's step.
+  yet: momentum x 0 + gradient is the gradient, as SGD's first step, up to the sign of a zero),
+  GradScaler's scale and growth count. Capture itself runs nothing, so the first replay is the
+  run's first step.
+- Capture in `thread_local` mode: the input pipeline's threads (the pin-memory thread, the
+  TrivialAugment prefetcher, which moves batches to the GPU) may go on using CUDA meanwhile.
 - One graph per batch shape (the epoch's short last batch adds one), each in its own memory
-  pool, so one graph's gradients are never another's scratch space.
+  pool, so one graph's gradients are never another's scratch space (the cost: a second pool
+  the size of a step's activations, for the short batch).
+- The tensors a graph reads (parameters, momentum, statistics, GradScaler's state) must stay
+  the same objects: checkpoints are loaded before the first capture, and `__call__` captures
+  again if the momentum buffers or GradScaler's tensors are no longer the captured ones.
 What it refuses (core.recipe.validate and TorchBackend): a CPU, DDP, gradient accumulation,
 MixUp/CutMix (their weights change per batch), OneCycle (torch's SGD takes momentum as a Python
 number, which a graph would freeze), torch.compile on top, and an unfused optimizer.
@@ -44,7 +55,8 @@ class Cuda:
         return torch.cuda.CUDAGraph()
 
     def capture(self, graph, record) -> None:
-        with torch.cuda.graph(graph):  # records the kernels, runs none
+        # records the kernels, runs none; other threads' CUDA calls stay allowed meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             record()
 
     def replay(self, graph) -> None:
@@ -66,11 +78,12 @@ class GraphedStep:
         self.amp_dtype, self.smoothing = amp_dtype, smoothing
         self.cuda = cuda or Cuda()
         device = next(model.parameters()).device
-        # float32: what torch's fused CUDA kernels read a tensor rate as; a float rate becomes
-        # the float32 of a float32 model's arithmetic too, so the two round alike
+        # float32: what torch's fused CUDA kernels read a tensor rate as (see the module's
+        # docstring for what that rounding does)
         groups = optimizer.param_groups
         self.lr = [torch.zeros((), dtype=torch.float32, device=device) for _ in groups]
         self.graphs: dict[tuple, _Graph] = {}
+        self._captured_state: list = []
 
     def _fill_lr(self) -> None:
         for t, group in zip(self.lr, self.optimizer.param_groups, strict=True):
@@ -90,6 +103,10 @@ class GraphedStep:
         )
 
     def _snapshot(self) -> dict:
+        if self.scaler.is_enabled() and getattr(self.scaler, "_scale", None) is None:
+            # made now rather than in the warm-up, from its initial or loaded values, so that it
+            # is saved and put back like the rest (a resumed run's growth count included)
+            self.scaler._lazy_init_scale_growth_tracker(next(self.model.parameters()).device)
         opt_state = self.optimizer.state
         momentum = {p: opt_state[p].get("momentum_buffer") for p in opt_state}
         return {
@@ -113,13 +130,9 @@ class GraphedStep:
                     continue
                 kept = saved["momentum"].get(p)
                 buf.copy_(kept) if kept is not None else buf.zero_()
-            scale, growth = self._scaler_tensors()
-            if scale is not None:  # made during the warm-up: back to its first value
-                kept_scale, kept_growth = saved["scaler"]
-                scale.copy_(kept_scale) if kept_scale is not None else scale.fill_(
-                    self.scaler._init_scale
-                )
-                growth.copy_(kept_growth) if kept_growth is not None else growth.zero_()
+            for t, kept in zip(self._scaler_tensors(), saved["scaler"], strict=True):
+                if t is not None:
+                    t.copy_(kept)
 
     def _with_tensor_lr(self, fn):
         floats = [g["lr"] for g in self.optimizer.param_groups]
@@ -156,9 +169,20 @@ class GraphedStep:
 
         self._with_tensor_lr(lambda: self.cuda.capture(g.graph, record))
         self.graphs[key] = g
+        self._captured_state = self._read_by_graphs()
         return g
 
+    def _read_by_graphs(self) -> list:
+        """The state tensors a torch call could replace with new ones (a load_state_dict)."""
+        return [st.get("momentum_buffer") for st in self.optimizer.state.values()] + [
+            t for t in self._scaler_tensors() if t is not None
+        ]
+
     def __call__(self, x: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graphs and any(
+            a is not b for a, b in zip(self._read_by_graphs(), self._captured_state, strict=False)
+        ):
+            self.graphs.clear()  # the graphs would read the old tensors: capture again
         key = (tuple(x.shape), x.dtype, x.stride())
         g = self.graphs.get(key)
         if g is None:

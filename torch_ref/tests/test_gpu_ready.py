@@ -18,8 +18,27 @@ from torch_ref.ema import EMA
 # 96 images at 20 per step: four full batches and a short one of 16 per epoch
 QUICK = ["batch_size=20", "epochs=2", "train_subset=0", "eval_subset=0", "log_every_steps=2"]
 ONE_EPOCH = ["epochs=1", "train_subset=60"]  # three steps: enough to see a per-step read
-# every way a tensor's value reaches Python; on CUDA each waits for the queued work
-READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# the Python-level ways a tensor's value reaches the host; on CUDA each waits for the queued
+# work. Not seen by this counting: .to("cpu"), a blocking copy to the device, boolean-mask
+# indexing; on CUDA, torch's sync debug mode (the last test) sees those too.
+READS = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "nonzero",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+)
+SYNCS = (
+    (torch.cuda, "synchronize"),
+    (torch.cuda.Stream, "synchronize"),
+    (torch.cuda.Event, "synchronize"),
+    (torch, "equal"),
+    (torch, "allclose"),
+)
 
 
 class Phases:
@@ -31,13 +50,15 @@ class Phases:
         for name in READS:
             original = getattr(torch.Tensor, name)
             monkeypatch.setattr(torch.Tensor, name, self._counting(name, original))
-        monkeypatch.setattr(torch.cuda, "synchronize", self._counting("synchronize", None))
+        for owner, name in SYNCS:
+            original = getattr(owner, name)
+            monkeypatch.setattr(owner, name, self._counting(name, original))
 
     def _counting(self, name, original):
         def read(*args, **kwargs):
             key = (self.now, name)
             self.reads[key] = self.reads.get(key, 0) + 1
-            return original(*args, **kwargs) if original is not None else None
+            return original(*args, **kwargs)
 
         return read
 
@@ -113,7 +134,8 @@ def test_the_counting_sees_gradscalers_sync_without_the_fused_optimizer(
 
 def test_the_ema_is_torchs_averagedmodel_without_the_sync(monkeypatch):
     """The same bits as torch's AveragedModel (EMA lerp, buffers too) over updates, a restart and
-    a reload, and no read of n_averaged (torch's asks it twice per update)."""
+    a reload, and no use of n_averaged's value (torch's compares it twice per update and copies
+    it to the device once per dtype group)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
     ours = EMA(model, 0.8)
@@ -125,7 +147,17 @@ def test_the_ema_is_torchs_averagedmodel_without_the_sync(monkeypatch):
             for p in model.parameters():
                 p -= 0.1 * p.grad
         with monkeypatch.context() as m:
-            m.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or True)
+            # n_averaged lives on the host: torch's update compares it (two bool reads) and
+            # copies it to each parameter group's device (a blocking copy on a GPU)
+            to, as_bool = torch.Tensor.to, torch.Tensor.__bool__
+            m.setattr(torch.Tensor, "__bool__", lambda t: reads.append("bool") or as_bool(t))
+            m.setattr(
+                torch.Tensor,
+                "to",
+                lambda t, *a, **k: (
+                    (reads.append("to") if t is ours.n_averaged else None) or to(t, *a, **k)
+                ),
+            )
             ours.update_parameters(model)
         theirs.update_parameters(model)
         if step == 2:  # torchvision's warm-up restart
@@ -158,6 +190,9 @@ def test_compile_makes_one_graph_per_batch_shape_and_none_after_the_first_epoch(
         assert not any(isinstance(s, torch.SymInt) for t in example_inputs for s in _sizes(t))
         return gm.forward
 
+    from torch._dynamo.backends.registry import _COMPILER_FNS
+
+    _COMPILER_FNS.pop("recording_for_tests", None)  # a second run of this test in one process
     register_backend(recording, name="recording_for_tests")
     torch._dynamo.reset()
     per_epoch = []
@@ -225,6 +260,9 @@ class EagerImitation:
         return {}
 
     def capture(self, graph, record):
+        # what a real capture freezes must be tensors the replays refill: the rates
+        for rate, group in zip(self.step.lr, self.step.optimizer.param_groups, strict=True):
+            assert group["lr"] is rate
         saved = self.step._snapshot()
         record()
         self.step._restore(saved)
@@ -243,7 +281,7 @@ def _records(workdir):
 
 
 def test_cuda_graphs_warm_up_and_capture_leave_the_run_as_eager_and_resume_exactly(
-    fashion_dir, tmp_path
+    fashion_dir, tmp_path, monkeypatch
 ):
     """GraphedStep's own logic on a CPU, the graph replaced by EagerImitation: its warm-up steps
     undone (parameters, BatchNorm statistics and count, momentum), a graph per batch shape (the
@@ -252,11 +290,12 @@ def test_cuda_graphs_warm_up_and_capture_leave_the_run_as_eager_and_resume_exact
     so does a run stopped after step 3 and resumed."""
     from torch_ref import graphs
 
+    monkeypatch.setattr(graphs, "WARMUP_STEPS", 2)  # what is undone, undone from 2 steps as 3
     recipe = testkit.smoke_recipe(
         "fashion_mnist", fashion_dir, *QUICK, "fused_optimizer=on", "ema_decay=0.9"
     )
     run(recipe, tmp_path / "eager")
-    shapes = []
+    made = []
 
     def graphed(backend):
         imitation = EagerImitation()
@@ -264,14 +303,14 @@ def test_cuda_graphs_warm_up_and_capture_leave_the_run_as_eager_and_resume_exact
             backend.model, backend.optimizer, backend.scaler, backend.amp_dtype, 0.0, imitation
         )
         imitation.step = backend.graphed
-        shapes.append(backend.graphed.graphs)
+        made.append(backend.graphed.graphs)
         return backend
 
     run(recipe, tmp_path / "graphed", graphed)
     want = _records(tmp_path / "eager")
-    assert len([m for m in want if "state_digest" in m]) == 2
+    assert len([m for m in want if "state_digest" in m]) == recipe.epochs
     assert _records(tmp_path / "graphed") == want
-    assert sorted(key[0][0] for key in shapes[0]) == [16, 20]  # one graph per batch shape
+    assert sorted(key[0][0] for key in made[0]) == [16, 20]  # one graph per batch shape
     with pytest.raises(train.Preempted):
         make = train.backend_factory(recipe, "cpu")
         driver.train_and_evaluate(
@@ -285,24 +324,81 @@ def test_cuda_graphs_warm_up_and_capture_leave_the_run_as_eager_and_resume_exact
     assert _records(tmp_path / "stopped") == want
 
 
+@pytest.mark.parametrize("growth_count", [0, 1], ids=["fresh", "resumed"])
+def test_cuda_graphs_puts_gradscalers_state_back_after_the_warm_up(growth_count):
+    """With GradScaler on (fp16's), the imitated graphed steps end with the eager steps' weights
+    and scaler state, from a fresh scaler and from one loaded mid-run (a resume: its scale and
+    growth count are made at first use from the loaded values)."""
+    from torch_ref import graphs, steps
+    from torch_ref.augment import Targets
+
+    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 4
+
+    def train(graphed: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3),
+            torch.nn.BatchNorm2d(4),
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, 4),
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+        scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": growth_count})
+        imitation = EagerImitation()
+        step = graphs.GraphedStep(model, opt, scaler, None, 0.0, imitation)
+        imitation.step = step
+        for _ in range(4):
+            if graphed:
+                step(x, Targets(y))
+            else:
+                steps.train_step(model, opt, scaler, None, x, Targets(y), 1.0)
+        return model.state_dict(), scaler.state_dict()
+
+    (want_model, want_scaler), (got_model, got_scaler) = train(False), train(True)
+    assert got_scaler == want_scaler
+    assert want_scaler["scale"] != 2.0**10  # the scale grew in these steps: its count mattered
+    for key in want_model:
+        assert torch.equal(want_model[key], got_model[key]), key
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("extra", [[], ["cuda_graphs=true"]], ids=["eager", "cuda-graphs"])
 def test_on_cuda_torchs_sync_debug_mode_sees_no_sync_in_a_step(fashion_dir, tmp_path, extra):
-    recipe = testkit.smoke_recipe("fashion_mnist", fashion_dir, *QUICK, *extra)
+    """The step, the EMA update and the input pipeline's next batch under torch's sync debug
+    mode: any synchronising call raises."""
+    recipe = testkit.smoke_recipe(
+        "fashion_mnist", fashion_dir, *QUICK, "ema_decay=0.9", "ema_every_steps=2", *extra
+    )
 
     def wrap(backend):
-        step = backend.train_step
+        def strictly(fn):
+            def call(*args):
+                if backend.graphed is not None and len(backend.graphed.graphs) < 2:
+                    return fn(*args)  # a capture synchronises: epoch 1 captures both shapes
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return fn(*args)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
 
-        def strict(batch):
-            if backend.graphed is not None and len(backend.graphed.graphs) < 2:
-                return step(batch)  # a capture synchronises: epoch 1 captures both shapes
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return step(batch)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            return call
 
-        backend.train_step = strict
+        batches = backend.batches
+
+        def epoch(epoch, start_step):
+            it = iter(batches(epoch, start_step))
+            while True:
+                try:
+                    batch = strictly(next)(it)
+                except StopIteration:
+                    return
+                yield batch
+
+        backend.train_step = strictly(backend.train_step)
+        backend.ema_update = strictly(backend.ema_update)
+        backend.batches = epoch
         return backend
 
     make = train.backend_factory(recipe, "cuda")
