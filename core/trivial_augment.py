@@ -158,8 +158,8 @@ def apply_pil(img: Image.Image, op_index: int, bin_index: int, negative: bool) -
 def _autocontrast_lut(hist: np.ndarray) -> np.ndarray:
     """ImageOps.autocontrast's table for one band (no cut-off): the darkest value present goes
     to 0 and the lightest to 255, each entry truncated as `int()` does (the same float64 sums)."""
-    present = np.flatnonzero(hist)
-    lo, hi = (present[0], present[-1]) if present.size else (255, 0)
+    present = np.flatnonzero(hist)  # never empty: an image has at least one pixel
+    lo, hi = present[0], present[-1]
     if hi <= lo:
         return np.arange(256)
     scale = 255.0 / (hi - lo)
